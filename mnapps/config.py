@@ -1,0 +1,271 @@
+"""Typed experiment configuration: YAML files in ``configs/`` loaded into frozen dataclasses.
+
+This module owns the config *machinery* (``load_config``, ``from_dict``, ``apply_overrides``,
+``save_config``) and the schemas shared by several tools (``BackboneConfig``). Each task's
+own top-level schema (detection, classification, face distillation) is a dataclass defined
+next to the code that consumes it; loading is the same for all of them:
+
+1. ``yaml.safe_load`` the file (no code runs),
+2. build nested dataclasses, raising on unknown keys with the valid ones listed,
+3. apply ``--set section.key=value`` overrides (values parsed with ``ast.literal_eval``),
+4. ``save_config`` writes the resolved config next to the checkpoints.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import os
+import types
+import typing
+from dataclasses import dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Any, Iterable, TypeVar
+
+import yaml
+
+T = TypeVar("T")
+
+__all__ = [
+    "BackboneConfig",
+    "ConfigError",
+    "from_dict",
+    "to_dict",
+    "load_config",
+    "apply_overrides",
+    "save_config",
+]
+
+
+class ConfigError(ValueError):
+    """A config file or override that does not fit the schema."""
+
+
+@dataclass(frozen=True)
+class BackboneConfig:
+    """MobileNetV1 settings shared by every head (see :class:`mnapps.backbones.MobileNetV1`)."""
+
+    width_mult: float = 1.0
+    variant: str = "standard"
+    activation: str = "relu6"
+    bn_eps: float = 1e-3
+    bn_momentum: float = 0.01
+    tf_padding: bool = False
+    frozen_bn: bool = False
+    # Number of trunk stages (counted from the deepest) left trainable when fine-tuning;
+    # None trains them all. 0 freezes the whole trunk.
+    trainable_stages: int | None = None
+
+
+# ------------------------------------------------------------------------------------------
+# dict <-> dataclass
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """Check/convert ``value`` to the annotated type ``tp``; raise ConfigError naming ``where``."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if tp is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, where)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(errors[0] if errors else f"{where}: bad value {value!r}")
+    if is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping for {_type_name(tp)}, got {value!r}")
+        return from_dict(tp, value, where)
+    if origin in (list, tuple, typing.Sequence) or tp in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        if args and not (origin is tuple and len(args) == 2 and args[1] is Ellipsis):
+            if origin is tuple:
+                if len(args) != len(value):
+                    raise ConfigError(f"{where}: expected {len(args)} values, got {value!r}")
+                return tuple(_coerce(v, a, f"{where}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+            inner = args[0]
+        else:
+            inner = args[0] if args else Any
+        items = [_coerce(v, inner, f"{where}[{i}]") for i, v in enumerate(value)]
+        return tuple(items) if (origin is tuple or tp is tuple) else items
+    if origin is dict or tp is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        return dict(value)
+    if typing.get_origin(tp) is typing.Literal:
+        if value not in args:
+            raise ConfigError(f"{where}: {value!r} is not one of {list(args)}")
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: expected true/false, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        return float(value)
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        return value
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: expected a string, got {value!r}")
+        return value
+    return value
+
+
+def from_dict(cls: type[T], data: dict[str, Any] | None, where: str = "") -> T:
+    """Build dataclass ``cls`` from a (nested) dict; unknown keys are errors."""
+    data = {} if data is None else data
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where or cls.__name__}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    valid = [f.name for f in fields(cls) if f.init]
+    unknown = sorted(set(data) - set(valid))
+    if unknown:
+        place = f"{where}." if where else ""
+        raise ConfigError(
+            f"unknown key {place}{unknown[0]!s} in {cls.__name__}; valid keys are: {', '.join(valid)}"
+        )
+    kwargs = {}
+    for name, value in data.items():
+        kwargs[name] = _coerce(value, hints[name], f"{where}.{name}" if where else name)
+    try:
+        return cls(**kwargs)
+    except TypeError as exc:  # a required field without default
+        raise ConfigError(f"{where or cls.__name__}: {exc}") from None
+
+
+def to_dict(obj: Any) -> Any:
+    """Dataclass (nested) -> plain dict/list values, suitable for YAML or a checkpoint."""
+    if is_dataclass(obj):
+        return {f.name: to_dict(getattr(obj, f.name)) for f in fields(obj)}
+    if isinstance(obj, (list, tuple)):
+        return [to_dict(v) for v in obj]
+    if isinstance(obj, dict):
+        return {k: to_dict(v) for k, v in obj.items()}
+    if isinstance(obj, Path):
+        return str(obj)
+    return obj
+
+
+# ------------------------------------------------------------------------------------------
+# overrides and files
+
+
+def _parse_value(text: str) -> Any:
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        lowered = text.strip().lower()
+        if lowered in ("true", "false"):
+            return lowered == "true"
+        if lowered in ("null", "none"):
+            return None
+        return text  # a bare string such as a path or a name
+
+
+def apply_overrides(data: dict[str, Any], overrides: Iterable[str] | None) -> dict[str, Any]:
+    """Apply ``section.key=value`` strings to a raw config dict (returns a new dict)."""
+    result = _deepcopy_dict(data)
+    for item in overrides or ():
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like section.key=value")
+        dotted, raw = item.split("=", 1)
+        keys = [k for k in dotted.strip().split(".") if k]
+        if not keys:
+            raise ConfigError(f"override {item!r} has no key")
+        node = result
+        for key in keys[:-1]:
+            node = node.setdefault(key, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r}: {key!r} is not a section")
+        node[keys[-1]] = _parse_value(raw)
+    return result
+
+
+def _deepcopy_dict(data: dict[str, Any]) -> dict[str, Any]:
+    return {k: _deepcopy_dict(v) if isinstance(v, dict) else v for k, v in data.items()}
+
+
+def read_yaml(path: str | os.PathLike) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist (configs live in configs/*.yaml)")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping at the top level")
+    return data
+
+
+def load_config(
+    path: str | os.PathLike | None, cls: type[T], overrides: Iterable[str] | None = None
+) -> T:
+    """Load YAML ``path`` (or only defaults when None) into ``cls``, with overrides applied."""
+    data = read_yaml(path) if path is not None else {}
+    data = apply_overrides(data, overrides)
+    try:
+        return from_dict(cls, data)
+    except ConfigError as exc:
+        source = f"{path}" if path is not None else "defaults"
+        raise ConfigError(f"{source}: {exc}") from None
+
+
+def save_config(cfg: Any, path: str | os.PathLike) -> Path:
+    """Write the resolved config as YAML (next to checkpoints, so a run can be repeated)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    return path
+
+
+def replace(cfg: T, **changes: Any) -> T:
+    """``dataclasses.replace`` re-exported for frozen configs."""
+    return dataclasses.replace(cfg, **changes)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation settings consumed by :func:`mnapps.engine.loop.fit` (every task)."""
+
+    epochs: int = 10
+    batch_size: int = 16
+    optimizer: str = "sgd"  # sgd | rmsprop | adamw
+    lr: float = 0.01  # for the whole batch (all processes together)
+    momentum: float = 0.9
+    weight_decay: float = 4e-5
+    # The paper (Sec. 3.2): little or no weight decay on depthwise filters; none on BN/bias.
+    depthwise_weight_decay: float = 0.0
+    rmsprop_alpha: float = 0.9
+    rmsprop_eps: float = 1.0
+    schedule: str = "cosine"  # cosine | step | constant
+    step_milestones: tuple[int, ...] = ()
+    step_gamma: float = 0.1
+    warmup_epochs: float = 0.0
+    warmup_factor: float = 0.001
+    min_lr_ratio: float = 0.0
+    grad_clip_norm: float | None = None
+    amp: bool = True  # used on CUDA only
+    channels_last: bool = True
+    num_workers: int = 2
+    seed: int = 0
+    eval_every: int = 1
+    log_every: int = 10
