@@ -28,6 +28,7 @@ T = TypeVar("T")
 
 __all__ = [
     "BackboneConfig",
+    "TrainConfig",
     "ConfigError",
     "from_dict",
     "to_dict",
