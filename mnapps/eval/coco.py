@@ -1,0 +1,503 @@
+"""COCO detection metrics for every mnapps detector, computed by pycocotools' own COCOeval.
+
+This module owns the path from model outputs to COCO numbers: turning torchvision-style
+predictions (contiguous labels, xyxy pixel boxes) into a COCO results list with the dataset's
+ORIGINAL category ids, running ``pycocotools.cocoeval.COCOeval`` on it (imported, never copied,
+so the numbers are exactly the published ones), reading out the standard 12 summary numbers,
+per-class AP@[.5:.95] and the printed summary, and writing ``metrics.json``. It also runs a
+detector over a loader under ``torch.inference_mode`` (:func:`evaluate_detector`), restricting
+COCOeval to the images actually evaluated so that ``max_images`` or skipped unreadable images do
+not count as missed detections. Metric conventions are COCO's: ``-1`` means "no ground truth in
+that area range", not a score.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import io
+import json
+import math
+import os
+import tempfile
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
+from torch import nn
+from tqdm import tqdm
+
+__all__ = [
+    "COCO_METRIC_NAMES",
+    "evaluate_results",
+    "evaluate_detector",
+    "predictions_to_coco_results",
+    "format_per_class_table",
+    "write_metrics_json",
+    "load_coco_gt",
+]
+
+# The order of COCOeval.stats for bbox/segm, i.e. the 12 lines COCOeval.summarize() prints.
+COCO_METRIC_NAMES: tuple[str, ...] = (
+    "AP", "AP50", "AP75", "APs", "APm", "APl",
+    "AR1", "AR10", "AR100", "ARs", "ARm", "ARl",
+)  # fmt: skip
+
+_IOU_TYPES = ("bbox", "segm")
+# Results-file precision: 0.01 px moves IoU by < 1e-3 even for 10 px boxes; 5 score decimals
+# keep the ranking of any realistic detector while making the JSON ~3x smaller.
+_BOX_DECIMALS = 2
+_SCORE_DECIMALS = 5
+
+
+def load_coco_gt(coco_gt: COCO | str | os.PathLike) -> COCO:
+    """Return a pycocotools ``COCO`` ground truth, loading it (quietly) from a path if needed.
+
+    Raises:
+        FileNotFoundError: the annotation file does not exist.
+        ValueError: the file is not a COCO annotation JSON.
+    """
+    if isinstance(coco_gt, COCO):
+        return coco_gt
+    path = Path(coco_gt)
+    if not path.is_file():
+        raise FileNotFoundError(f"COCO annotation file not found: {path} (pass an instances_*.json file)")
+    data = _read_json(path, what="COCO annotation file")
+    if not isinstance(data, dict) or "images" not in data or "annotations" not in data:
+        raise ValueError(
+            f"{path} is not a COCO annotation file: expected a JSON object with 'images', "
+            f"'annotations' and 'categories' keys"
+        )
+    gt = COCO()
+    gt.dataset = data
+    with contextlib.redirect_stdout(io.StringIO()):  # createIndex prints progress lines
+        gt.createIndex()
+    return gt
+
+
+def _read_json(path: Path, what: str) -> Any:
+    try:
+        with open(path, encoding="utf-8") as handle:
+            return json.load(handle)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{what} {path} is not valid JSON: {err}") from err
+
+
+def _load_results(results: Sequence[Mapping[str, Any]] | str | os.PathLike) -> tuple[list[dict], str]:
+    """Results list (copied: pycocotools' loadRes mutates its input) and a name for messages."""
+    if isinstance(results, (str, os.PathLike)):
+        path = Path(results)
+        if not path.is_file():
+            raise FileNotFoundError(f"COCO results file not found: {path}")
+        data = _read_json(path, what="COCO results file")
+        source = str(path)
+    else:
+        data = results
+        source = "results list"
+    if not isinstance(data, (list, tuple)):
+        raise ValueError(
+            f"{source} must be a JSON list of detections "
+            f"[{{'image_id', 'category_id', 'bbox', 'score'}}, ...], got {type(data).__name__}"
+        )
+    return [dict(det) for det in data], source
+
+
+def _check_results(detections: list[dict], gt: COCO, iou_type: str, source: str) -> None:
+    """Fail with a message naming the bad entry instead of an assert deep inside pycocotools."""
+    geometry_key = "bbox" if iou_type == "bbox" else "segmentation"
+    required = ("image_id", "category_id", geometry_key, "score")
+    for index, det in enumerate(detections):
+        missing = [key for key in required if key not in det]
+        if missing:
+            raise ValueError(
+                f"{source}: detection #{index} lacks {missing}; each needs keys {list(required)}"
+            )
+        if iou_type == "bbox":
+            box = det["bbox"]
+            if not isinstance(box, (list, tuple)) or len(box) != 4:
+                raise ValueError(
+                    f"{source}: detection #{index} has bbox {box!r}; expected [x, y, width, height]"
+                )
+    known_images = set(gt.getImgIds())
+    unknown_images = {det["image_id"] for det in detections} - known_images
+    if unknown_images:
+        shown = sorted(unknown_images)[:10]
+        raise ValueError(
+            f"{source}: {len(unknown_images)} image_id(s) not in the ground truth, e.g. {shown}; "
+            f"the results must come from the same annotation file's images"
+        )
+    known_categories = set(gt.getCatIds())
+    unknown_categories = {det["category_id"] for det in detections} - known_categories
+    if unknown_categories:
+        raise ValueError(
+            f"{source}: category_id(s) {sorted(unknown_categories)} are not in the ground truth "
+            f"(valid: {sorted(known_categories)}); results must use the annotation file's original "
+            f"category ids, not contiguous training labels"
+        )
+
+
+def _empty_detections(gt: COCO) -> COCO:
+    """A detections COCO object with no annotations (``COCO.loadRes([])`` raises IndexError)."""
+    dets = COCO()
+    dets.dataset = {
+        "images": list(gt.dataset.get("images", [])),
+        "categories": copy.deepcopy(gt.dataset.get("categories", [])),
+        "annotations": [],
+    }
+    with contextlib.redirect_stdout(io.StringIO()):
+        dets.createIndex()
+    return dets
+
+
+def _category_names(gt: COCO, cat_ids: Sequence[int]) -> dict[int, str]:
+    names = {cid: str(gt.cats[cid].get("name", cid)) for cid in cat_ids}
+    counts: dict[str, int] = {}
+    for name in names.values():
+        counts[name] = counts.get(name, 0) + 1
+    # User exports sometimes repeat a name under two ids; keep both rows distinguishable.
+    return {cid: (f"{name} (id {cid})" if counts[name] > 1 else name) for cid, name in names.items()}
+
+
+def _per_class_ap(evaluator: COCOeval, gt: COCO) -> dict[str, float]:
+    """AP@[.5:.95], area all, largest maxDets, for each category with ground truth.
+
+    ``eval["precision"]`` is [T iou thresholds, R recall points, K categories, A areas, M maxDets];
+    COCOeval leaves -1 where a category has no (non-ignored) ground truth in the evaluated images,
+    and those categories are left out instead of being reported as 0 or nan.
+    """
+    params = evaluator.params
+    precision = evaluator.eval["precision"]
+    area_index = params.areaRngLbl.index("all")
+    names = _category_names(gt, params.catIds)
+    per_class: dict[str, float] = {}
+    for k, cat_id in enumerate(params.catIds):
+        values = precision[:, :, k, area_index, -1]
+        values = values[values > -1]
+        if values.size:
+            per_class[names[cat_id]] = float(np.mean(values))
+    return per_class
+
+
+def evaluate_results(
+    coco_gt: COCO | str | os.PathLike,
+    results: Sequence[Mapping[str, Any]] | str | os.PathLike,
+    iou_type: str = "bbox",
+    *,
+    img_ids: Iterable[int] | None = None,
+) -> tuple[dict[str, float], dict[str, float], str]:
+    """Run pycocotools' COCOeval on a results list or file.
+
+    Args:
+        coco_gt: ground truth as a ``pycocotools.coco.COCO`` or a path to an annotation JSON.
+        results: COCO results, ``[{"image_id", "category_id", "bbox": [x, y, w, h], "score"}]``
+            with the annotation file's category ids, or a path to such a JSON file. For
+            ``iou_type="segm"`` each entry carries an RLE ``"segmentation"`` instead of a box.
+            An empty list is valid: every AP/AR is then 0 wherever ground truth exists.
+        iou_type: ``"bbox"`` or ``"segm"``.
+        img_ids: evaluate only these images (default: every image of the ground truth).
+
+    Returns:
+        ``(metrics, per_class_ap, summary_text)``: ``metrics`` maps the 12 names of
+        :data:`COCO_METRIC_NAMES` to COCOeval's stats in order (-1 = no ground truth for that
+        entry, COCO's convention); ``per_class_ap`` maps category name to AP@[.5:.95] for the
+        categories that have ground truth among the evaluated images (others are omitted);
+        ``summary_text`` is what ``COCOeval.summarize()`` prints, preceded by a note line when
+        there were no detections.
+
+    Raises:
+        FileNotFoundError: an annotation or results path does not exist.
+        ValueError: unknown ``iou_type``, malformed detections, image or category ids that are
+            not in the ground truth, or ``img_ids`` outside the ground truth.
+    """
+    if iou_type not in _IOU_TYPES:
+        raise ValueError(f"iou_type must be one of {_IOU_TYPES}, got {iou_type!r}")
+    gt = load_coco_gt(coco_gt)
+    detections, source = _load_results(results)
+    _check_results(detections, gt, iou_type, source)
+
+    note = ""
+    with contextlib.redirect_stdout(io.StringIO()):  # loadRes/evaluate/accumulate chatter
+        if detections:
+            dets = gt.loadRes(detections)
+        else:
+            dets = _empty_detections(gt)
+            note = f"note: {source} holds no detections; every AP/AR is 0 where ground truth exists\n"
+        evaluator = COCOeval(gt, dets, iouType=iou_type)
+        if img_ids is not None:
+            wanted = sorted({int(i) for i in img_ids})
+            unknown = sorted(set(wanted) - set(gt.getImgIds()))
+            if unknown:
+                raise ValueError(f"img_ids {unknown[:10]} are not images of the ground truth")
+            if not wanted:
+                raise ValueError("img_ids is empty: there is no image to evaluate")
+            evaluator.params.imgIds = wanted
+        evaluator.evaluate()
+        evaluator.accumulate()
+    summary = io.StringIO()
+    with contextlib.redirect_stdout(summary):
+        evaluator.summarize()
+
+    metrics = {name: float(value) for name, value in zip(COCO_METRIC_NAMES, evaluator.stats)}
+    return metrics, _per_class_ap(evaluator, gt), note + summary.getvalue()
+
+
+def _to_numpy(values: Any, dtype: Any) -> np.ndarray:
+    if isinstance(values, torch.Tensor):
+        values = values.detach().to("cpu", torch.float64 if dtype is float else torch.int64)
+        return values.numpy()
+    return np.asarray(values, dtype=np.float64 if dtype is float else np.int64)
+
+
+def _per_image_scales(scale: Any, count: int) -> list[tuple[float, float]]:
+    if scale is None:
+        return [(1.0, 1.0)] * count
+    if isinstance(scale, (int, float)):
+        return [(float(scale), float(scale))] * count
+    scales = list(scale)
+    if len(scales) != count:
+        raise ValueError(
+            f"scale must be a number or hold one entry per image ({count}), got {len(scales)} entries"
+        )
+    pairs = []
+    for entry in scales:
+        if isinstance(entry, (int, float)):
+            pairs.append((float(entry), float(entry)))
+        elif len(entry) == 2:
+            pairs.append((float(entry[0]), float(entry[1])))
+        else:
+            raise ValueError(f"each per-image scale must be a number or an (sx, sy) pair, got {entry!r}")
+    return pairs
+
+
+def predictions_to_coco_results(
+    predictions: Sequence[Mapping[str, Any]],
+    image_ids: Sequence[int],
+    label_to_cat_id: Mapping[int, int],
+    scale: float | Sequence[float | tuple[float, float]] | None = None,
+) -> list[dict[str, Any]]:
+    """Convert detector outputs into COCO results entries with the ORIGINAL category ids.
+
+    Args:
+        predictions: one dict per image, ``{"boxes": [N,4] xyxy pixels, "labels": [N] int
+            contiguous labels (1..K), "scores": [N]}`` (tensors on any device, or arrays).
+        image_ids: the COCO image id of each prediction, same length as ``predictions``.
+        label_to_cat_id: contiguous label -> dataset category id (e.g. ``dataset.label_to_cat_id``).
+        scale: multiplies boxes to reach original-image pixels when the model saw a resized image:
+            ``None`` (already original pixels), one number for all images, or one entry per image,
+            each a number or an ``(sx, sy)`` pair.
+
+    Returns:
+        ``[{"image_id": int, "category_id": int, "bbox": [x, y, w, h], "score": float}]`` with
+        boxes rounded to 0.01 px and scores to 1e-5.
+
+    Raises:
+        ValueError: length mismatch, malformed prediction, non-finite boxes, or a label with no
+            category (naming the label; 0 is background and never a valid prediction).
+    """
+    if len(predictions) != len(image_ids):
+        raise ValueError(
+            f"got {len(predictions)} predictions but {len(image_ids)} image ids; pass one id per image"
+        )
+    scales = _per_image_scales(scale, len(predictions))
+    results: list[dict[str, Any]] = []
+    for prediction, image_id, (sx, sy) in zip(predictions, image_ids, scales):
+        missing = [key for key in ("boxes", "labels", "scores") if key not in prediction]
+        if missing:
+            raise ValueError(
+                f"prediction for image {image_id} lacks {missing}; expected boxes, labels, scores"
+            )
+        boxes = _to_numpy(prediction["boxes"], float).reshape(-1, 4)
+        labels = _to_numpy(prediction["labels"], int).reshape(-1)
+        scores = _to_numpy(prediction["scores"], float).reshape(-1)
+        if not len(boxes) == len(labels) == len(scores):
+            raise ValueError(
+                f"prediction for image {image_id} has {len(boxes)} boxes, {len(labels)} labels and "
+                f"{len(scores)} scores; they must have the same length"
+            )
+        if not np.isfinite(boxes).all() or not np.isfinite(scores).all():
+            raise ValueError(f"prediction for image {image_id} has non-finite boxes or scores")
+        xywh = np.empty_like(boxes)
+        xywh[:, 0] = boxes[:, 0] * sx
+        xywh[:, 1] = boxes[:, 1] * sy
+        xywh[:, 2] = (boxes[:, 2] - boxes[:, 0]) * sx
+        xywh[:, 3] = (boxes[:, 3] - boxes[:, 1]) * sy
+        xywh = np.round(xywh, _BOX_DECIMALS)
+        for box, label, score in zip(xywh.tolist(), labels.tolist(), scores.tolist()):
+            if label not in label_to_cat_id:
+                raise ValueError(
+                    f"prediction for image {image_id} has label {label}, which maps to no category "
+                    f"(known labels {sorted(label_to_cat_id)}; 0 is background and must not be predicted)"
+                )
+            results.append(
+                {
+                    "image_id": int(image_id),
+                    "category_id": int(label_to_cat_id[label]),
+                    "bbox": box,
+                    "score": round(score, _SCORE_DECIMALS),
+                }
+            )
+    return results
+
+
+def _loader_image_count(loader: Any, dataset: Any) -> int | None:
+    for owner in (getattr(loader, "sampler", None), getattr(loader, "dataset", None), dataset):
+        try:
+            return len(owner)
+        except TypeError:
+            continue
+    return None
+
+
+def evaluate_detector(
+    model: nn.Module,
+    loader: Iterable[tuple[list[torch.Tensor], list[dict[str, Any]], int]],
+    dataset: Any,
+    device: torch.device | str,
+    max_images: int | None = None,
+    progress: bool = True,
+) -> tuple[dict[str, float], dict[str, float], str]:
+    """Run a torchvision-style detector over ``loader`` and score it with COCOeval.
+
+    Args:
+        model: detector already on ``device``; in eval mode ``model(list[Tensor[3,H,W] in [0,1]])``
+            returns ``[{"boxes": [N,4] xyxy pixels of that image, "labels": [N], "scores": [N]}]``.
+            Its train/eval mode is restored afterwards.
+        loader: yields ``(images, targets, num_skipped)`` as ``mnapps.data.coco.collate_fn`` makes
+            them; each target carries its COCO ``"image_id"``.
+        dataset: has ``coco`` (the ground-truth ``COCO``) and ``label_to_cat_id``.
+        device: where the images are sent.
+        max_images: stop after this many images (COCOeval is restricted to them).
+        progress: show a tqdm bar.
+
+    Returns:
+        ``(metrics, per_class_ap, summary_text)`` as :func:`evaluate_results`, restricted to the
+        images evaluated; the summary ends with a line counting images the loader skipped as
+        unreadable, if any.
+
+    Raises:
+        ValueError: ``max_images`` < 1, a dataset without ``coco``/``label_to_cat_id``, or a loader
+            that yielded no image.
+    """
+    if max_images is not None and max_images < 1:
+        raise ValueError(f"max_images must be >= 1 or None, got {max_images}")
+    for attribute in ("coco", "label_to_cat_id"):
+        if not hasattr(dataset, attribute):
+            raise ValueError(
+                f"dataset {type(dataset).__name__} has no '{attribute}'; pass a mnapps CocoDetection"
+            )
+
+    total = _loader_image_count(loader, dataset)
+    if max_images is not None:
+        total = max_images if total is None else min(total, max_images)
+    results: list[dict[str, Any]] = []
+    evaluated: set[int] = set()
+    skipped = 0
+    was_training = model.training
+    model.eval()
+    bar = tqdm(total=total, desc="evaluate", unit="img", disable=not progress, dynamic_ncols=True)
+    try:
+        with torch.inference_mode():
+            for images, targets, num_skipped in loader:
+                skipped += int(num_skipped)
+                if max_images is not None:
+                    room = max_images - len(evaluated)
+                    if room <= 0:
+                        break
+                    images, targets = images[:room], targets[:room]
+                if not images:
+                    continue
+                outputs = model([image.to(device, non_blocking=True) for image in images])
+                for output, target in zip(outputs, targets):
+                    image_id = int(target["image_id"])
+                    # A DistributedSampler pads with repeats; counting them twice would add
+                    # false positives, so each image contributes once.
+                    if image_id in evaluated:
+                        continue
+                    evaluated.add(image_id)
+                    results.extend(predictions_to_coco_results([output], [image_id], dataset.label_to_cat_id))
+                bar.update(len(images))
+                bar.set_postfix(dets=len(results))
+    finally:
+        bar.close()
+        model.train(was_training)
+
+    if not evaluated:
+        raise ValueError("the loader yielded no image to evaluate (empty dataset, or every image unreadable)")
+    metrics, per_class, summary = evaluate_results(dataset.coco, results, img_ids=evaluated)
+    if skipped:
+        summary += f"note: {skipped} unreadable image(s) were skipped and are not part of these numbers\n"
+    return metrics, per_class, summary
+
+
+def format_per_class_table(per_class_ap: Mapping[str, float], columns: int = 3) -> str:
+    """Per-class AP@[.5:.95] as a fixed-width text table, ``columns`` (name, AP) pairs per row.
+
+    Example::
+
+        category         AP     | category         AP     | ...
+        person           0.512  | bicycle          0.301  | ...
+    """
+    if columns < 1:
+        raise ValueError(f"columns must be >= 1, got {columns}")
+    if not per_class_ap:
+        return "per-class AP: no category has ground truth among the evaluated images\n"
+    width = max(8, *(len(name) for name in per_class_ap))
+    cells = [
+        f"{name:<{width}}  {'nan' if math.isnan(ap) else f'{ap:.3f}':>6}" for name, ap in per_class_ap.items()
+    ]
+    header = " | ".join([f"{'category':<{width}}  {'AP':>6}"] * min(columns, len(cells)))
+    rows = [" | ".join(cells[i : i + columns]) for i in range(0, len(cells), columns)]
+    return "\n".join([header, "-" * len(header), *rows]) + "\n"
+
+
+def _json_safe(value: Any) -> Any:
+    """nan/inf are not JSON; write them as null so every JSON reader accepts the file."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, Mapping):
+        return {str(key): _json_safe(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(item) for item in value]
+    return value
+
+
+def write_metrics_json(
+    path: str | os.PathLike,
+    metrics: Mapping[str, float],
+    per_class_ap: Mapping[str, float],
+    extra: Mapping[str, Any] | None = None,
+) -> Path:
+    """Atomically write ``metrics.json``: the 12 COCO numbers at top level, then the rest.
+
+    The file holds ``{"AP": ..., ..., "ARl": ..., "per_class_AP": {name: AP}, **extra}``
+    (``extra`` e.g. the checkpoint path or image count; it may not reuse those keys).
+
+    Raises:
+        ValueError: ``metrics`` lacks one of :data:`COCO_METRIC_NAMES`, or ``extra`` collides.
+    """
+    missing = [name for name in COCO_METRIC_NAMES if name not in metrics]
+    if missing:
+        raise ValueError(f"metrics lacks {missing}; pass the dict returned by evaluate_results")
+    payload: dict[str, Any] = {name: float(metrics[name]) for name in COCO_METRIC_NAMES}
+    payload["per_class_AP"] = dict(per_class_ap)
+    for key, value in (extra or {}).items():
+        if key in payload:
+            raise ValueError(f"extra key {key!r} would overwrite a metric; rename it")
+        payload[key] = value
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            json.dump(_json_safe(payload), handle, indent=2, default=str)
+            handle.write("\n")
+        os.replace(tmp_name, path)
+    except BaseException:
+        if os.path.exists(tmp_name):
+            os.unlink(tmp_name)
+        raise
+    return path
