@@ -245,28 +245,39 @@ def replace(cfg: T, **changes: Any) -> T:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Optimisation settings consumed by :func:`mnapps.engine.loop.fit` (every task)."""
+    """Optimisation settings consumed by :func:`mnapps.engine.loop.fit` (every task).
+
+    ``batch_size`` and ``lr`` are for the whole batch: under ``torchrun`` each of the
+    ``world_size`` processes loads ``batch_size // world_size`` images and the learning rate
+    is used as given (scale it yourself when you change the total batch size).
+    """
 
     epochs: int = 10
-    batch_size: int = 16
+    batch_size: int = 16  # images per optimisation step, all processes together
     optimizer: str = "sgd"  # sgd | rmsprop | adamw
     lr: float = 0.01  # for the whole batch (all processes together)
-    momentum: float = 0.9
+    momentum: float = 0.9  # sgd and rmsprop
+    nesterov: bool = False  # sgd only
+    adamw_betas: tuple[float, float] = (0.9, 0.999)
     weight_decay: float = 4e-5
     # The paper (Sec. 3.2): little or no weight decay on depthwise filters; none on BN/bias.
     depthwise_weight_decay: float = 0.0
+    # Decay on normalisation scales/shifts and on every bias (0 = none, the usual choice).
+    norm_bias_weight_decay: float = 0.0
+    # TF-style RMSprop (the paper's optimiser): decay 0.9, epsilon 1.0 inside the square root.
     rmsprop_alpha: float = 0.9
     rmsprop_eps: float = 1.0
     schedule: str = "cosine"  # cosine | step | constant
-    step_milestones: tuple[int, ...] = ()
+    step_milestones: tuple[int, ...] = ()  # epochs at which step decay multiplies lr by step_gamma
     step_gamma: float = 0.1
-    warmup_epochs: float = 0.0
-    warmup_factor: float = 0.001
-    min_lr_ratio: float = 0.0
-    grad_clip_norm: float | None = None
+    warmup_epochs: float = 0.0  # linear warm-up length; fractions of an epoch are allowed
+    warmup_factor: float = 0.001  # lr multiplier at the first iteration of the warm-up
+    min_lr_ratio: float = 0.0  # cosine ends at lr * min_lr_ratio
+    grad_clip_norm: float | None = None  # max global L2 norm of the gradients; None = no clipping
     amp: bool = True  # used on CUDA only
     channels_last: bool = True
     num_workers: int = 2
     seed: int = 0
-    eval_every: int = 1
-    log_every: int = 10
+    eval_every: int = 1  # evaluate every N epochs (and after the last); 0 = never
+    log_every: int = 10  # progress-bar refresh, in iterations
+    find_unused_parameters: bool = False  # DistributedDataParallel, for heads with unused branches

@@ -91,6 +91,88 @@ ROWS: list[StatsRow] = [
 
 # ---- SSD rows (mnapps.heads.ssd) --------------------------------------------------------
 
+
+def _ssd(lite: bool):
+    def build() -> tuple[nn.Module, list[torch.Tensor]]:
+        from mnapps.heads.ssd import SSDConfig, build_ssd
+
+        # 91 classes: the TF API's COCO label map (90 ids + background), as in the paper.
+        model = build_ssd(SSDConfig(size=300, lite=lite, predictor_kernel_size=3 if lite else 1), num_classes=91)
+        return model, [torch.zeros(3, 300, 300)]
+
+    return build
+
+
+_SSD_NOTE = (
+    "300x300 input, 91 classes; counts the whole network: MobileNetV1 trunk to block13 (no "
+    "classifier), the 4 extra layers and the box/class predictors (1917 anchors); anchor "
+    "generation, box decoding and NMS do no multiply-adds"
+)
+ROWS += [
+    # Paper Table 13 (COCO): SSD 300 with MobileNet, 1.2 B mult-adds, 6.8 M parameters.
+    StatsRow(
+        "ssd300_mobilenet_v1",
+        _ssd(lite=False),
+        1200e6,
+        6.8e6,
+        macs_tolerance=0.05,
+        params_tolerance=0.05 * 6.8e6,
+        note=_SSD_NOTE,
+    ),
+    StatsRow("ssdlite300_mobilenet_v1", _ssd(lite=True), note=_SSD_NOTE.replace("predictors", "depthwise-separable predictors")),
+]
+
 # ---- Faster R-CNN rows (mnapps.heads.faster_rcnn) ---------------------------------------
+# Paper Table 13 (COCO, 91 classes). Its Faster R-CNN MACs are reproduced by a *square* input
+# of 300x300 / 600x600 pixels with the second stage (blocks 12-13 + predictors) run on exactly
+# 300 RoIs: the trunk to block 11 and the RPN cost 1.7 B (300) / 6.9 B (600), each of the 300
+# RoIs 78 M. A 4:3 COCO image resized to shorter side 300 / 600 would cost about 25.8 B / 32.6 B.
+
+
+def _faster_rcnn(size: int, fpn: bool = False):
+    def build() -> tuple[nn.Module, list[torch.Tensor]]:
+        from mnapps.heads.faster_rcnn import (
+            FasterRCNNConfig,
+            build_faster_rcnn,
+            build_faster_rcnn_fpn,
+        )
+
+        # rpn_nms_thresh=1.0 keeps every proposal NMS would otherwise merge (NMS is not a
+        # multiply-add), so the untrained RPN always hands exactly 300 RoIs to the second
+        # stage, as the paper's count assumes.
+        cfg = FasterRCNNConfig(
+            min_size=size, max_size=size, rpn_post_nms_top_n_test=300, rpn_nms_thresh=1.0
+        )
+        builder = build_faster_rcnn_fpn if fpn else build_faster_rcnn
+        model = builder(cfg, num_classes=91)
+        return model, [torch.rand(3, size, size, generator=torch.Generator().manual_seed(0))]
+
+    return build
+
+
+_FRCNN_NOTE = "{0}x{0} input (square, as the paper's count implies), 300 RoIs, 91 classes"
+ROWS += [
+    StatsRow(
+        "faster_rcnn300_mobilenet_v1",
+        _faster_rcnn(300),
+        25.2e9,
+        6.1e6,
+        macs_tolerance=0.10,
+        note=_FRCNN_NOTE.format(300),
+    ),
+    StatsRow(
+        "faster_rcnn600_mobilenet_v1",
+        _faster_rcnn(600),
+        30.5e9,
+        6.1e6,
+        macs_tolerance=0.10,
+        note=_FRCNN_NOTE.format(600),
+    ),
+    StatsRow(
+        "faster_rcnn_fpn_mobilenet_v1",
+        _faster_rcnn(600, fpn=True),
+        note="beyond the paper: FPN on blocks 11+13+pool, 2-MLP head; " + _FRCNN_NOTE.format(600),
+    ),
+]
 
 # ---- Face rows (mnapps.heads.face_embedding, facenet teacher) ----------------------------
