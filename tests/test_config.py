@@ -1,0 +1,116 @@
+"""Config loading: unknown keys, overrides, type errors, round trip, the shipped cls configs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from mnapps.classification import ClsConfig
+from mnapps.config import BackboneConfig, ConfigError, TrainConfig, apply_overrides, from_dict, load_config, save_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "cfg.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_unknown_key_names_it_and_lists_valid_keys(tmp_path):
+    path = _write(tmp_path, "model:\n  widht_mult: 0.5\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path, ClsConfig)
+    message = str(info.value)
+    assert "model.widht_mult" in message
+    assert "width_mult" in message and "resolution" in message  # the valid keys are listed
+    assert str(path) in message
+
+
+def test_unknown_top_level_section(tmp_path):
+    with pytest.raises(ConfigError, match=r"unknown key optim .*valid keys are: model, data, train"):
+        load_config(_write(tmp_path, "optim: {lr: 1}\n"), ClsConfig)
+
+
+def test_overrides_apply_and_parse_values(tmp_path):
+    path = _write(tmp_path, "train:\n  lr: 0.1\n  epochs: 3\n")
+    cfg = load_config(
+        path,
+        ClsConfig,
+        [
+            "train.lr=0.05",
+            "model.width_mult=0.25",
+            "data.train_dir=/data/my images/train",  # a bare string stays a string
+            "train.step_milestones=[3, 5]",
+            "model.num_classes=null",
+            "data.hflip=false",
+        ],
+    )
+    assert cfg.train.lr == 0.05 and cfg.train.epochs == 3
+    assert cfg.model.width_mult == 0.25
+    assert cfg.data.train_dir == "/data/my images/train"
+    assert cfg.train.step_milestones == (3, 5)
+    assert cfg.model.num_classes is None
+    assert cfg.data.hflip is False
+
+
+def test_int_is_accepted_for_float_but_not_the_reverse():
+    assert from_dict(TrainConfig, {"lr": 1}).lr == 1.0
+    with pytest.raises(ConfigError, match="epochs: expected an integer, got 2.5"):
+        from_dict(TrainConfig, {"epochs": 2.5})
+
+
+@pytest.mark.parametrize(
+    "override,fragment",
+    [
+        ("train.epochs=ten", "train.epochs: expected an integer, got 'ten'"),
+        ("model.width_mult=true", "model.width_mult: expected a number, got True"),
+        ("data.hflip=3", "data.hflip: expected true/false, got 3"),
+        ("train.step_milestones=5", "train.step_milestones: expected a list, got 5"),
+    ],
+)
+def test_type_errors_name_the_field(override, fragment):
+    with pytest.raises(ConfigError) as info:
+        load_config(None, ClsConfig, [override])
+    assert fragment in str(info.value)
+
+
+def test_bad_override_syntax_and_sections():
+    with pytest.raises(ConfigError, match="section.key=value"):
+        apply_overrides({}, ["train.lr"])
+    with pytest.raises(ConfigError, match="'lr' is not a section"):
+        apply_overrides({"train": {"lr": 0.1}}, ["train.lr.x=1"])
+
+
+def test_missing_and_malformed_files(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml", ClsConfig)
+    with pytest.raises(ConfigError, match="mapping at the top level"):
+        load_config(_write(tmp_path, "- a\n- b\n"), ClsConfig)
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(_write(tmp_path, "train: {lr: [\n"), ClsConfig)
+
+
+def test_save_and_reload_round_trip(tmp_path):
+    cfg = load_config(None, ClsConfig, ["model.width_mult=0.75", "model.class_names=['a', 'b']", "train.step_milestones=[2]"])
+    path = save_config(cfg, tmp_path / "resolved.yaml")
+    assert load_config(path, ClsConfig) == cfg
+
+
+def test_cls_model_config_is_a_backbone_config():
+    cfg = load_config(None, ClsConfig)
+    assert isinstance(cfg.model, BackboneConfig)  # heads and build_backbone accept it
+
+
+@pytest.mark.parametrize("name", ["cls_mnv1_a050_r64_shapes.yaml", "cls_mnv1_a100_r224_imagenet.yaml"])
+def test_shipped_classification_configs_load(name):
+    cfg = load_config(ROOT / "configs" / name, ClsConfig)
+    assert cfg.train.epochs >= 1 and cfg.model.width_mult > 0
+
+
+def test_imagenet_config_is_the_paper_recipe():
+    cfg = load_config(ROOT / "configs" / "cls_mnv1_a100_r224_imagenet.yaml", ClsConfig)
+    assert cfg.train.optimizer == "rmsprop"  # paper Sec. 3.2: RMSprop, asynchronous gradient descent
+    assert cfg.train.depthwise_weight_decay < cfg.train.weight_decay  # little or no decay on depthwise filters
+    assert cfg.model.width_mult == 1.0 and cfg.model.resolution == 224
