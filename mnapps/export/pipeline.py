@@ -1,0 +1,574 @@
+"""Checkpoint -> ONNX (and int8) with a parity check, for every exportable mnapps task.
+
+This module owns what ``tools/export.py`` does, as library code:
+
+1. :func:`load_export_spec` rebuilds the trained model from an mnapps checkpoint (its
+   ``task``/``head``/``config``): a classifier (:func:`mnapps.classification.build_classifier`),
+   a detector (:func:`mnapps.engine.detection.load_detector`: SSD, SSDLite, Faster R-CNN with
+   or without FPN) or a face
+   embedder (:func:`mnapps.heads.face_embedding.load_face_embedder`), and says what goes in
+   the graph and how images become its input.
+2. :func:`export_checkpoint` folds BatchNorm, exports the graph, and runs the parity check
+   on real images (ONNX Runtime vs the PyTorch model in eval mode): logits / embeddings by
+   max abs difference, SSD raw outputs likewise and the final detections (after the shared
+   post-processing) by agreement. With ``int8`` it calibrates on images, applies bias
+   correction, quantizes (:mod:`mnapps.export.quantize`) and checks the int8 graph with
+   looser, int8-sized limits. Any failed check raises :class:`ParityError`.
+3. :func:`evaluate_export` measures the accuracy that deployment keeps: top-1 (classifier)
+   or COCO AP50 (SSD) of PyTorch, ONNX Runtime fp32 and int8 on the task's validation set
+   (the embedded shapes sets unless the config names other data).
+
+Graph contracts (also written into each file's ``mnapps.input`` metadata):
+classifier ``images [N, 3, S, S]`` standardised to [-1, 1] -> ``logits [N, K]``;
+face ``images [N, 3, S, S]`` in [0, 1] -> ``embeddings [N, D]`` (unit L2 norm);
+SSD ``images [N, 3, S, S]`` in [0, 1] -> ``bbox_regression [N, A, 4]``, ``cls_logits
+[N, A, C]``, ``anchors [A, 4]`` (see :mod:`mnapps.export.postprocess`);
+Faster R-CNN ``image [3, H, W]`` in [0, 1] -> ``boxes [D, 4]``, ``labels [D]``, ``scores [D]``
+(the whole model, NMS included: see :func:`mnapps.export.onnx.export_detector_onnx`).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from tqdm import tqdm
+
+from .detection import split_ssd
+from .fuse import fold_batchnorm
+from .onnx import (
+    OrtDetector,
+    OrtModel,
+    OrtSSD,
+    ParityError,
+    ParityReport,
+    compare_arrays,
+    compare_detections,
+    export_detector_onnx,
+    export_onnx,
+)
+from .postprocess import preprocess_images
+from .quantize import int8_bias_correction, quantize_onnx
+
+__all__ = [
+    "ExportSpec",
+    "ExportResult",
+    "ParityError",
+    "PARITY_LIMITS",
+    "load_export_spec",
+    "find_images",
+    "export_checkpoint",
+    "evaluate_export",
+]
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm")
+
+# What "the same model" means after export. fp32 differs from PyTorch only by operation order
+# (~1e-5 on logits of size ~10). int8 is a different model by design: it must keep the
+# outputs' direction (cosine) and, for detection, most of the confident detections.
+PARITY_LIMITS: dict[str, dict[str, float]] = {
+    "fp32": {"atol": 1e-3, "min_cosine": 0.9999, "min_top1": 1.0, "min_det_agreement": 0.95},
+    "int8": {"min_cosine": 0.98, "min_det_agreement": 0.8},
+}
+# Detections compared for int8 parity: the confident ones (the low-score tail reshuffles).
+INT8_DETECTION_MIN_SCORE = 0.3
+
+
+@dataclass
+class ExportSpec:
+    """Everything the exporter needs to know about one trained model.
+
+    Attributes:
+        task: ``"classification"``, ``"detection"`` or ``"face"``.
+        head: the detector head (``"ssd"``, ``"ssdlite"``) or None.
+        model: the training model in eval mode (the parity reference).
+        network: the module that goes into the graph (``model`` itself, or an SSD's
+            :class:`~mnapps.export.detection.SSDNetwork`).
+        input_size: ``(S_h, S_w)`` of the graph input.
+        output_names: graph output names.
+        metadata: ``mnapps.*`` metadata written into the file.
+        to_input: image ``Tensor[3, H, W]`` in [0, 1] -> graph input ``Tensor[3, S_h, S_w]``.
+        graph: ``"tensor"`` (batch in, one output), ``"ssd"`` (raw outputs, shared
+            post-processing) or ``"detector"`` (a whole Faster R-CNN, one image per run).
+        config: the checkpoint's config as a typed object (for evaluation).
+        default_images: ``split -> folder or list of image files`` used when the caller gives
+            no images (``"parity"``: validation images, ``"calibration"``: training images).
+    """
+
+    task: str
+    head: str | None
+    model: nn.Module
+    network: nn.Module
+    input_size: tuple[int, int]
+    output_names: tuple[str, ...]
+    metadata: dict[str, Any]
+    to_input: Callable[[Tensor], Tensor]
+    config: Any = None
+    default_images: dict[str, Callable[[], list[Path]]] = field(default_factory=dict)
+    graph: str = "tensor"  # "tensor" (classifier, face), "ssd" or "detector" (whole Faster R-CNN)
+
+    @property
+    def is_ssd(self) -> bool:
+        return self.graph == "ssd"
+
+
+@dataclass
+class ExportResult:
+    """Files written and the parity reports that passed."""
+
+    fp32_path: Path
+    int8_path: Path | None = None
+    reports: list[ParityReport] = field(default_factory=list)
+
+
+# ------------------------------------------------------------------------------------------
+# images
+
+
+def find_images(
+    source: str | os.PathLike | Sequence[str | os.PathLike], limit: int | None = None
+) -> list[Path]:
+    """Image files under folders (recursively, sorted) or listed files; ``limit`` picks evenly
+    spaced ones.
+
+    Evenly spaced rather than the first ``limit``: class-per-folder datasets sort by class, and
+    calibration should see all of them.
+    """
+    entries = [source] if isinstance(source, (str, os.PathLike)) else list(source)
+    if not entries:
+        raise ValueError("no image folders or files given")
+    files: list[Path] = []
+    for entry in map(Path, entries):
+        if not entry.exists():
+            raise FileNotFoundError(f"image folder or file {entry} does not exist")
+        if entry.is_file():
+            files.append(entry)
+            continue
+        found = sorted(p for p in entry.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+        if not found:
+            raise ValueError(f"no images ({', '.join(IMAGE_SUFFIXES)}) found under {entry}")
+        files.extend(found)
+    if limit is not None and len(files) > limit:
+        step = len(files) / limit
+        files = [files[int(i * step)] for i in range(limit)]
+    return files
+
+
+def read_image(path: Path) -> Tensor:
+    """An image file as ``Tensor[3, H, W]`` float in [0, 1] (EXIF-upright RGB)."""
+    from mnapps.data.image_io import load_rgb
+
+    array = load_rgb(path)
+    return torch.from_numpy(np.ascontiguousarray(array)).permute(2, 0, 1).float() / 255.0
+
+
+def _read_images(paths: Sequence[Path], desc: str) -> list[Tensor]:
+    return [read_image(p) for p in tqdm(paths, desc=desc, unit="img", leave=False, disable=None)]
+
+
+# ------------------------------------------------------------------------------------------
+# checkpoint -> spec
+
+
+def _resize_to(size: tuple[int, int]) -> Callable[[Tensor], Tensor]:
+    def convert(image: Tensor) -> Tensor:
+        return preprocess_images([image], size)[0][0]
+
+    return convert
+
+
+def _classification_spec(checkpoint: dict[str, Any], source: str) -> ExportSpec:
+    from mnapps.classification import ClsConfig, build_classifier, build_cls_datasets
+    from mnapps.config import ConfigError, from_dict
+    from mnapps.data.imagefolder import build_cls_transforms
+    from PIL import Image
+
+    try:
+        cfg = from_dict(ClsConfig, checkpoint.get("config") or {})
+    except ConfigError as exc:
+        raise ValueError(f"{source}: its classification config does not fit this version of mnapps: {exc}") from None
+    state = checkpoint["model"]
+    num_classes = cfg.model.num_classes or int(state["classifier.weight"].shape[0])
+    model = build_classifier(cfg.model, num_classes)
+    model.load_state_dict(state)
+    model.eval()
+    size = cfg.model.resolution
+    eval_tf = build_cls_transforms(False, size, eval_crop_fraction=cfg.data.eval_crop_fraction)
+
+    def to_input(image: Tensor) -> Tensor:
+        # The evaluation transform of training (central crop, resize, [-1, 1]) on a PIL image.
+        pixels = (image.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()
+        return eval_tf(Image.fromarray(pixels))
+
+    def split_files(split: str) -> list[Path]:
+        train_set, val_set = build_cls_datasets(cfg)
+        dataset = val_set if split == "parity" else train_set
+        return [path for path, _ in dataset.samples]
+
+    return ExportSpec(
+        task="classification",
+        head=None,
+        model=model,
+        network=model,
+        input_size=(size, size),
+        output_names=("logits",),
+        metadata={
+            "task": "classification",
+            "input": f"images [N, 3, {size}, {size}] RGB standardised to [-1, 1] (x / 127.5 - 1)",
+            "class_names": list(cfg.model.class_names),
+        },
+        to_input=to_input,
+        config=cfg,
+        default_images={"parity": lambda: split_files("parity"), "calibration": lambda: split_files("calibration")},
+    )
+
+
+def _detection_spec(checkpoint: dict[str, Any], source: str) -> ExportSpec:
+    from mnapps.engine.detection import build_eval_dataset, load_detector
+    from torchvision.models.detection.ssd import SSD
+
+    from torchvision.models.detection.generalized_rcnn import GeneralizedRCNN
+
+    model, cfg = load_detector(checkpoint)
+    head = cfg.model.head
+
+    def split_files(split: str) -> list[Path]:
+        from mnapps.engine.detection import build_train_dataset
+
+        dataset = build_eval_dataset(cfg) if split == "parity" else build_train_dataset(cfg)
+        folder = Path(dataset.image_dir)
+        return [folder / info["file_name"] for info in dataset.coco.loadImgs(dataset.ids)]
+
+    defaults = {"parity": lambda: split_files("parity"), "calibration": lambda: split_files("calibration")}
+    if isinstance(model, GeneralizedRCNN):
+        return ExportSpec(
+            task="detection",
+            head=head,
+            model=model,
+            network=model,
+            input_size=(0, 0),
+            output_names=("boxes", "labels", "scores"),
+            metadata={
+                "task": "detection",
+                "head": head,
+                "input": "image [3, H, W] RGB in [0, 1], any size, one image per run",
+                "output": "boxes [D, 4] xyxy pixels, labels [D], scores [D] (NMS done)",
+                "class_names": list(cfg.model.class_names),
+                "category_ids": list(cfg.model.category_ids),
+            },
+            to_input=lambda image: image,
+            config=cfg,
+            default_images=defaults,
+            graph="detector",
+        )
+    if not isinstance(model, SSD):
+        raise ValueError(f"{source}: exporting the {head!r} head is not supported")
+    network, params = split_ssd(model, tuple(cfg.model.class_names))
+    size = params.size
+
+    return ExportSpec(
+        task="detection",
+        head=head,
+        model=model,
+        network=network,
+        input_size=size,
+        output_names=("bbox_regression", "cls_logits", "anchors"),
+        metadata={
+            "task": "detection",
+            "head": head,
+            "input": f"images [N, 3, {size[0]}, {size[1]}] RGB in [0, 1], resized (bilinear) from the photo",
+            "ssd_postprocess": params.to_json(),
+            "category_ids": list(cfg.model.category_ids),
+        },
+        to_input=_resize_to(size),
+        config=cfg,
+        default_images=defaults,
+        graph="ssd",
+    )
+
+
+def _face_spec(checkpoint: dict[str, Any], source: str, path: Path | None) -> ExportSpec:
+    from mnapps.heads.face_embedding import FaceModelConfig, build_face_embedder
+    from mnapps.config import ConfigError, from_dict
+
+    config = checkpoint.get("config") or {}
+    try:
+        model_cfg = from_dict(FaceModelConfig, config.get("model") or {}, "model")
+    except ConfigError as exc:
+        raise ValueError(f"{source}: its face model config does not fit this version of mnapps: {exc}") from None
+    model = build_face_embedder(model_cfg)
+    model.load_state_dict(checkpoint["model"])
+    model.eval()
+    size = model.input_size
+    data = config.get("data") or {}
+
+    def split_files(split: str) -> list[Path]:
+        roots = list(data.get("roots") or [])
+        val_root = data.get("val_root")
+        if not roots:
+            from mnapps.data.synthetic_faces import ensure_synthetic_faces
+
+            paths = ensure_synthetic_faces()
+            return find_images(paths.val if split == "parity" else paths.train)
+        if split == "parity" and val_root:
+            return find_images(val_root)
+        return [f for root in roots for f in find_images(root)]
+
+    return ExportSpec(
+        task="face",
+        head="face_embedding",
+        model=model,
+        network=model,
+        input_size=(size, size),
+        output_names=("embeddings",),
+        metadata={
+            "task": "face",
+            "input": f"images [N, 3, {size}, {size}] RGB in [0, 1] (aligned face crops)",
+            "output": "embeddings [N, D], unit L2 norm",
+        },
+        to_input=_resize_to((size, size)),
+        config=config,
+        default_images={"parity": lambda: split_files("parity"), "calibration": lambda: split_files("calibration")},
+    )
+
+
+def load_export_spec(checkpoint: str | os.PathLike | dict[str, Any]) -> ExportSpec:
+    """Rebuild the model of an mnapps checkpoint and describe its graph (see :class:`ExportSpec`).
+
+    Raises:
+        FileNotFoundError: no such checkpoint.
+        ValueError: an unknown task, an unsupported head, or a config/weights mismatch.
+    """
+    from mnapps.engine.checkpoint import load_checkpoint
+
+    path = None if isinstance(checkpoint, dict) else Path(checkpoint)
+    source = str(path) if path is not None else "the given checkpoint"
+    data = checkpoint if isinstance(checkpoint, dict) else load_checkpoint(checkpoint)
+    task = data.get("task")
+    if task == "classification":
+        return _classification_spec(data, source)
+    if task == "detection":
+        return _detection_spec(data, source)
+    if task == "face":
+        return _face_spec(data, source, path)
+    raise ValueError(
+        f"{source}: cannot export a checkpoint with task={task!r}; expected 'classification', 'detection' "
+        "or 'face' (a checkpoint written by tools/train_cls.py, train_det.py, distill_face.py or import_weights.py)"
+    )
+
+
+# ------------------------------------------------------------------------------------------
+# export + parity
+
+
+def _parity(
+    spec: ExportSpec, path: Path, images: list[Tensor], batch: Tensor | None, precision: str, threads: int
+) -> list[ParityReport]:
+    limits = PARITY_LIMITS[precision]
+    name = f"{spec.task} {precision}"
+    ort_model = OrtModel(path, threads=threads)
+    reports = []
+    with torch.no_grad():
+        if spec.graph == "detector":
+            # One image per call on both sides: batching pads images to a common size, which
+            # changes a two-stage detector's proposals near the padded border.
+            reports.append(
+                compare_detections(
+                    f"{name} detections",
+                    [spec.model([image])[0] for image in images],
+                    OrtDetector(ort_model.session)(images),
+                    min_agreement=limits["min_det_agreement"],
+                )
+            )
+        elif not spec.is_ssd:
+            reference = spec.model(batch)
+            candidate = ort_model(batch)[spec.output_names[0]]
+            reports.append(
+                compare_arrays(
+                    f"{name} {spec.output_names[0]}",
+                    reference,
+                    candidate,
+                    atol=limits.get("atol"),
+                    min_cosine=limits.get("min_cosine"),
+                    min_top1_agreement=limits.get("min_top1") if spec.task == "classification" else None,
+                    top1=spec.task == "classification",
+                )
+            )
+        else:
+            regression, logits, _ = spec.network(batch)
+            outputs = ort_model(batch)
+            for key, ref in (("bbox_regression", regression), ("cls_logits", logits)):
+                reports.append(
+                    compare_arrays(
+                        f"{name} {key}",
+                        ref.reshape(ref.shape[0], -1),
+                        outputs[key].reshape(ref.shape[0], -1),
+                        atol=limits.get("atol"),
+                        min_cosine=limits.get("min_cosine"),
+                    )
+                )
+            detector = OrtSSD(ort_model.session)
+            reports.append(
+                compare_detections(
+                    f"{name} detections",
+                    spec.model(images),
+                    detector(images),
+                    min_agreement=limits["min_det_agreement"],
+                    min_score=0.0 if precision == "fp32" else INT8_DETECTION_MIN_SCORE,
+                )
+            )
+    for report in reports:
+        print(report)
+    for report in reports:
+        report.raise_if_failed()
+    return reports
+
+
+def export_checkpoint(
+    checkpoint: str | os.PathLike | dict[str, Any] | ExportSpec,
+    out: str | os.PathLike,
+    *,
+    int8: bool = False,
+    calib_images: str | os.PathLike | Sequence[Path] | None = None,
+    parity_images: str | os.PathLike | Sequence[Path] | None = None,
+    num_calib: int = 32,
+    num_parity: int = 16,
+    threads: int = 2,
+) -> ExportResult:
+    """Export a checkpoint to ONNX (``out``) and optionally int8 (``out`` with ``.int8.onnx``).
+
+    Args:
+        checkpoint: an mnapps checkpoint (path or dict) or a prepared :class:`ExportSpec`.
+        out: the fp32 ``.onnx`` file to write.
+        int8: also write a static-int8 QDQ model next to it.
+        calib_images: folder or files for int8 calibration; default: the training split of
+            the checkpoint's data (the embedded shapes/faces sets unless configured).
+        parity_images: folder or files the parity check runs on; default: the validation split.
+        num_calib, num_parity: how many images (evenly spaced) are used for each.
+        threads: ONNX Runtime intra-op threads for the checks.
+
+    Returns:
+        :class:`ExportResult` with the written paths and the passed parity reports.
+
+    Raises:
+        ParityError: ONNX Runtime and PyTorch disagree beyond :data:`PARITY_LIMITS`.
+    """
+    spec = checkpoint if isinstance(checkpoint, ExportSpec) else load_export_spec(checkpoint)
+    out = Path(out)
+    if out.suffix != ".onnx":
+        raise ValueError(f"output file {out} must end in .onnx")
+    parity_files = find_images(parity_images if parity_images is not None else spec.default_images["parity"](), num_parity)
+    images = _read_images(parity_files, "parity images")
+    if int8 and spec.graph == "detector":
+        raise ValueError(
+            f"int8 export covers the classifier, the SSD heads and the face embedder, not {spec.head!r} "
+            "(its RoI stage and in-graph NMS are left in float); drop --int8"
+        )
+    folded = fold_batchnorm(spec.network)
+    metadata = dict(spec.metadata, precision="fp32", folded_batchnorms=folded.folded_batchnorms)
+    if spec.graph == "detector":
+        batch = None
+        export_detector_onnx(folded, images[0], out, metadata=metadata)
+    else:
+        batch = torch.stack([spec.to_input(image) for image in images])
+        example = batch[:2] if len(batch) >= 2 else batch.repeat(2, 1, 1, 1)
+        export_onnx(folded, example, out, output_names=spec.output_names, metadata=metadata)
+    print(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB, {folded.folded_batchnorms} BatchNorms folded)")
+    result = ExportResult(fp32_path=out)
+    result.reports += _parity(spec, out, images, batch, "fp32", threads)
+
+    if int8:
+        calib_files = find_images(calib_images if calib_images is not None else spec.default_images["calibration"](), num_calib)
+        calib = torch.stack([spec.to_input(image) for image in _read_images(calib_files, "calibration images")])
+        with torch.no_grad():
+            corrections = int8_bias_correction(folded, calib)
+        int8_path = out.with_suffix(".int8.onnx")
+        quantize_onnx(out, int8_path, list(calib.split(1)), bias_corrections=corrections)
+        print(f"wrote {int8_path} ({int8_path.stat().st_size / 1e6:.1f} MB, calibrated on {len(calib)} images)")
+        result.int8_path = int8_path
+        result.reports += _parity(spec, int8_path, images, batch, "int8", threads)
+    return result
+
+
+# ------------------------------------------------------------------------------------------
+# accuracy kept by deployment
+
+
+class _OrtDetector(nn.Module):
+    """An ONNX Runtime detector in the ``nn.Module`` clothes :func:`evaluate_detector` expects."""
+
+    def __init__(self, path: Path, threads: int, graph: str) -> None:
+        super().__init__()
+        self.detector = OrtSSD(path, threads=threads) if graph == "ssd" else OrtDetector(path, threads=threads)
+
+    def forward(self, images: list[Tensor]) -> list[dict[str, Tensor]]:
+        return self.detector([image.cpu() for image in images])
+
+
+def _top1(predict: Callable[[Tensor], np.ndarray | Tensor], loader, desc: str) -> float:
+    correct = seen = 0
+    for images, labels, _ in tqdm(loader, desc=desc, unit="batch", leave=False, disable=None):
+        if labels.numel() == 0:
+            continue
+        logits = predict(images)
+        logits = torch.as_tensor(np.asarray(logits)) if not isinstance(logits, Tensor) else logits
+        correct += int((logits.argmax(1) == labels).sum())
+        seen += labels.numel()
+    return correct / max(seen, 1)
+
+
+def evaluate_export(
+    spec: ExportSpec,
+    fp32_path: str | os.PathLike,
+    int8_path: str | os.PathLike | None = None,
+    *,
+    threads: int = 2,
+    max_images: int | None = None,
+) -> dict[str, dict[str, float]]:
+    """Accuracy of PyTorch, ONNX Runtime fp32 and int8 on the checkpoint's validation data.
+
+    Classification: top-1 (fraction). Detection: COCO AP and AP50. Face embedders are not
+    scored here (``tools/eval_face.py`` does pair verification).
+
+    Returns:
+        ``{"pytorch": {...}, "onnx_fp32": {...}, "onnx_int8": {...}}``.
+    """
+    backends: dict[str, Any] = {"pytorch": spec.model, "onnx_fp32": Path(fp32_path)}
+    if int8_path is not None:
+        backends["onnx_int8"] = Path(int8_path)
+    results: dict[str, dict[str, float]] = {}
+    if spec.task == "classification":
+        from mnapps.classification import build_cls_datasets
+        from mnapps.data.imagefolder import collate_cls
+
+        _, val_set = build_cls_datasets(spec.config)
+        if max_images is not None:
+            val_set.samples = [val_set.samples[int(i * len(val_set.samples) / max_images)] for i in range(min(max_images, len(val_set.samples)))]
+        loader = torch.utils.data.DataLoader(val_set, batch_size=32, collate_fn=collate_cls)
+        for name, backend in backends.items():
+            if isinstance(backend, Path):
+                ort_model = OrtModel(backend, threads=threads)
+                predict = lambda x, m=ort_model: m(x)["logits"]  # noqa: E731
+            else:
+                predict = lambda x, m=backend: m(x)  # noqa: E731
+            with torch.no_grad():
+                results[name] = {"top1": _top1(predict, loader, name)}
+    elif spec.task == "detection":
+        from mnapps.data.coco import collate_fn
+        from mnapps.engine.detection import build_eval_dataset
+        from mnapps.eval.coco import evaluate_detector
+
+        dataset = build_eval_dataset(spec.config)
+        loader = torch.utils.data.DataLoader(dataset, batch_size=8, collate_fn=collate_fn)
+        for name, backend in backends.items():
+            model = _OrtDetector(backend, threads, spec.graph) if isinstance(backend, Path) else backend
+            metrics, _, _ = evaluate_detector(model, loader, dataset, "cpu", max_images=max_images)
+            results[name] = {"AP": metrics["AP"], "AP50": metrics["AP50"]}
+    else:
+        raise ValueError(f"no accuracy evaluation for task {spec.task!r} here (use tools/eval_face.py for faces)")
+    return results
