@@ -1,0 +1,613 @@
+"""Detection as a task: config schema, datasets, training, checkpoint loading and inference.
+
+This module owns everything between a detection config and the shared engine: the
+:class:`DetConfig` schema (``model`` / ``data`` / ``train`` sections, loaded from
+``configs/ssd*.yaml`` and friends), building the COCO-format datasets (the user's files, or the
+embedded shapes dataset when none are given), :func:`train_detector` (loaders, the loss
+function that calls ``model(images, targets)``, COCO evaluation every epoch with best-by-AP,
+``metrics.json`` and the resolved ``config.yaml``, and the end-of-run data report),
+:func:`load_detector` for evaluation/inference from a checkpoint, and :func:`predict_images`.
+
+What the data decides (number of classes, class names, the dataset's category ids) is written
+into ``cfg.model`` before training, so a checkpoint alone rebuilds the model, names its classes
+and maps its labels back to the original COCO category ids.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from tqdm import tqdm
+
+from mnapps.build import build_detector, check_head
+from mnapps.config import BackboneConfig, ConfigError, TrainConfig, from_dict, load_config, save_config, to_dict
+from mnapps.data.coco import CocoDetection, collate_fn
+from mnapps.data.image_io import ImageReadError, load_rgb
+from mnapps.data.transforms import RECIPES, build_det_transforms, sample_to_tensors
+from mnapps.engine.checkpoint import load_checkpoint
+from mnapps.engine.distributed import build_eval_loader, build_train_loader, init_distributed
+from mnapps.engine.loop import fit, seed_everything
+from mnapps.eval.coco import evaluate_detector, format_per_class_table, write_metrics_json
+from mnapps.heads.faster_rcnn import FasterRCNNConfig
+from mnapps.heads.ssd import SSDConfig
+
+__all__ = [
+    "DetModelConfig",
+    "DetDataConfig",
+    "DetConfig",
+    "train_detector",
+    "build_train_dataset",
+    "build_eval_dataset",
+    "load_detector",
+    "predict_images",
+    "model_input_size",
+]
+
+SSD_HEADS = ("ssd", "ssdlite")
+
+
+@dataclass(frozen=True)
+class DetModelConfig:
+    """Which detector, on which trunk, and what the data decided about its classes.
+
+    Attributes:
+        head: a key of :data:`mnapps.build.HEADS` (``ssd``, ``ssdlite``, ...).
+        backbone: MobileNetV1 settings shared by every head.
+        ssd: settings of the ``ssd`` and ``ssdlite`` heads.
+        faster_rcnn: settings of the ``faster_rcnn`` and ``faster_rcnn_fpn`` heads.
+        num_classes: classes including background; None takes it from the training data.
+        class_names: ``class_names[label]`` (``[0]`` is background); filled in from the data.
+        category_ids: the dataset category id of labels ``1..K``; filled in from the data.
+    """
+
+    head: str = "ssd"
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    ssd: SSDConfig = field(default_factory=SSDConfig)
+    faster_rcnn: FasterRCNNConfig = field(default_factory=FasterRCNNConfig)
+    num_classes: int | None = None
+    class_names: tuple[str, ...] = ()
+    category_ids: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True)
+class DetDataConfig:
+    """Where the data is and how it is augmented.
+
+    ``train_ann``/``train_images``/``val_ann``/``val_images`` name COCO-format annotation files
+    and image folders; leaving all four None trains on the embedded shapes dataset (generated
+    once into ``$MNAPPS_CACHE`` or ``~/.cache/mnapps``, sized by the ``shapes_*`` keys).
+
+    Attributes:
+        recipe: training augmentation, ``"ssd"`` (photometric, zoom out, IoU crop, flip,
+            resize) or ``"basic"`` (photometric, flip).
+        train_size: side of the training resize; None uses the model's input size for SSD
+            heads (``model.ssd.size``) and no resize for heads that resize themselves.
+        zoom_out_max_ratio: largest zoom-out canvas for the ``ssd`` recipe (paper: 4).
+        min_visibility: fraction of its area a box must keep after a crop to stay a target.
+        min_box_size: boxes thinner than this many pixels are dropped (counted).
+        eval_batch_size: images per forward pass in evaluation.
+        eval_max_images: evaluate on only the first N validation images (None: all).
+    """
+
+    train_ann: str | None = None
+    train_images: str | None = None
+    val_ann: str | None = None
+    val_images: str | None = None
+    recipe: str = "ssd"
+    train_size: int | None = None
+    zoom_out_max_ratio: float = 4.0
+    min_visibility: float = 0.2
+    min_box_size: float = 1.0
+    eval_batch_size: int = 8
+    eval_max_images: int | None = None
+    shapes_num_train: int | None = None  # None: the generator's defaults
+    shapes_num_val: int | None = None
+    shapes_image_size: int | None = None
+    shapes_seed: int = 0
+
+
+@dataclass(frozen=True)
+class DetConfig:
+    """A detection experiment: ``model``, ``data`` and ``train`` (:class:`TrainConfig`)."""
+
+    model: DetModelConfig = field(default_factory=DetModelConfig)
+    data: DetDataConfig = field(default_factory=DetDataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+# ------------------------------------------------------------------------------------------
+# data
+
+
+def model_input_size(cfg: DetConfig) -> int | None:
+    """Side of the training resize: ``data.train_size``, else SSD's ``ssd.size``, else None."""
+    if cfg.data.train_size is not None:
+        return cfg.data.train_size
+    return cfg.model.ssd.size if cfg.model.head in SSD_HEADS else None
+
+
+def _shapes_paths(data: DetDataConfig):
+    from mnapps.data.synthetic_det import ensure_shapes_detection
+
+    kwargs: dict[str, Any] = {"seed": data.shapes_seed}
+    for key in ("num_train", "num_val", "image_size"):
+        value = getattr(data, f"shapes_{key}")
+        if value is not None:
+            kwargs[key] = value
+    return ensure_shapes_detection(**kwargs)
+
+
+def _resolve_split(
+    data: DetDataConfig, split: str, ann: str | os.PathLike | None = None, images: str | os.PathLike | None = None
+) -> tuple[Path, Path]:
+    ann = ann if ann is not None else getattr(data, f"{split}_ann")
+    images = images if images is not None else getattr(data, f"{split}_images")
+    if ann is None and images is None:
+        if data.train_ann is not None or data.train_images is not None:
+            raise ValueError(
+                f"the training data is given but no {split} data: pass --{split}-ann and --{split}-images "
+                f"(data.{split}_ann / data.{split}_images); the embedded shapes dataset is used only when no data "
+                f"is given at all"
+            )
+        paths = _shapes_paths(data)
+        return (paths.train_ann, paths.train_images) if split == "train" else (paths.val_ann, paths.val_images)
+    if ann is None or images is None:
+        missing = f"{split}_ann" if ann is None else f"{split}_images"
+        raise ValueError(
+            f"data.{missing} is missing: give both --{split}-ann (COCO JSON) and --{split}-images (folder), "
+            f"or neither to use the embedded shapes dataset"
+        )
+    return Path(ann), Path(images)
+
+
+def build_train_dataset(cfg: DetConfig) -> CocoDetection:
+    """The training :class:`CocoDetection` with the configured augmentation."""
+    if cfg.data.recipe not in RECIPES:
+        raise ValueError(f"data.recipe must be one of {list(RECIPES)}, got {cfg.data.recipe!r}")
+    ann, images = _resolve_split(cfg.data, "train")
+    transforms = build_det_transforms(
+        True,
+        model_input_size(cfg),
+        cfg.data.recipe,
+        zoom_out_max_ratio=cfg.data.zoom_out_max_ratio,
+        min_visibility=cfg.data.min_visibility,
+    )
+    return CocoDetection(ann, images, transforms, min_box_size=cfg.data.min_box_size)
+
+
+def build_eval_dataset(
+    cfg: DetConfig, val_ann: str | os.PathLike | None = None, val_images: str | os.PathLike | None = None
+) -> CocoDetection:
+    """The validation :class:`CocoDetection` (no augmentation; the model resizes itself).
+
+    Args:
+        cfg: the detection config; ``data.val_*`` are used when the arguments are None, and the
+            embedded shapes validation split when those are None too.
+        val_ann, val_images: override the config's validation files.
+
+    Raises:
+        ValueError: only one of the two paths is known, or the dataset's categories differ from
+            those the model was trained on (``cfg.model.category_ids``).
+        FileNotFoundError: missing annotation file or image folder.
+    """
+    ann, images = _resolve_split(cfg.data, "val", val_ann, val_images)
+    dataset = CocoDetection(ann, images, build_det_transforms(False, None), min_box_size=cfg.data.min_box_size)
+    trained = tuple(cfg.model.category_ids)
+    if trained and tuple(dataset.cat_ids) != trained:
+        raise ValueError(
+            f"{ann} has category ids {dataset.cat_ids[:12]}{'...' if len(dataset.cat_ids) > 12 else ''} but the "
+            f"model was trained on {list(trained[:12])}{'...' if len(trained) > 12 else ''}; evaluate on data "
+            f"with the same categories"
+        )
+    return dataset
+
+
+# ------------------------------------------------------------------------------------------
+# training
+
+
+class _BatchCounter:
+    """Unreadable samples dropped by collate_fn, and batches too small to train on."""
+
+    def __init__(self) -> None:
+        self.skipped_samples = 0
+        self.skipped_batches = 0
+        self.loss_names: tuple[str, ...] = ()
+
+
+def _zero_losses(model: nn.Module, names: Sequence[str]) -> dict[str, Tensor]:
+    # Connected to every trainable parameter so the engine (and DDP) see a normal step.
+    zero = sum(p.sum() for p in model.parameters() if p.requires_grad) * 0.0
+    return {name: zero for name in (names or ("loss_skipped_batch",))}
+
+
+def detection_loss_fn(counter: _BatchCounter | None = None, min_images: int = 1):
+    """The engine's ``loss_fn(model, (images, targets, num_skipped), device) -> losses``.
+
+    Targets keep only ``boxes`` and ``labels``. A batch left with fewer than ``min_images``
+    images after dropping unreadable ones is skipped with zero losses (SSD needs 2: its 1x1
+    extra maps cannot batch-normalise a single image).
+    """
+    counter = counter or _BatchCounter()
+
+    def loss_fn(model: nn.Module, batch: tuple[list[Tensor], list[dict], int], device: torch.device):
+        images, targets, num_skipped = batch
+        counter.skipped_samples += int(num_skipped)
+        if len(images) < min_images:
+            counter.skipped_batches += 1
+            return _zero_losses(model, counter.loss_names)
+        images = [image.to(device, non_blocking=True) for image in images]
+        targets = [
+            {"boxes": t["boxes"].to(device, non_blocking=True), "labels": t["labels"].to(device, non_blocking=True)}
+            for t in targets
+        ]
+        losses = model(images, targets)
+        counter.loss_names = tuple(losses)
+        return losses
+
+    return loss_fn
+
+
+def _with_data_classes(cfg: DetConfig, dataset: CocoDetection) -> DetConfig:
+    model = cfg.model
+    if model.num_classes is not None and model.num_classes != dataset.num_classes:
+        raise ValueError(
+            f"model.num_classes is {model.num_classes} but {dataset.ann_file} has {dataset.num_classes - 1} "
+            f"categories (+ background = {dataset.num_classes}); set model.num_classes to null to take it from the data"
+        )
+    model = dataclasses.replace(
+        model,
+        num_classes=dataset.num_classes,
+        class_names=tuple(dataset.class_names),
+        category_ids=tuple(dataset.cat_ids),
+    )
+    return dataclasses.replace(cfg, model=model)
+
+
+def train_detector(
+    cfg: DetConfig,
+    *,
+    output_dir: str | os.PathLike,
+    resume: str | os.PathLike | bool | None = None,
+    backbone_weights: str | os.PathLike | None = None,
+    device: str | torch.device | None = None,
+) -> dict[str, Any]:
+    """Train the configured detector, evaluating with COCOeval after every epoch.
+
+    Writes into ``output_dir``: ``config.yaml`` (the resolved config, classes included),
+    ``last.pt`` every epoch, ``best.pt`` at the best validation AP, and ``metrics.json`` (the
+    final evaluation's 12 COCO numbers and per-class AP). Prints COCO's summary, the per-class
+    table and what happened to the data (boxes dropped/clipped, unreadable images skipped).
+    Works under ``torchrun`` (DDP; rank 0 evaluates and writes).
+
+    Args:
+        cfg: the experiment.
+        output_dir: run folder.
+        resume: a checkpoint to continue from, or True for ``output_dir/last.pt``.
+        backbone_weights: an mnapps checkpoint whose MobileNetV1 trunk initialises the model
+            (e.g. the imported ImageNet weights); ignored when resuming.
+        device: ``cpu``, ``cuda``, ``cuda:N`` or None (CUDA when available).
+
+    Returns:
+        ``{"metrics": final COCO metrics (empty without validation data), "per_class_ap",
+        "summary": COCOeval's text, "engine": fit's result, "train_summary", "val_summary",
+        "output_dir", "time_s"}``.
+    """
+    started = time.perf_counter()
+    check_head(cfg.model.head)
+    info = init_distributed(device)
+    device = info.device
+    output_dir = Path(output_dir)
+
+    train_set = build_train_dataset(cfg)
+    cfg = _with_data_classes(cfg, train_set)
+    val_set = build_eval_dataset(cfg)
+    per_process = cfg.train.batch_size // max(1, info.world_size)
+    min_images = 2 if cfg.model.head in SSD_HEADS else 1
+    if per_process < min_images:
+        raise ValueError(
+            f"train.batch_size={cfg.train.batch_size} gives {per_process} image(s) per process; the {cfg.model.head} "
+            f"head needs at least {min_images} (BatchNorm on its 1x1 extra maps), raise --batch-size"
+        )
+
+    # The model's initial weights depend only on the seed, not on what ran before.
+    seed_everything(cfg.train.seed)
+    model = build_detector(cfg, cfg.model.num_classes, weights_backbone=None if resume else backbone_weights)
+    report = getattr(model, "backbone_load_report", None)
+    if info.is_main:
+        save_config(cfg, output_dir / "config.yaml")
+        print(
+            f"{cfg.model.head} on MobileNetV1 x{cfg.model.backbone.width_mult:g}, input {model_input_size(cfg)}, "
+            f"{cfg.model.num_classes - 1} classes; train {len(train_set)} images ({train_set.ann_file}), "
+            f"val {len(val_set)} images ({val_set.ann_file})"
+        )
+        if report is not None:
+            print(f"backbone weights from {backbone_weights}: {report}")
+
+    train_loader = build_train_loader(train_set, cfg.train, collate_fn, info if info.distributed else None)
+    val_loader = build_eval_loader(val_set, cfg.data.eval_batch_size, collate_fn, cfg.train.num_workers)
+    counter = _BatchCounter()
+    last_eval: dict[str, Any] = {}
+
+    def evaluate(eval_model: nn.Module, epoch: int) -> dict[str, float]:
+        metrics, per_class, summary = evaluate_detector(
+            eval_model, val_loader, val_set, device, max_images=cfg.data.eval_max_images
+        )
+        last_eval.update(metrics=metrics, per_class_ap=per_class, summary=summary, epoch=epoch)
+        return metrics
+
+    engine = fit(
+        model,
+        train_loader,
+        cfg.train,
+        loss_fn=detection_loss_fn(counter, min_images),
+        output_dir=output_dir,
+        evaluate=evaluate,
+        best_metric="AP",
+        checkpoint_meta={"task": "detection", "head": cfg.model.head, "config": cfg},
+        resume=resume,
+        device=device,
+        batch_size_fn=lambda batch: len(batch[0]),
+    )
+
+    metrics = dict(engine.get("last_metrics") or {})
+    result: dict[str, Any] = {
+        "metrics": metrics,
+        "per_class_ap": last_eval.get("per_class_ap", {}),
+        "summary": last_eval.get("summary", ""),
+        "engine": engine,
+        "train_summary": train_set.summary(skipped_samples=counter.skipped_samples),
+        "val_summary": val_set.summary(),
+        "output_dir": str(output_dir),
+        "time_s": time.perf_counter() - started,
+    }
+    if info.is_main:
+        _report(result, engine, counter, output_dir, last_eval)
+    return result
+
+
+def _report(
+    result: dict[str, Any], engine: dict[str, Any], counter: _BatchCounter, output_dir: Path, last_eval: dict
+) -> None:
+    if last_eval:
+        print(f"\nCOCO bbox evaluation of the final model (epoch {last_eval['epoch']}):")
+        print(last_eval["summary"], end="")
+        print(format_per_class_table(last_eval["per_class_ap"]), end="")
+        extra = {
+            "epoch": last_eval["epoch"],
+            "best_AP": engine.get("best"),
+            "checkpoint": engine.get("checkpoint"),
+            "best_checkpoint": engine.get("best_checkpoint"),
+            "train_time_s": round(result["time_s"], 1),
+        }
+        path = write_metrics_json(output_dir / "metrics.json", last_eval["metrics"], last_eval["per_class_ap"], extra)
+        print(f"wrote {path}")
+    elif engine.get("last_metrics"):
+        print(f"final metrics (from the checkpoint): {engine['last_metrics']}")
+    print(f"data: {result['train_summary']}")
+    print(f"data: {result['val_summary']}")
+    if counter.skipped_batches:
+        print(f"data: {counter.skipped_batches} training batch(es) skipped (fewer than 2 readable images)")
+    best = engine.get("best")
+    best_text = f", best AP {best:.4f} in {engine['best_checkpoint']}" if best is not None else ""
+    print(f"done in {result['time_s'] / 60:.1f} min; checkpoints in {output_dir}{best_text}")
+
+
+# ------------------------------------------------------------------------------------------
+# checkpoints and inference
+
+
+def load_detector(
+    checkpoint: str | os.PathLike | dict[str, Any],
+    device: str | torch.device = "cpu",
+    config: DetConfig | str | os.PathLike | None = None,
+) -> tuple[nn.Module, DetConfig]:
+    """Rebuild a detector from an mnapps detection checkpoint, in eval mode on ``device``.
+
+    Args:
+        checkpoint: path of ``best.pt``/``last.pt`` (or the loaded dict).
+        device: where the model goes.
+        config: a :class:`DetConfig` or YAML path to use instead of the stored config (its
+            class information is taken from the checkpoint when it has none).
+
+    Returns:
+        ``(model, cfg)``; ``cfg.model`` holds ``num_classes``, ``class_names`` and
+        ``category_ids`` of the training data.
+
+    Raises:
+        FileNotFoundError: no such checkpoint.
+        ValueError: not a detection checkpoint, or weights that do not fit the config.
+    """
+    source = str(checkpoint) if not isinstance(checkpoint, dict) else "the given checkpoint"
+    data = checkpoint if isinstance(checkpoint, dict) else load_checkpoint(checkpoint)
+    stored = data.get("config")
+    if data.get("task") != "detection" or not isinstance(stored, dict):
+        raise ValueError(
+            f"{source} is not an mnapps detection checkpoint (task={data.get('task')!r}); pass the best.pt or "
+            f"last.pt written by tools/train_det.py"
+        )
+    try:
+        stored_cfg = from_dict(DetConfig, stored)
+    except ConfigError as exc:
+        raise ValueError(f"{source}: its stored config does not fit this version of mnapps: {exc}") from None
+    if config is None:
+        cfg = stored_cfg
+    else:
+        cfg = config if isinstance(config, DetConfig) else load_config(config, DetConfig)
+        if cfg.model.num_classes is None:
+            cfg = dataclasses.replace(
+                cfg,
+                model=dataclasses.replace(
+                    cfg.model,
+                    num_classes=stored_cfg.model.num_classes,
+                    class_names=stored_cfg.model.class_names,
+                    category_ids=stored_cfg.model.category_ids,
+                ),
+            )
+    if cfg.model.num_classes is None:
+        raise ValueError(f"{source}: the config does not say how many classes the model has (model.num_classes)")
+    model = build_detector(cfg, cfg.model.num_classes)
+    try:
+        model.load_state_dict(data["model"])
+    except RuntimeError as exc:
+        first = str(exc).splitlines()[0]
+        raise ValueError(f"{source}: the weights do not fit the {cfg.model.head} model of the config ({first})") from None
+    return model.to(device).eval(), cfg
+
+
+def _label_names(cfg: DetConfig) -> list[str]:
+    if cfg.model.class_names:
+        return list(cfg.model.class_names)
+    return ["__background__"] + [f"class_{i}" for i in range(1, (cfg.model.num_classes or 1))]
+
+
+_NO_BOXES = np.zeros((0, 4), dtype=np.float32)
+_NO_LABELS = np.zeros((0,), dtype=np.int64)
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif")
+
+
+def list_images(source: str | os.PathLike) -> list[Path]:
+    """Image files of a folder (sorted, by suffix) or the file itself.
+
+    Raises:
+        FileNotFoundError: the path does not exist, or a folder holds no image.
+    """
+    source = Path(source)
+    if source.is_file():
+        return [source]
+    if not source.is_dir():
+        raise FileNotFoundError(f"{source} is neither an image file nor a folder")
+    paths = sorted(p for p in source.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    if not paths:
+        raise FileNotFoundError(f"{source} holds no image files ({', '.join(IMAGE_SUFFIXES)})")
+    return paths
+
+
+@torch.inference_mode()
+def predict_images(
+    model: nn.Module,
+    paths: Iterable[str | os.PathLike],
+    *,
+    device: str | torch.device = "cpu",
+    batch_size: int = 4,
+    score_threshold: float = 0.0,
+    progress: bool = True,
+) -> list[dict[str, Any]]:
+    """Run a detector over image files.
+
+    Args:
+        model: an eval-mode torchvision-style detector on ``device``.
+        paths: image files (any format :func:`mnapps.data.image_io.load_rgb` reads).
+        device: where images are sent.
+        batch_size: images per forward pass.
+        score_threshold: drop detections scoring below this.
+        progress: show a tqdm bar.
+
+    Returns:
+        One dict per readable image, in order: ``{"path": Path, "image": uint8[H, W, 3],
+        "boxes": FloatTensor[N, 4] xyxy pixels, "labels": Int64Tensor[N], "scores": [N]}``
+        (tensors on the CPU). Unreadable images are warned about and left out.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    paths = [Path(p) for p in paths]
+    model.eval()
+    outputs: list[dict[str, Any]] = []
+    batch: list[tuple[Path, Any]] = []
+
+    def flush() -> None:
+        if not batch:
+            return
+        tensors = [sample_to_tensors(image, _NO_BOXES, _NO_LABELS)[0].to(device) for _, image in batch]
+        for (path, image), det in zip(batch, model(tensors)):
+            keep = det["scores"] >= score_threshold
+            outputs.append(
+                {"path": path, "image": image, **{k: det[k][keep].cpu() for k in ("boxes", "labels", "scores")}}
+            )
+        batch.clear()
+
+    for path in tqdm(paths, desc="predict", unit="img", disable=not progress, dynamic_ncols=True):
+        try:
+            image = load_rgb(path)
+        except ImageReadError as err:
+            warnings.warn(f"skipping {err}", RuntimeWarning, stacklevel=2)
+            continue
+        batch.append((path, image))
+        if len(batch) == batch_size:
+            flush()
+    flush()
+    return outputs
+
+
+
+# ------------------------------------------------------------------------------------------
+# drawing and results files
+
+# Distinct, readable colours cycled over class labels.
+_PALETTE = (
+    (230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48), (145, 30, 180),
+    (70, 240, 240), (240, 50, 230), (210, 245, 60), (250, 190, 212), (0, 128, 128), (220, 190, 255),
+)
+
+
+def draw_detections(
+    image: np.ndarray, boxes: Tensor, labels: Tensor, scores: Tensor, class_names: Sequence[str]
+):
+    """Draw boxes with ``"name score"`` captions on a copy of ``image``.
+
+    Args:
+        image: ``uint8[H, W, 3]`` RGB.
+        boxes: ``[N, 4]`` xyxy pixels; labels ``[N]`` (indices into ``class_names``); scores ``[N]``.
+        class_names: ``class_names[label]``.
+
+    Returns:
+        A ``PIL.Image.Image`` (RGB).
+    """
+    from PIL import Image, ImageDraw, ImageFont
+
+    canvas = Image.fromarray(image).convert("RGB")
+    draw = ImageDraw.Draw(canvas)
+    font = ImageFont.load_default()
+    line = max(2, round(min(canvas.size) / 200))
+    for box, label, score in zip(boxes.tolist(), labels.tolist(), scores.tolist()):
+        colour = _PALETTE[int(label) % len(_PALETTE)]
+        name = class_names[int(label)] if 0 <= int(label) < len(class_names) else f"class_{int(label)}"
+        x1, y1, x2, y2 = box
+        draw.rectangle([x1, y1, x2, y2], outline=colour, width=line)
+        caption = f"{name} {score:.2f}"
+        left, top, right, bottom = draw.textbbox((0, 0), caption, font=font)
+        text_w, text_h = right - left, bottom - top
+        y_text = y1 - text_h - 4 if y1 - text_h - 4 >= 0 else y1
+        draw.rectangle([x1, y_text, x1 + text_w + 4, y_text + text_h + 4], fill=colour)
+        draw.text((x1 + 2, y_text + 2 - top), caption, fill=(0, 0, 0), font=font)
+    return canvas
+
+
+def image_ids_for(paths: Sequence[Path], ann_file: str | os.PathLike | None = None) -> list[int]:
+    """COCO image ids for image files: from ``ann_file``'s ``file_name`` entries when given,
+    else the file name's number (COCO names files by id, ``000000000139.jpg`` -> 139), else the
+    1-based position in ``paths``.
+
+    Raises:
+        ValueError: ``ann_file`` does not list one of the images.
+    """
+    if ann_file is not None:
+        from mnapps.data.coco import load_coco_json
+
+        by_name = {Path(img["file_name"]).name: int(img["id"]) for img in load_coco_json(ann_file)["images"]}
+        missing = [p.name for p in paths if p.name not in by_name]
+        if missing:
+            raise ValueError(f"{ann_file} does not list {missing[:5]} ({len(missing)} image(s)); pass the matching annotation file")
+        return [by_name[p.name] for p in paths]
+    if all(p.stem.isdigit() for p in paths) and len({int(p.stem) for p in paths}) == len(paths):
+        return [int(p.stem) for p in paths]
+    return list(range(1, len(paths) + 1))
