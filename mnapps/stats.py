@@ -176,3 +176,49 @@ ROWS += [
 ]
 
 # ---- Face rows (mnapps.heads.face_embedding, facenet teacher) ----------------------------
+# Paper Table 14: "1.0 MobileNet-160" distilled from FaceNet, 286 M mult-adds and 4.9 M params.
+# Ours is the Table 7 trunk at 160 (289.65 M without classifier) plus a 1024 -> 512 embedding
+# (0.52 M): 290.2 M, 1.5% above 286 M. No embedding layer can close that gap, since 286 M is
+# already below the paper's own trunk at 160 (Table 7: 290 M with a 1.02 M classifier), hence
+# the 2% tolerance. The paper's 4.9 M params imply a larger, unspecified embedding head (our
+# trunk has 3.21 M); ours (3.73 M) is printed beside it and not checked.
+
+
+def _face_student() -> tuple[nn.Module, torch.Tensor]:
+    from mnapps.heads.face_embedding import FaceModelConfig, build_face_embedder
+
+    return build_face_embedder(FaceModelConfig(input_size=160, embedding_dim=512)), torch.zeros(1, 3, 160, 160)
+
+
+def _facenet_teacher() -> tuple[nn.Module, torch.Tensor]:
+    from mnapps.distill.teacher import build_teacher
+
+    # Random weights: the count does not depend on them, and the tool must run offline.
+    return build_teacher("random"), torch.zeros(1, 3, 160, 160)
+
+
+ROWS += [
+    StatsRow(
+        "face_mobilenet_v1_1.0_160",
+        _face_student,
+        286e6,
+        4.9e6,
+        macs_tolerance=0.02,
+        params_tolerance=float("inf"),
+        note=(
+            "160x160 input; trunk + Linear(1024, 512, no bias) + BN + L2 norm. MACs +1.5% over the "
+            "paper's 286 M, which lies below its own Table 7 trunk at 160; params not comparable: "
+            "the paper's 4.9 M used an unspecified embedding layer"
+        ),
+    ),
+    StatsRow(
+        "facenet_inception_resnet_v1_160",
+        _facenet_teacher,
+        note=(
+            "the teacher: facenet-pytorch InceptionResnetV1 (davidsandberg 2018 models) at 160x160 "
+            "without classifier, ~23.5 M params / ~1.42 G MACs (OpenVINO lists 23.469 M / 2.846 GFLOPs). "
+            "Not the paper's FaceNet row (Table 14: 7.5 M / 1.6 G, an earlier Inception FaceNet), so "
+            "no paper value is checked"
+        ),
+    ),
+]
