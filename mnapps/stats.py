@@ -125,8 +125,8 @@ ROWS += [
 # ---- Faster R-CNN rows (mnapps.heads.faster_rcnn) ---------------------------------------
 # Paper Table 13 (COCO, 91 classes). Its Faster R-CNN MACs are reproduced by a *square* input
 # of 300x300 / 600x600 pixels with the second stage (blocks 12-13 + predictors) run on exactly
-# 300 RoIs: the trunk to block 11 and the RPN cost 1.7 B (300) / 6.9 B (600), each of the 300
-# RoIs 78 M. A 4:3 COCO image resized to shorter side 300 / 600 would cost about 25.8 B / 32.6 B.
+# 300 RoIs: the trunk to block 11 and the RPN cost 1.8 B (300) / 7.1 B (600), each of the 300
+# RoIs 78 M. A 4:3 image at shorter side 300 / 600 (400x300, 800x600) costs 25.8 B / 32.8 B.
 
 
 def _faster_rcnn(size: int, fpn: bool = False):

@@ -83,6 +83,7 @@ def test_teacher_standardises_resizes_and_stays_frozen():
     assert torch.allclose(out.norm(dim=1), torch.ones(2))
     teacher.train()
     assert not teacher.training and not inner.training
+    assert not FacenetTeacher(_Recorder()).training  # frozen from construction on
     assert not inner.scale.requires_grad and not out.requires_grad
     with pytest.raises(ValueError, match=r"Tensor\[N, 3, H, W\]"):
         teacher(torch.zeros(3, 20, 20))

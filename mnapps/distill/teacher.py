@@ -87,6 +87,7 @@ class FacenetTeacher(nn.Module):
         self.model = model.eval().requires_grad_(False)
         self.input_size = int(input_size)
         self.name = name
+        super().train(False)  # nn.Module starts in training mode; the teacher never is
 
     def train(self, mode: bool = True) -> "FacenetTeacher":
         # Frozen on purpose: a parent's .train() must not switch BN/dropout of the teacher.
