@@ -277,6 +277,9 @@ class TrainConfig:
     amp: bool = True  # used on CUDA only
     channels_last: bool = True
     num_workers: int = 2
+    # torch intra-op threads of the training process; None keeps torch's default (one per core).
+    # 1 plus a data worker is fastest for small CPU models and robust on a busy machine.
+    num_threads: int | None = None
     seed: int = 0
     eval_every: int = 1  # evaluate every N epochs (and after the last); 0 = never
     log_every: int = 10  # progress-bar refresh, in iterations

@@ -10,7 +10,6 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torchvision.ops import box_iou
 
 from mnapps.config import BackboneConfig

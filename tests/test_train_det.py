@@ -27,6 +27,7 @@ TINY = [
     "--set", "model.backbone.width_mult=0.25",
     "--set", "model.ssd.size=96",
     "--set", "train.num_workers=0",
+    "--set", "train.num_threads=1",
     "--set", "train.channels_last=false",
     "--set", "train.warmup_epochs=0.0",
     "--set", "data.eval_batch_size=4",
@@ -81,8 +82,10 @@ def test_train_evaluate_checkpoint_and_reload(tiny_shapes, tmp_path, capsys):
 
 def test_resume_gives_the_same_model_as_an_uninterrupted_run(tiny_shapes, tmp_path):
     # A constant lr makes the schedule independent of the planned length, so a 1-epoch run
-    # is exactly a 2-epoch run killed after its first epoch.
-    common = ["--head", "ssd", *_data_args(tiny_shapes), "--batch-size", "4", *TINY, "--set", "train.schedule=constant"]
+    # is a 2-epoch run killed after its first epoch, except that it is evaluated at its end
+    # (the straight run, evaluating every 2 epochs, is not): evaluation must not disturb training.
+    common = ["--head", "ssd", *_data_args(tiny_shapes), "--batch-size", "4", *TINY,
+              "--set", "train.schedule=constant", "--set", "train.eval_every=2"]  # fmt: skip
     assert _run([*common, "--epochs", "2", "--output-dir", str(tmp_path / "straight")]) == 0
     assert _run([*common, "--epochs", "1", "--output-dir", str(tmp_path / "split")]) == 0
     assert _run([*common, "--epochs", "2", "--output-dir", str(tmp_path / "split"), "--resume"]) == 0
@@ -132,3 +135,69 @@ def test_ssdlite_head_trains(tiny_shapes, tmp_path):
     assert _run(["--head", "ssdlite", *_data_args(tiny_shapes), "--epochs", "1", "--batch-size", "4",
                  "--output-dir", str(tmp_path), *TINY]) == 0  # fmt: skip
     assert load_checkpoint(tmp_path / "last.pt")["head"] == "ssdlite"
+
+
+def test_an_unreadable_training_image_is_skipped_and_reported(tiny_shapes, tmp_path, capsys):
+    import shutil
+
+    images = tmp_path / "train"
+    shutil.copytree(tiny_shapes.train_images, images)
+    broken = sorted(images.glob("*.jpg"))[3]
+    broken.write_bytes(b"not a jpeg at all")
+    args = _data_args(tiny_shapes)
+    args[3] = str(images)
+    code = _run(["--head", "ssd", *args, "--epochs", "1", "--batch-size", "4", "--output-dir", str(tmp_path / "run"), *TINY])
+    assert code == 0
+    printed = capsys.readouterr().out
+    # 8 images in two batches of 4: the broken one is dropped once and reported at the end
+    assert "8 images (0 without boxes)" in printed and "1 unreadable samples skipped" in printed
+
+
+def test_loss_fn_pads_a_batch_of_one_and_zeroes_an_empty_batch():
+    from mnapps.config import BackboneConfig
+    from mnapps.engine.detection import _BatchCounter, detection_loss_fn
+    from mnapps.heads.ssd import SSDConfig, build_ssd
+
+    model = build_ssd(SSDConfig(size=64), num_classes=3, backbone_cfg=BackboneConfig(width_mult=0.25)).train()
+    seen = []
+    model.register_forward_pre_hook(lambda module, args: seen.append(len(args[0])))
+    counter = _BatchCounter()
+    loss_fn = detection_loss_fn(counter, min_images=2)
+    target = {"boxes": torch.tensor([[4.0, 4.0, 40.0, 40.0]]), "labels": torch.tensor([1]), "image_id": 7}
+    losses = loss_fn(model, ([torch.rand(3, 64, 64)], [target], 1), torch.device("cpu"))
+    assert seen == [2] and set(losses) == {"bbox_regression", "classification"}
+    assert counter.skipped_samples == 1
+    zero = loss_fn(model, ([], [], 2), torch.device("cpu"))
+    assert set(zero) == {"bbox_regression", "classification"}
+    assert all(v.item() == 0.0 and v.requires_grad for v in zero.values())
+    assert counter.skipped_batches == 1 and counter.skipped_samples == 3
+
+
+def test_two_process_gloo_ddp_run(tiny_shapes, tmp_path):
+    import os
+    import signal
+    import subprocess
+
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "ddp"
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+        str(root / "tools" / "train_det.py"), "--head", "ssd", *_data_args(tiny_shapes), "--epochs", "1",
+        "--batch-size", "4", "--device", "cpu", "--output-dir", str(out), *TINY,
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    # A session of its own, so a hang kills torchrun and both ranks, not torchrun alone.
+    process = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=root, start_new_session=True
+    )
+    try:
+        stdout, stderr = process.communicate(timeout=240)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.communicate()
+        pytest.fail("the 2-process run hung")
+    assert process.returncode == 0, stderr[-2000:]
+    checkpoint = load_checkpoint(out / "last.pt")
+    assert checkpoint["world_size"] == 2 and checkpoint["epoch"] == 1
+    assert set(COCO_METRIC_NAMES) <= set(json.loads((out / "metrics.json").read_text()))
+    assert stdout.count("COCO bbox evaluation of the final model") == 1  # rank 0 only

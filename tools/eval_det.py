@@ -37,8 +37,8 @@ from mnapps.eval.coco import (  # noqa: E402
 EXAMPLES = """examples:
   python tools/eval_det.py --results ../shared/data/coco_eval/instances_val2014_fakebbox100_results.json \\
       --val-ann ../shared/data/coco_eval/instances_val2014_100.json --out-dir /tmp/eval
-  python tools/eval_det.py --checkpoint runs/ssd/best.pt
-  python tools/eval_det.py --checkpoint runs/ssd/best.pt --val-ann my/val.json --val-images my/images \\
+  python tools/eval_det.py --checkpoint runs/ssd_mnv1_a050_r192_shapes/best.pt
+  python tools/eval_det.py --checkpoint runs/ssd_mnv1_a050_r192_shapes/best.pt --val-ann my/val.json --val-images my/images \\
       --device cuda
 """
 

@@ -66,7 +66,8 @@ def main(argv: list[str] | None = None) -> int:
         suffix = ".jpg" if pred["path"].suffix.lower() in (".jpg", ".jpeg") else ".png"
         target = args.out / f"{pred['path'].stem}{suffix}"
         drawn.save(target, quality=95) if suffix == ".jpg" else drawn.save(target)
-        found = ", ".join(f"{names[int(l)]} {s:.2f}" for l, s in zip(pred["labels"][keep], pred["scores"][keep]))
+        shown = [f"{names[int(l)]} {s:.2f}" for l, s in zip(pred["labels"][keep], pred["scores"][keep])]
+        found = ", ".join(shown[:5]) + (f", ... (+{len(shown) - 5})" if len(shown) > 5 else "")
         print(f"{pred['path'].name}: {int(keep.sum())} detection(s) >= {args.score_threshold:g}{': ' + found if found else ''}")
     print(f"drew {len(predictions)} image(s) into {args.out}")
 

@@ -35,7 +35,7 @@ EXAMPLES = """examples:
   python tools/train_det.py --config configs/ssd300_mobilenet_v1_coco.yaml \\
       --train-ann coco/annotations/instances_train2017.json --train-images coco/train2017 \\
       --val-ann coco/annotations/instances_val2017.json --val-images coco/val2017 \\
-      --backbone-weights runs/imagenet/mobilenet_v1_1.0_224.pt --device cuda
+      --backbone-weights runs/weights/mobilenet_v1_1.0_224_imagenet.pt --device cuda
   python tools/train_det.py --head ssd --resume          # continue runs/<config>/last.pt
   python tools/train_det.py --head ssd --set train.lr=0.05 --set model.backbone.width_mult=0.25
 """

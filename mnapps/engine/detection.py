@@ -29,13 +29,13 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from mnapps.build import build_detector, check_head
-from mnapps.config import BackboneConfig, ConfigError, TrainConfig, from_dict, load_config, save_config, to_dict
+from mnapps.config import BackboneConfig, ConfigError, TrainConfig, from_dict, load_config, save_config
 from mnapps.data.coco import CocoDetection, collate_fn
 from mnapps.data.image_io import ImageReadError, load_rgb
 from mnapps.data.transforms import RECIPES, build_det_transforms, sample_to_tensors
 from mnapps.engine.checkpoint import load_checkpoint
 from mnapps.engine.distributed import build_eval_loader, build_train_loader, init_distributed
-from mnapps.engine.loop import fit, seed_everything
+from mnapps.engine.loop import capture_rng_state, fit, restore_rng_state, seed_everything
 from mnapps.eval.coco import evaluate_detector, format_per_class_table, write_metrics_json
 from mnapps.heads.faster_rcnn import FasterRCNNConfig
 from mnapps.heads.ssd import SSDConfig
@@ -50,6 +50,10 @@ __all__ = [
     "load_detector",
     "predict_images",
     "model_input_size",
+    "detection_loss_fn",
+    "draw_detections",
+    "image_ids_for",
+    "list_images",
 ]
 
 SSD_HEADS = ("ssd", "ssdlite")
@@ -96,6 +100,9 @@ class DetDataConfig:
         min_box_size: boxes thinner than this many pixels are dropped (counted).
         eval_batch_size: images per forward pass in evaluation.
         eval_max_images: evaluate on only the first N validation images (None: all).
+        shapes_num_train, shapes_num_val, shapes_image_size, shapes_seed: size of the embedded
+            dataset (see :func:`mnapps.data.synthetic_det.ensure_shapes_detection`; None keeps
+            the generator's defaults). Each setting is generated once and cached.
     """
 
     train_ann: str | None = None
@@ -109,7 +116,7 @@ class DetDataConfig:
     min_box_size: float = 1.0
     eval_batch_size: int = 8
     eval_max_images: int | None = None
-    shapes_num_train: int | None = None  # None: the generator's defaults
+    shapes_num_train: int | None = None
     shapes_num_val: int | None = None
     shapes_image_size: int | None = None
     shapes_seed: int = 0
@@ -233,18 +240,21 @@ def _zero_losses(model: nn.Module, names: Sequence[str]) -> dict[str, Tensor]:
 def detection_loss_fn(counter: _BatchCounter | None = None, min_images: int = 1):
     """The engine's ``loss_fn(model, (images, targets, num_skipped), device) -> losses``.
 
-    Targets keep only ``boxes`` and ``labels``. A batch left with fewer than ``min_images``
-    images after dropping unreadable ones is skipped with zero losses (SSD needs 2: its 1x1
-    extra maps cannot batch-normalise a single image).
+    Targets keep only ``boxes`` and ``labels``. Unreadable images dropped by ``collate_fn``
+    are counted. A batch left with fewer than ``min_images`` images is padded by repeating
+    its images (SSD needs 2: its 1x1 extra maps cannot batch-normalise a single image); a
+    batch left with none gives zero losses (counted as a skipped batch).
     """
     counter = counter or _BatchCounter()
 
     def loss_fn(model: nn.Module, batch: tuple[list[Tensor], list[dict], int], device: torch.device):
         images, targets, num_skipped = batch
         counter.skipped_samples += int(num_skipped)
-        if len(images) < min_images:
+        if not images:
             counter.skipped_batches += 1
             return _zero_losses(model, counter.loss_names)
+        while len(images) < min_images:
+            images, targets = images + images, targets + targets
         images = [image.to(device, non_blocking=True) for image in images]
         targets = [
             {"boxes": t["boxes"].to(device, non_blocking=True), "labels": t["labels"].to(device, non_blocking=True)}
@@ -304,6 +314,10 @@ def train_detector(
     """
     started = time.perf_counter()
     check_head(cfg.model.head)
+    if cfg.train.num_threads is not None:
+        if cfg.train.num_threads < 1:
+            raise ValueError(f"train.num_threads must be >= 1 or null (torch's default), got {cfg.train.num_threads}")
+        torch.set_num_threads(cfg.train.num_threads)
     info = init_distributed(device)
     device = info.device
     output_dir = Path(output_dir)
@@ -339,9 +353,15 @@ def train_detector(
     last_eval: dict[str, Any] = {}
 
     def evaluate(eval_model: nn.Module, epoch: int) -> dict[str, float]:
-        metrics, per_class, summary = evaluate_detector(
-            eval_model, val_loader, val_set, device, max_images=cfg.data.eval_max_images
-        )
+        # Iterating a DataLoader draws from the global RNGs; restoring them keeps the training
+        # run (augmentation, shuffling) independent of how often it is evaluated.
+        rng_state = capture_rng_state()
+        try:
+            metrics, per_class, summary = evaluate_detector(
+                eval_model, val_loader, val_set, device, max_images=cfg.data.eval_max_images
+            )
+        finally:
+            restore_rng_state(rng_state)
         last_eval.update(metrics=metrics, per_class_ap=per_class, summary=summary, epoch=epoch)
         return metrics
 
@@ -396,7 +416,7 @@ def _report(
     print(f"data: {result['train_summary']}")
     print(f"data: {result['val_summary']}")
     if counter.skipped_batches:
-        print(f"data: {counter.skipped_batches} training batch(es) skipped (fewer than 2 readable images)")
+        print(f"data: {counter.skipped_batches} training batch(es) skipped (no readable image)")
     best = engine.get("best")
     best_text = f", best AP {best:.4f} in {engine['best_checkpoint']}" if best is not None else ""
     print(f"done in {result['time_s'] / 60:.1f} min; checkpoints in {output_dir}{best_text}")
