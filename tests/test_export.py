@@ -246,13 +246,15 @@ def test_compare_detections_counts_disagreement():
     assert report.figures["agreement"] == pytest.approx(0.5) and not report.passed
 
 
-def test_bias_correction_cancels_the_mean_shift_of_rounded_weights():
+@pytest.mark.parametrize("reduce_range, levels", [(False, 127), (True, 64)])
+def test_bias_correction_cancels_the_mean_shift_of_rounded_weights(reduce_range, levels):
     torch.manual_seed(0)
     layer = nn.Conv2d(8, 6, 3, padding=1)
     x = torch.rand(16, 8, 12, 12)  # post-ReLU-like inputs: positive mean, so rounding shifts it
-    corrections = int8_bias_correction(nn.Sequential(layer), x)
+    corrections = int8_bias_correction(nn.Sequential(layer), x, reduce_range=reduce_range)
     assert set(corrections) == {"0.bias"}
-    scale = layer.weight.abs().amax(dim=(1, 2, 3), keepdim=True) / 127
+    # ONNX Runtime's symmetric weights: scale max|w| / 127, or / 64 with its reduced range.
+    scale = layer.weight.abs().amax(dim=(1, 2, 3), keepdim=True) / levels
     rounded = torch.round(layer.weight / scale) * scale
     with torch.no_grad():
         float_mean = layer(x).mean(dim=(0, 2, 3))
@@ -260,6 +262,27 @@ def test_bias_correction_cancels_the_mean_shift_of_rounded_weights():
         corrected = F.conv2d(x, rounded, corrections["0.bias"], padding=1).mean(dim=(0, 2, 3))
     assert (plain - float_mean).abs().max() > 1e-5  # there was a shift to correct
     assert torch.allclose(corrected, float_mean, atol=1e-6)
+
+
+def test_reduced_range_quantizes_dense_convs_to_7_bits_and_depthwise_to_8(tmp_path):
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU6(), nn.Conv2d(8, 8, 3, padding=1, groups=8),
+                        nn.ReLU6(), nn.Conv2d(8, 16, 1), nn.ReLU6(), nn.Conv2d(16, 4, 1))
+    fp32 = export_onnx(net.eval(), torch.rand(2, 3, 16, 16), tmp_path / "n.onnx", output_names=("out",))
+    calibration = [torch.rand(2, 3, 16, 16) for _ in range(4)]
+    for reduce_range, dense_max in ((False, 127), (True, 64)):
+        int8 = quantize_onnx(fp32, tmp_path / f"n{int(reduce_range)}.int8.onnx", calibration, reduce_range=reduce_range)
+        graph = onnx.load(str(int8)).graph
+        weights = {init.name: onnx.numpy_helper.to_array(init) for init in graph.initializer}
+        largest = {}
+        for name, module in net.named_modules():
+            if isinstance(module, nn.Conv2d) and name != "6":  # "6" produces the output: float
+                quantized = [w for key, w in weights.items() if key.startswith(f"{name}.weight") and w.dtype == np.int8 and w.ndim == 4]
+                assert len(quantized) == 1, (name, list(weights))
+                largest[name] = int(np.abs(quantized[0]).max())
+        # Per-channel symmetric: the largest weight of a channel maps to the end of the range.
+        assert largest == {"0": dense_max, "2": 127, "4": dense_max}
+        assert read_metadata(int8)["int8_dense_weight_bits"] == ("7" if reduce_range else "8")
 
 
 @pytest.mark.slow
@@ -367,8 +390,15 @@ def test_tf_slim_weights_export_and_int8_keep_the_reference_top1(shared_data, tm
     corrections = int8_bias_correction(folded, calibration)
     int8 = quantize_onnx(fp32, tmp_path / "mnv1.int8.onnx", list(calibration.split(1)), bias_corrections=corrections)
     int8_logits = OrtModel(int8)(inputs)["logits"]
-    # chelsea -> Egyptian cat (TF 286), coffee -> espresso (968), astronaut, rocket: as TF.
-    assert int8_logits.argmax(1).tolist() == tf_logits.argmax(1).tolist() == [286, 968, 519, 541]
+    assert tf_logits.argmax(1).tolist() == [286, 968, 519, 541]
+    # chelsea -> Egyptian cat (TF 286, p=0.93) and coffee -> espresso (968, p=0.99) keep their
+    # class. TF itself barely separates the astronaut's (519/574/451: p=0.14/0.11/0.09) and the
+    # rocket's (541/683/658: p=0.27/0.20/0.19) best classes; int8 noise may swap those (it does
+    # with 7-bit weights on AVX2-only CPUs, not on VNNI ones), but must stay within TF's top 3.
+    int8_top1 = int8_logits.argmax(1).tolist()
+    assert int8_top1[:2] == [286, 968]
+    tf_top3 = np.argsort(-tf_logits, axis=1)[:, :3]
+    assert all(int8_top1[i] in tf_top3[i].tolist() for i in (2, 3)), int8_top1
     assert compare_arrays("int8", tf_logits, int8_logits, min_cosine=0.99).passed
 
 

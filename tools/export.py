@@ -25,8 +25,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 EXAMPLES = """examples:
-  python tools/export.py --checkpoint runs/ssd/best.pt --format onnx
-  python tools/export.py --checkpoint runs/ssd/best.pt --int8 --evaluate
+  python tools/export.py --checkpoint runs/ssd_mnv1_a050_r192_shapes/best.pt --format onnx
+  python tools/export.py --checkpoint runs/ssd_mnv1_a050_r192_shapes/best.pt --int8 --evaluate
   python tools/export.py --checkpoint runs/imagenet/mobilenet_v1_1.0_224.pt --int8 \\
       --calib-images ../shared/data/coco8/images ../shared/data/faces --images ../shared/data/mobilenet_v1_tfslim/photos
 """
@@ -49,6 +49,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--images", type=Path, nargs="+", metavar="D",
         help="folders (or files) of images for the parity check (default: the validation images of the "
         "checkpoint's data)",
+    )
+    parser.add_argument(
+        "--dense-weight-bits", choices=["auto", "7", "8"], default="auto",
+        help="int8 weight range of the dense (non-depthwise) convolutions: 7 avoids the int16 "
+        "saturation of ONNX Runtime's AVX2 kernels on x86 CPUs without VNNI; auto (default) picks "
+        "7 on such a CPU, 8 elsewhere. Choose for the CPU that will run the model.",
     )
     parser.add_argument("--num-calib", type=int, default=32, help="calibration images used (default: 32)")
     parser.add_argument("--num-parity", type=int, default=16, help="parity-check images used (default: 16)")
@@ -79,6 +85,7 @@ def main(argv: list[str] | None = None) -> int:
             num_calib=args.num_calib,
             num_parity=args.num_parity,
             threads=args.threads,
+            reduce_range=None if args.dense_weight_bits == "auto" else args.dense_weight_bits == "7",
         )
     except ParityError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -53,7 +53,7 @@ from .onnx import (
     export_onnx,
 )
 from .postprocess import preprocess_images
-from .quantize import int8_bias_correction, quantize_onnx
+from .quantize import host_needs_reduced_range, int8_bias_correction, quantize_onnx
 
 __all__ = [
     "ExportSpec",
@@ -439,6 +439,7 @@ def export_checkpoint(
     num_calib: int = 32,
     num_parity: int = 16,
     threads: int = 2,
+    reduce_range: bool | None = None,
 ) -> ExportResult:
     """Export a checkpoint to ONNX (``out``) and optionally int8 (``out`` with ``.int8.onnx``).
 
@@ -446,6 +447,9 @@ def export_checkpoint(
         checkpoint: an mnapps checkpoint (path or dict) or a prepared :class:`ExportSpec`.
         out: the fp32 ``.onnx`` file to write.
         int8: also write a static-int8 QDQ model next to it.
+        reduce_range: 7-bit weights on dense convolutions in the int8 model (for x86 CPUs
+            without VNNI); ``None``: decided from this machine's CPU
+            (:func:`mnapps.export.quantize.host_needs_reduced_range`).
         calib_images: folder or files for int8 calibration; default: the training split of
             the checkpoint's data (the embedded shapes/faces sets unless configured).
         parity_images: folder or files the parity check runs on; default: the validation split.
@@ -486,10 +490,14 @@ def export_checkpoint(
         calib_files = find_images(calib_images if calib_images is not None else spec.default_images["calibration"](), num_calib)
         calib = torch.stack([spec.to_input(image) for image in _read_images(calib_files, "calibration images")])
         with torch.no_grad():
-            corrections = int8_bias_correction(folded, calib)
+            corrections = int8_bias_correction(folded, calib, reduce_range=reduce_range)
         int8_path = out.with_suffix(".int8.onnx")
-        quantize_onnx(out, int8_path, list(calib.split(1)), bias_corrections=corrections)
-        print(f"wrote {int8_path} ({int8_path.stat().st_size / 1e6:.1f} MB, calibrated on {len(calib)} images)")
+        quantize_onnx(out, int8_path, list(calib.split(1)), bias_corrections=corrections, reduce_range=reduce_range)
+        bits = 7 if (host_needs_reduced_range() if reduce_range is None else reduce_range) else 8
+        print(
+            f"wrote {int8_path} ({int8_path.stat().st_size / 1e6:.1f} MB, calibrated on {len(calib)} images, "
+            f"{bits}-bit dense-conv weights)"
+        )
         result.int8_path = int8_path
         result.reports += _parity(spec, int8_path, images, batch, "int8", threads)
     return result
