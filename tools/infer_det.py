@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 EXAMPLES = """examples:
   python tools/infer_det.py --checkpoint runs/ssd_mnv1_a050_r192_shapes/best.pt \\
-      ~/.cache/mnapps/shapes_det_v1/val --out /tmp/drawn
+      ~/.cache/mnapps/shapes_det_v1_n2000-200_s192_seed0/val --out /tmp/drawn
   python tools/infer_det.py --checkpoint runs/coco8/best.pt ../shared/data/coco8/images/val --out /tmp/coco8 \\
       --results-json /tmp/coco8/results.json --ann ../shared/data/coco8/instances_val.json
 """
