@@ -314,10 +314,6 @@ def train_detector(
     """
     started = time.perf_counter()
     check_head(cfg.model.head)
-    if cfg.train.num_threads is not None:
-        if cfg.train.num_threads < 1:
-            raise ValueError(f"train.num_threads must be >= 1 or null (torch's default), got {cfg.train.num_threads}")
-        torch.set_num_threads(cfg.train.num_threads)
     info = init_distributed(device)
     device = info.device
     output_dir = Path(output_dir)

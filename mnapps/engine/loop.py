@@ -408,7 +408,7 @@ def fit(
             DistributedDataParallel (``cfg.find_unused_parameters``) for training.
         train_loader: yields batches; if it (or its sampler) has ``set_epoch`` it is called
             with the 0-based epoch first (see :func:`mnapps.engine.distributed.build_train_loader`).
-        cfg: optimiser, schedule, AMP, clipping, logging and evaluation settings.
+        cfg: optimiser, schedule, AMP, clipping, CPU threads, logging and evaluation settings.
         loss_fn: ``loss_fn(model, batch, device) -> {"loss_name": scalar tensor}``. It moves the
             batch to ``device`` itself, typically with
             ``to_device(batch, device, channels_last=cfg.channels_last)``. The engine sums the
@@ -453,6 +453,10 @@ def fit(
         raise ValueError(f"train.log_every must be >= 1, got {cfg.log_every}")
     if cfg.grad_clip_norm is not None and cfg.grad_clip_norm <= 0:
         raise ValueError(f"train.grad_clip_norm must be > 0 or null, got {cfg.grad_clip_norm}")
+    if cfg.num_threads is not None:
+        if cfg.num_threads < 1:
+            raise ValueError(f"train.num_threads must be >= 1 or null (torch's default), got {cfg.num_threads}")
+        torch.set_num_threads(cfg.num_threads)
     try:
         steps_per_epoch = len(train_loader)
     except TypeError:

@@ -53,7 +53,7 @@ from .onnx import (
     export_onnx,
 )
 from .postprocess import preprocess_images
-from .quantize import host_needs_reduced_range, int8_bias_correction, quantize_onnx
+from .quantize import int8_bias_correction, quantize_onnx, resolve_reduce_range
 
 __all__ = [
     "ExportSpec",
@@ -489,14 +489,14 @@ def export_checkpoint(
     if int8:
         calib_files = find_images(calib_images if calib_images is not None else spec.default_images["calibration"](), num_calib)
         calib = torch.stack([spec.to_input(image) for image in _read_images(calib_files, "calibration images")])
+        reduce_range = resolve_reduce_range(reduce_range)  # once, for the corrections and the graph
         with torch.no_grad():
             corrections = int8_bias_correction(folded, calib, reduce_range=reduce_range)
         int8_path = out.with_suffix(".int8.onnx")
         quantize_onnx(out, int8_path, list(calib.split(1)), bias_corrections=corrections, reduce_range=reduce_range)
-        bits = 7 if (host_needs_reduced_range() if reduce_range is None else reduce_range) else 8
         print(
             f"wrote {int8_path} ({int8_path.stat().st_size / 1e6:.1f} MB, calibrated on {len(calib)} images, "
-            f"{bits}-bit dense-conv weights)"
+            f"{7 if reduce_range else 8}-bit dense-conv weights)"
         )
         result.int8_path = int8_path
         result.reports += _parity(spec, int8_path, images, batch, "int8", threads)

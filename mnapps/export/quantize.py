@@ -19,7 +19,7 @@ chosen for ONNX Runtime's CPU kernels:
   Google's ImageNet weights: full 8-bit weights give logits at cosine 0.78-0.86 of TF's (the
   same graph run without the int8 kernels: 0.998); 7-bit weights on the dense (1x1 and first)
   convolutions, 8-bit on the depthwise ones (their kernel accumulates in int32): 0.994-0.998.
-  A graph meant for a VNNI or ARM device should be quantized with ``reduce_range=False``;
+  A graph meant for a VNNI or ARM device should be quantized with ``reduce_range=False``.
 * the graph is first pre-processed (``quant_pre_process``: shape inference and folding) as
   ONNX Runtime recommends;
 * **empirical bias correction** (:func:`int8_bias_correction`; Finkelstein et al. 2019,
@@ -57,6 +57,7 @@ __all__ = [
     "ArrayCalibrationReader",
     "graph_input_name",
     "host_needs_reduced_range",
+    "resolve_reduce_range",
 ]
 
 CALIBRATION_METHODS = ("minmax", "percentile", "entropy")
@@ -123,7 +124,8 @@ def host_needs_reduced_range() -> bool:
     return not any(flag in flags for flag in _VNNI_FLAGS)
 
 
-def _resolve_reduce_range(reduce_range: bool | None) -> bool:
+def resolve_reduce_range(reduce_range: bool | None) -> bool:
+    """``reduce_range`` as given, or for ``None`` what :func:`host_needs_reduced_range` says."""
     return host_needs_reduced_range() if reduce_range is None else bool(reduce_range)
 
 
@@ -179,6 +181,7 @@ def quantize_onnx(
 
     if method not in CALIBRATION_METHODS:
         raise ValueError(f"unknown calibration method {method!r}; choose from {list(CALIBRATION_METHODS)}")
+    reduce_range = resolve_reduce_range(reduce_range)
     fp32_path, int8_path = Path(fp32_path), Path(int8_path)
     if not fp32_path.is_file():
         raise FileNotFoundError(f"float model {fp32_path} does not exist")
@@ -208,7 +211,7 @@ def quantize_onnx(
         prepared = Path(workdir) / "prepared.onnx"
         quant_pre_process(str(source), str(prepared), skip_symbolic_shape=True)
         extra_options: dict = {"WeightSymmetric": True, "ActivationSymmetric": False}
-        if _resolve_reduce_range(reduce_range):
+        if reduce_range:
             override = {"quant_type": QuantType.QInt8, "symmetric": True, "reduce_range": True, "axis": 0}
             extra_options["TensorQuantOverrides"] = {
                 name: [dict(override)] for name in _dense_conv_weights(prepared)
@@ -225,7 +228,7 @@ def quantize_onnx(
             nodes_to_exclude=list(exclude),
             extra_options=extra_options,
         )
-    _copy_metadata(fp32_path, int8_path, reduce_range=_resolve_reduce_range(reduce_range))
+    _copy_metadata(fp32_path, int8_path, reduce_range=reduce_range)
     return int8_path
 
 
@@ -375,7 +378,7 @@ def int8_bias_correction(
         ``module`` and the initializers of its ONNX export.
     """
     work = copy.deepcopy(module).eval()
-    dense_levels = 64 if _resolve_reduce_range(reduce_range) else 127
+    dense_levels = 64 if resolve_reduce_range(reduce_range) else 127
     corrections: dict[str, Tensor] = {}
     busy = False
 
