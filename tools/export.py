@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 EXAMPLES = """examples:
   python tools/export.py --checkpoint runs/ssd_mnv1_a050_r192_shapes/best.pt --format onnx
   python tools/export.py --checkpoint runs/ssd_mnv1_a050_r192_shapes/best.pt --int8 --evaluate
-  python tools/export.py --checkpoint runs/imagenet/mobilenet_v1_1.0_224.pt --int8 \\
+  python tools/export.py --checkpoint runs/imagenet.pt --int8 \\
       --calib-images ../shared/data/coco8/images ../shared/data/faces --images ../shared/data/mobilenet_v1_tfslim/photos
 """
 
