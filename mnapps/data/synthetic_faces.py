@@ -15,8 +15,10 @@ and per image, seeded from split and index).
 from __future__ import annotations
 
 import math
+import os
 import shutil
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -167,17 +169,30 @@ def render_face(identity: dict, rng: np.random.Generator, size: int = 160) -> Im
     return image.resize((size, size), Image.BILINEAR, reducing_gap=2.0)
 
 
-def _write_split(split_dir: Path, split_seed: int, identities: int, per_identity: int, size: int, seed: int) -> None:
-    total = identities * per_identity
-    with tqdm(total=total, desc=f"generating faces ({split_dir.name})", unit="img", leave=False) as bar:
-        for k in range(identities):
-            identity = sample_identity(np.random.default_rng([seed, split_seed, k]))
-            folder = split_dir / f"person_{k:03d}"
-            folder.mkdir(parents=True, exist_ok=True)
-            for j in range(per_identity):
-                rng = np.random.default_rng([seed, split_seed, k, j + 1])
-                render_face(identity, rng, size).save(folder / f"{j:02d}.png")
-                bar.update(1)
+def _write_identity(split_dir: Path, split_seed: int, k: int, per_identity: int, size: int, seed: int) -> int:
+    # Every pixel depends only on (seed, split, identity, image), so identities can be drawn
+    # in any order, in any process, and still give the same files.
+    identity = sample_identity(np.random.default_rng([seed, split_seed, k]))
+    folder = split_dir / f"person_{k:03d}"
+    folder.mkdir(parents=True, exist_ok=True)
+    for j in range(per_identity):
+        rng = np.random.default_rng([seed, split_seed, k, j + 1])
+        render_face(identity, rng, size).save(folder / f"{j:02d}.png")
+    return per_identity
+
+
+def _write_split(split_dir: Path, split_seed: int, identities: int, per_identity: int, size: int, seed: int,
+                 workers: int) -> None:
+    jobs = [(split_dir, split_seed, k, per_identity, size, seed) for k in range(identities)]
+    with tqdm(total=identities * per_identity, desc=f"generating faces ({split_dir.name})", unit="img",
+              leave=False) as bar:
+        if workers <= 1 or identities == 1:
+            for job in jobs:
+                bar.update(_write_identity(*job))
+            return
+        with ThreadPoolExecutor(max_workers=min(workers, identities)) as pool:
+            for done in pool.map(_write_identity, *zip(*jobs)):
+                bar.update(done)
 
 
 def ensure_synthetic_faces(
@@ -188,6 +203,7 @@ def ensure_synthetic_faces(
     images_per_identity: int = 8,
     image_size: int = 160,
     seed: int = 0,
+    workers: int | None = None,
 ) -> SyntheticFacePaths:
     """Generate the embedded face dataset once and return its paths (cached afterwards).
 
@@ -198,6 +214,8 @@ def ensure_synthetic_faces(
         images_per_identity: photos drawn of each person.
         image_size: side of the square RGB images.
         seed: generator seed; the same settings always give the same pixels.
+        workers: threads drawing in parallel (default: one per CPU core, at most 8; Pillow
+            releases the GIL while it draws and encodes); the files do not depend on it.
 
     Returns:
         :class:`SyntheticFacePaths` with ``train/<person>/*.png`` and ``val/<person>/*.png``.
@@ -218,8 +236,9 @@ def ensure_synthetic_faces(
     # Build in a temporary sibling and rename: an interrupted run never leaves half a dataset.
     staging = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=base))
     try:
-        _write_split(staging / "train", 1, train_identities, images_per_identity, image_size, seed)
-        _write_split(staging / "val", 2, val_identities, images_per_identity, image_size, seed)
+        workers = workers if workers is not None else min(os.cpu_count() or 1, 8)
+        _write_split(staging / "train", 1, train_identities, images_per_identity, image_size, seed, workers)
+        _write_split(staging / "val", 2, val_identities, images_per_identity, image_size, seed, workers)
         (staging / ".complete").write_text("ok\n")
         if final.exists():  # an incomplete earlier attempt
             shutil.rmtree(final)
