@@ -6,8 +6,8 @@ schema of ``configs/face_*.yaml``), and :func:`distill_face`, which
 1. builds the face folders (the embedded generated faces when no folder is given) and a
    held-out split (a ``val_root``, whole identities, or a seeded share of the files);
 2. builds the frozen teacher (local weights, facenet-pytorch's download, or a seeded random
-   InceptionResnetV1 whose BatchNorm statistics are re-estimated on the training crops so its
-   embeddings are not all the same vector);
+   InceptionResnetV1 whose embedding BatchNorm statistics (or all of them, ``calibrate_bn``)
+   are re-estimated on the training crops so its embeddings are not all the same vector);
 3. optionally caches the teacher embeddings of the *un-augmented* training crops in a
    memory-mapped ``.npy`` (the student then sees augmented crops and learns to map them to
    the clean crop's embedding; without the cache the teacher embeds the same augmented batch
@@ -30,7 +30,7 @@ import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Literal, Sequence
 
 import numpy as np
 import torch
@@ -74,15 +74,20 @@ class TeacherConfig:
         weights: a local InceptionResnetV1 state dict; overrides ``name``.
         seed: initialisation seed of the random teacher.
         input_size: side the teacher runs at (160 for FaceNet).
-        calibrate_bn: re-estimate the random teacher's BatchNorm statistics on up to
-            ``calibration_images`` un-augmented training crops (ignored for real weights).
+        calibrate_bn: which BatchNorm statistics of the random teacher are re-estimated on up
+            to ``calibration_images`` un-augmented training crops (ignored for real weights):
+            ``embedding`` (the default: only the output BatchNorm, so the embeddings are
+            centred over the data while the network keeps its own, fairly stable function),
+            ``all`` (every layer: a chaotic function, far harder to learn than a trained
+            FaceNet's) or ``none`` (default statistics: every image gets nearly the same
+            embedding, so a constant prediction already scores a cosine of ~1).
     """
 
     name: str = "random"
     weights: str | None = None
     seed: int = 0
     input_size: int = 160
-    calibrate_bn: bool = True
+    calibrate_bn: Literal["none", "embedding", "all"] = "embedding"
     calibration_images: int = 256
 
 
@@ -226,16 +231,16 @@ def embed_dataset(
 
 def prepare_teacher(cfg: TeacherConfig, data: FaceDistillData, *, device: str | torch.device = "cpu",
                     batch_size: int = 64) -> FacenetTeacher:
-    """Build the teacher of ``cfg``; a random one gets its BatchNorm statistics re-estimated."""
+    """Build the teacher of ``cfg``; a random one gets BatchNorm statistics re-estimated (``calibrate_bn``)."""
     teacher = build_teacher(cfg.name if cfg.weights is None else None, weights=cfg.weights, seed=cfg.seed,
                             input_size=cfg.input_size, device=device)
-    if cfg.weights is None and cfg.name == "random" and cfg.calibrate_bn:
+    if cfg.weights is None and cfg.name == "random" and cfg.calibrate_bn != "none":
         count = min(cfg.calibration_images, len(data.train_plain))
         subset = data.train_plain.subset(range(count))
         loader = torch.utils.data.DataLoader(subset, batch_size=batch_size, collate_fn=face_collate)
         batches = (images for images, _, _ in tqdm(loader, desc="teacher BN calibration", unit="batch", leave=False)
                    if images.shape[0] > 0)
-        recalibrate_batchnorm(teacher, batches, device=device)
+        recalibrate_batchnorm(teacher, batches, device=device, scope=cfg.calibrate_bn)
     return teacher
 
 
