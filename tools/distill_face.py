@@ -23,7 +23,7 @@ from mnapps.config import ConfigError  # noqa: E402
 from mnapps.distill.teacher import PRETRAINED_TEACHERS, TeacherWeightsError  # noqa: E402
 from mnapps.distill.train import distill_face, load_distill_config  # noqa: E402
 
-DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "face_mnv1_a050_r128_synthetic.yaml"
+DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "face_mnv1_a050_r160_synthetic.yaml"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
