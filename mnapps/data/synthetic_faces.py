@@ -171,7 +171,7 @@ def render_face(identity: dict, rng: np.random.Generator, size: int = 160) -> Im
 
 def _write_identity(split_dir: Path, split_seed: int, k: int, per_identity: int, size: int, seed: int) -> int:
     # Every pixel depends only on (seed, split, identity, image), so identities can be drawn
-    # in any order, in any process, and still give the same files.
+    # in any order, on any thread, and still give the same files.
     identity = sample_identity(np.random.default_rng([seed, split_seed, k]))
     folder = split_dir / f"person_{k:03d}"
     folder.mkdir(parents=True, exist_ok=True)
@@ -186,7 +186,7 @@ def _write_split(split_dir: Path, split_seed: int, identities: int, per_identity
     jobs = [(split_dir, split_seed, k, per_identity, size, seed) for k in range(identities)]
     with tqdm(total=identities * per_identity, desc=f"generating faces ({split_dir.name})", unit="img",
               leave=False) as bar:
-        if workers <= 1 or identities == 1:
+        if workers <= 1:
             for job in jobs:
                 bar.update(_write_identity(*job))
             return
@@ -234,9 +234,9 @@ def ensure_synthetic_faces(
         return paths
     base.mkdir(parents=True, exist_ok=True)
     # Build in a temporary sibling and rename: an interrupted run never leaves half a dataset.
+    workers = workers if workers is not None else min(os.cpu_count() or 1, 8)
     staging = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=base))
     try:
-        workers = workers if workers is not None else min(os.cpu_count() or 1, 8)
         _write_split(staging / "train", 1, train_identities, images_per_identity, image_size, seed, workers)
         _write_split(staging / "val", 2, val_identities, images_per_identity, image_size, seed, workers)
         (staging / ".complete").write_text("ok\n")
