@@ -26,7 +26,7 @@ from mnapps.backbones import MobileNetV1
 from mnapps.config import BackboneConfig, TrainConfig, replace, save_config, to_dict
 from mnapps.data.imagefolder import ImageFolderDataset, build_cls_transforms, collate_cls
 from mnapps.engine.checkpoint import load_backbone_weights
-from mnapps.engine.distributed import build_eval_loader, build_train_loader, init_distributed
+from mnapps.engine.distributed import DistInfo, build_eval_loader, build_train_loader, distributed_run
 from mnapps.engine.loop import fit, to_device
 
 __all__ = [
@@ -232,7 +232,13 @@ def train_classifier(
         ``{"top1", "top5", "loss", ...}`` of the last evaluation, plus ``"num_skipped_train"``
         (unreadable training images dropped) and ``"engine"`` (what ``fit`` returned).
     """
-    dist = init_distributed(device)
+    with distributed_run(device) as dist:
+        return _train_classifier(cfg, output_dir, resume, dist)
+
+
+def _train_classifier(
+    cfg: ClsConfig, output_dir: str | os.PathLike, resume: str | os.PathLike | None, dist: DistInfo
+) -> dict[str, Any]:
     device = dist.device
     train_set, val_set = build_cls_datasets(cfg)
     if cfg.model.num_classes is not None and cfg.model.num_classes != train_set.num_classes:

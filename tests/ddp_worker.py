@@ -1,9 +1,10 @@
 """One rank of the 2-process CPU/gloo DDP test; launched by tests/test_distributed.py via torchrun.
 
 Usage: ``python -m torch.distributed.run --standalone --nproc_per_node=2 tests/ddp_worker.py OUT``.
-Each rank trains a tiny conv net with :func:`mnapps.engine.loop.fit` and saves its final
-parameters, the sample indices it saw per epoch, its history and how often ``evaluate``
-ran on it to ``OUT/rank<r>.pt``; checkpoints go to ``OUT/run``.
+Each rank trains a tiny conv net with :func:`mnapps.engine.loop.fit` inside
+:func:`mnapps.engine.distributed.distributed_run` and saves its final parameters, the sample
+indices it saw per epoch, its history, how often ``evaluate`` ran on it and whether the
+process group was gone after the block to ``OUT/rank<r>.pt``; checkpoints go to ``OUT/run``.
 """
 
 from __future__ import annotations
@@ -14,11 +15,12 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
 from torch import nn  # noqa: E402
 from torch.utils.data import Dataset  # noqa: E402
 
 from mnapps.config import TrainConfig  # noqa: E402
-from mnapps.engine.distributed import build_train_loader, cleanup_distributed, init_distributed  # noqa: E402
+from mnapps.engine.distributed import DistInfo, build_train_loader, distributed_run  # noqa: E402
 from mnapps.engine.loop import fit, to_device  # noqa: E402
 
 NUM_ITEMS = 32
@@ -42,7 +44,14 @@ class IndexedImages(Dataset):
 def main() -> None:
     out = Path(sys.argv[1])
     torch.set_num_threads(1)
-    info = init_distributed("cpu")
+    with distributed_run("cpu") as info:
+        result = train(info, out)
+    # distributed_run must have torn the group down (after a barrier) on leaving the block.
+    result["group_destroyed"] = not dist.is_initialized()
+    torch.save(result, out / f"rank{info.rank}.pt")
+
+
+def train(info: DistInfo, out: Path) -> dict:
     torch.manual_seed(100 + info.rank)  # different initial weights per rank: DDP must sync them
     model = nn.Sequential(
         nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
@@ -70,17 +79,13 @@ def main() -> None:
         model, loader, cfg, loss_fn=loss_fn, output_dir=out / "run", evaluate=evaluate,
         checkpoint_meta={"task": "ddp-test"}, device=info.device,
     )
-    torch.save(
-        {
-            "world_size": info.world_size,
-            "params": {k: v.detach().clone() for k, v in model.named_parameters()},
-            "seen": seen,
-            "eval_calls": eval_calls,
-            "history": result["history"],
-        },
-        out / f"rank{info.rank}.pt",
-    )
-    cleanup_distributed()
+    return {
+        "world_size": info.world_size,
+        "params": {k: v.detach().clone() for k, v in model.named_parameters()},
+        "seen": seen,
+        "eval_calls": eval_calls,
+        "history": result["history"],
+    }
 
 
 if __name__ == "__main__":

@@ -104,15 +104,17 @@ def test_eval_loader_keeps_order_and_every_item():
 
 @pytest.mark.slow
 def test_two_process_gloo_ddp_run(tmp_path):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(TESTS.parent)}
+    # The fault handler prints the Python stack of a rank that aborts, should one ever do so.
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(TESTS.parent), "PYTHONFAULTHANDLER": "1"}
     command = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
         str(TESTS / "ddp_worker.py"), str(tmp_path),
     ]
     completed = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
-    assert completed.returncode == 0, completed.stderr[-3000:]
+    assert completed.returncode == 0, completed.stdout[-1500:] + completed.stderr[-3000:]
     rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1))
     assert rank0["world_size"] == rank1["world_size"] == 2
+    assert rank0["group_destroyed"] and rank1["group_destroyed"]
     # DDP kept the two replicas identical although each started from its own initialisation.
     assert rank0["params"].keys() == rank1["params"].keys()
     for name in rank0["params"]:

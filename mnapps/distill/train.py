@@ -49,6 +49,8 @@ from mnapps.distill.teacher import (
     cache_teacher_embeddings,
     recalibrate_batchnorm,
 )
+from mnapps.engine.distributed import DistInfo, build_train_loader, distributed_run
+from mnapps.engine.loop import fit, to_device
 from mnapps.heads.face_embedding import FaceEmbedder, FaceModelConfig, build_face_embedder
 
 __all__ = [
@@ -279,10 +281,17 @@ def distill_face(
         ``final_cosine``, ``best_cosine`` on the held-out crops, sizes, and ``fit``'s result
         under ``"fit"``.
     """
-    from mnapps.engine.distributed import build_train_loader, init_distributed
-    from mnapps.engine.loop import fit, to_device
+    with distributed_run(device) as info:
+        return _distill_face(cfg, output_dir, resume, weights_backbone, info)
 
-    info = init_distributed(device)
+
+def _distill_face(
+    cfg: FaceDistillConfig,
+    output_dir: str | os.PathLike,
+    resume: str | os.PathLike | bool | None,
+    weights_backbone: str | os.PathLike | None,
+    info: DistInfo,
+) -> dict[str, Any]:
     run_device = info.device
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)

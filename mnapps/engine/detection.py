@@ -34,7 +34,7 @@ from mnapps.data.coco import CocoDetection, collate_fn
 from mnapps.data.image_io import ImageReadError, load_rgb
 from mnapps.data.transforms import RECIPES, build_det_transforms, sample_to_tensors
 from mnapps.engine.checkpoint import load_checkpoint
-from mnapps.engine.distributed import build_eval_loader, build_train_loader, init_distributed
+from mnapps.engine.distributed import DistInfo, build_eval_loader, build_train_loader, distributed_run
 from mnapps.engine.loop import capture_rng_state, fit, restore_rng_state, seed_everything
 from mnapps.eval.coco import evaluate_detector, format_per_class_table, write_metrics_json
 from mnapps.heads.faster_rcnn import FasterRCNNConfig
@@ -312,9 +312,19 @@ def train_detector(
         "summary": COCOeval's text, "engine": fit's result, "train_summary", "val_summary",
         "output_dir", "time_s"}``.
     """
+    with distributed_run(device) as info:
+        return _train_detector(cfg, output_dir, resume, backbone_weights, info)
+
+
+def _train_detector(
+    cfg: DetConfig,
+    output_dir: str | os.PathLike,
+    resume: str | os.PathLike | bool | None,
+    backbone_weights: str | os.PathLike | None,
+    info: DistInfo,
+) -> dict[str, Any]:
     started = time.perf_counter()
     check_head(cfg.model.head)
-    info = init_distributed(device)
     device = info.device
     output_dir = Path(output_dir)
 

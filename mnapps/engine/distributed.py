@@ -15,7 +15,9 @@ the learning rate for that whole batch (it is not rescaled with the number of pr
 
 from __future__ import annotations
 
+import gc
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, Callable, Iterator, Sized
@@ -31,6 +33,7 @@ __all__ = [
     "DistInfo",
     "init_distributed",
     "cleanup_distributed",
+    "distributed_run",
     "current_dist_info",
     "epoch_seed",
     "seed_augmentations",
@@ -118,10 +121,50 @@ def init_distributed(device: str | torch.device | None = None) -> DistInfo:
     return DistInfo(rank=rank, world_size=world_size, local_rank=local_rank, is_main=rank == 0, device=run_device)
 
 
-def cleanup_distributed() -> None:
-    """Destroy the process group if one was started (safe to call in any case)."""
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
+def cleanup_distributed(synchronize: bool = True) -> None:
+    """Destroy the process group if one was started (safe to call in any case).
+
+    Args:
+        synchronize: meet every other rank in a barrier first, so that no process shuts its
+            transport down while a peer is still finishing the last collective (a gloo rank
+            that loses its peer mid-message aborts the whole job at exit). Pass False on an
+            error path, where the other ranks may never arrive.
+    """
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    if synchronize:
+        try:
+            if dist.get_backend() == "nccl":
+                dist.barrier(device_ids=[torch.cuda.current_device()])
+            else:
+                dist.barrier()
+        except RuntimeError:
+            pass  # a peer is already gone; tearing down is all that is left to do
+    # A DDP wrapper that only a reference cycle keeps alive still holds the group; collecting
+    # it now destroys it while the interpreter is whole, not during interpreter shutdown.
+    gc.collect()
+    dist.destroy_process_group()
+
+
+@contextmanager
+def distributed_run(device: str | torch.device | None = None) -> Iterator[DistInfo]:
+    """:func:`init_distributed` for the length of a ``with`` block.
+
+    A process group that this call started is destroyed on leaving the block: after a
+    barrier when the block finished, without one when it raised (the other ranks may be
+    stuck elsewhere). A group the caller had already started is left alone.
+    """
+    already_started = dist.is_available() and dist.is_initialized()
+    info = init_distributed(device)
+    owns_group = info.distributed and not already_started
+    try:
+        yield info
+    except BaseException:
+        if owns_group:
+            cleanup_distributed(synchronize=False)
+        raise
+    if owns_group:
+        cleanup_distributed()
 
 
 def current_dist_info(device: str | torch.device = "cpu") -> DistInfo:
