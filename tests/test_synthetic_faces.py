@@ -37,3 +37,26 @@ def test_bad_sizes_are_refused(tmp_path):
         ensure_synthetic_faces(tmp_path, train_identities=0)
     with pytest.raises(ValueError, match="image_size must be >= 32"):
         ensure_synthetic_faces(tmp_path, image_size=16)
+
+
+def test_a_twin_that_finishes_first_keeps_its_copy(tmp_path, monkeypatch):
+    """Two torchrun ranks may generate at once; the later one must not delete the earlier copy."""
+    import mnapps.data.synthetic_faces as module
+
+    settings = dict(train_identities=1, val_identities=1, images_per_identity=1, image_size=64, workers=1)
+    twin = ensure_synthetic_faces(tmp_path / "twin", **settings)
+    real_write_split = module._write_split
+
+    def write_split_while_the_twin_finishes(split_dir, *args):
+        real_write_split(split_dir, *args)
+        if split_dir.name == "val":  # the twin renames its finished copy into place now
+            twin.root.rename(final_root)
+            (final_root / "twin_marker").write_text("the other rank's copy\n")
+
+    final_root = tmp_path / "cache" / twin.root.name
+    final_root.parent.mkdir()
+    monkeypatch.setattr(module, "_write_split", write_split_while_the_twin_finishes)
+    paths = ensure_synthetic_faces(tmp_path / "cache", **settings)
+    assert paths.root == final_root
+    assert (final_root / "twin_marker").is_file()  # the first copy survived
+    assert sorted(p.name for p in final_root.parent.iterdir()) == [final_root.name]  # no staging left

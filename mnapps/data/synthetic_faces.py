@@ -240,6 +240,11 @@ def ensure_synthetic_faces(
         _write_split(staging / "train", 1, train_identities, images_per_identity, image_size, seed, workers)
         _write_split(staging / "val", 2, val_identities, images_per_identity, image_size, seed, workers)
         (staging / ".complete").write_text("ok\n")
+        if (final / ".complete").is_file():
+            # Another process (a second torchrun rank) finished the same pixels first and may be
+            # reading them already: keep its copy rather than delete it under its feet.
+            shutil.rmtree(staging, ignore_errors=True)
+            return paths
         if final.exists():  # an incomplete earlier attempt
             shutil.rmtree(final)
         staging.rename(final)
