@@ -3,7 +3,9 @@
 This module owns the multi-process side of training: :func:`init_distributed` reads the
 environment ``torchrun`` sets (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``) and starts the process
 group (NCCL on CUDA, gloo on CPU), or reports a single process when that environment is
-absent; :func:`build_train_loader` makes the training loader whose order and augmentation
+absent; :func:`distributed_run` wraps it for a training entry point and tears down the group
+it started (barrier first, so no rank drops out while a peer still talks to it);
+:func:`build_train_loader` makes the training loader whose order and augmentation
 randomness depend only on ``(cfg.seed, epoch, rank)``, which is what makes ``--resume``
 reproduce an uninterrupted run exactly. Launch multi-GPU / multi-node runs with
 ``torchrun --nproc_per_node=N tools/train_det.py ...``; there is no home-made launcher.
