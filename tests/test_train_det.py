@@ -185,7 +185,7 @@ def test_two_process_gloo_ddp_run(tiny_shapes, tmp_path):
         str(root / "tools" / "train_det.py"), "--head", "ssd", *_data_args(tiny_shapes), "--epochs", "1",
         "--batch-size", "4", "--device", "cpu", "--output-dir", str(out), *TINY,
     ]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONFAULTHANDLER": "1"}  # a rank that aborts shows its stack
     # A session of its own, so a hang kills torchrun and both ranks, not torchrun alone.
     process = subprocess.Popen(
         command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=root, start_new_session=True
