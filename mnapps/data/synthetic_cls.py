@@ -13,14 +13,14 @@ from __future__ import annotations
 
 import math
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
 from tqdm import tqdm
+
+from mnapps.data.cache import default_cache_dir, staged_folder
 
 __all__ = ["SHAPE_CLASSES", "ShapesClsPaths", "ensure_shapes_classification", "default_cache_dir", "render_shape_image"]
 
@@ -36,11 +36,6 @@ class ShapesClsPaths:
     root: Path
     train: Path
     val: Path
-
-
-def default_cache_dir() -> Path:
-    """``$MNAPPS_CACHE`` if set, else ``~/.cache/mnapps``."""
-    return Path(os.environ.get("MNAPPS_CACHE") or Path.home() / ".cache" / "mnapps")
 
 
 def _texture(rng: np.random.Generator, size: int) -> np.ndarray:
@@ -151,10 +146,8 @@ def ensure_shapes_classification(
     if (folder / "COMPLETE").is_file():
         return paths
 
-    base.mkdir(parents=True, exist_ok=True)
-    # Build in a temporary sibling and rename, so an interrupted run never leaves half a dataset.
-    staging = Path(tempfile.mkdtemp(prefix=folder.name + ".", dir=base))
-    try:
+    # The shared staging folder: an interrupted run never leaves half a dataset.
+    with staged_folder(folder, lambda f: (f / "COMPLETE").is_file()) as staging:
         jobs = [
             (split, class_index, index)
             for split, count in (("train", train_per_class), ("val", val_per_class))
@@ -169,12 +162,4 @@ def ensure_shapes_classification(
             shape = SHAPE_CLASSES[class_index]
             render_shape_image(shape, rng, image_size).save(staging / split / shape / f"{index:05d}.png")
         (staging / "COMPLETE").write_text(f"shapes classification v{_VERSION}\n")
-        try:
-            staging.rename(folder)
-        except OSError:  # another process finished first; keep theirs
-            if not (folder / "COMPLETE").is_file():
-                raise
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)
     return paths

@@ -16,7 +16,8 @@ COCO's are not), ``bbox`` and ``area`` of the *visible* part of each shape, its 
 Determinism and caching: every image is drawn from its own generator seeded by
 ``(seed, split, index)``, so the same arguments give the same bytes. The dataset is generated
 once into a temporary folder next to ``root`` and renamed into place, so a killed generation
-never leaves a half dataset, and concurrent processes (DDP ranks) agree on one copy.
+never leaves a half dataset, and concurrent processes (DDP ranks) agree on one copy
+(:mod:`mnapps.data.cache`).
 """
 
 from __future__ import annotations
@@ -24,11 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
-import shutil
 import sys
-import time
-import uuid
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -36,6 +33,8 @@ import numpy as np
 from PIL import Image, ImageDraw
 from pycocotools import mask as mask_utils
 from tqdm import tqdm
+
+from mnapps.data.cache import default_cache_dir, remove_abandoned_staging, staged_folder
 
 __all__ = [
     "ShapesPaths",
@@ -68,7 +67,6 @@ _MIN_VISIBLE_FRACTION = 0.6  # an occluded shape keeps at least this share of it
 _MIN_COLOUR_DISTANCE = 90.0  # RGB distance between a shape and the background under it
 _JPEG_QUALITY = 92
 _MANIFEST = "manifest.json"
-_STALE_TEMPORARY_S = 3600.0  # generation takes seconds; an hour-old temporary folder is abandoned
 
 
 class ShapesPaths(NamedTuple):
@@ -78,12 +76,6 @@ class ShapesPaths(NamedTuple):
     train_images: Path
     val_ann: Path
     val_images: Path
-
-
-def default_cache_dir() -> Path:
-    """``$MNAPPS_CACHE`` if set, else ``~/.cache/mnapps``."""
-    env = os.environ.get("MNAPPS_CACHE")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "mnapps"
 
 
 def _paths(root: Path) -> ShapesPaths:
@@ -142,21 +134,9 @@ def ensure_shapes_detection(
             f"{root} exists but does not hold the {DATASET_NAME} dataset generated with {manifest} "
             f"(see its {_MANIFEST}); pass another root/--out or delete that folder"
         )
-    root.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale_temporaries(root)
-    tmp = root.parent / f".{root.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    try:
-        _generate(tmp, manifest, progress=progress)
-        if root.is_dir() and not any(root.iterdir()):
-            root.rmdir()  # an empty --out folder: replace it
-        try:
-            os.rename(tmp, root)
-        except OSError:
-            if not _is_complete(root, manifest):  # not a concurrent twin finishing first
-                raise
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+    remove_abandoned_staging(root)
+    with staged_folder(root, lambda folder: _is_complete(folder, manifest)) as staging:
+        _generate(staging, manifest, progress=progress)
     return _paths(root)
 
 
@@ -165,24 +145,6 @@ def _is_complete(root: Path, manifest: dict[str, Any]) -> bool:
         return json.loads((root / _MANIFEST).read_text()) == manifest
     except (OSError, ValueError):
         return False
-
-
-def _remove_stale_temporaries(root: Path) -> None:
-    """Delete temporary folders of killed generations: over an hour old and their process gone.
-
-    The age test keeps a generation running on another machine that shares the cache folder
-    (multi-node training) safe, since its process id means nothing here.
-    """
-    for tmp in root.parent.glob(f".{root.name}.tmp-*"):
-        try:
-            if time.time() - tmp.stat().st_mtime < _STALE_TEMPORARY_S:
-                continue
-            pid = int(tmp.name.rsplit(".tmp-", 1)[1].split("-")[0])
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            shutil.rmtree(tmp, ignore_errors=True)
-        except (ValueError, IndexError, OSError):
-            continue
 
 
 # --------------------------------------------------------------------------------- generation

@@ -17,7 +17,6 @@ from __future__ import annotations
 import math
 import os
 import shutil
-import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +25,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 from tqdm import tqdm
 
-from .synthetic_cls import default_cache_dir
+from mnapps.data.cache import default_cache_dir, staged_folder
 
 __all__ = ["SyntheticFacePaths", "ensure_synthetic_faces", "render_face", "sample_identity"]
 
@@ -232,23 +231,13 @@ def ensure_synthetic_faces(
     paths = SyntheticFacePaths(final, final / "train", final / "val")
     if (final / ".complete").is_file():
         return paths
-    base.mkdir(parents=True, exist_ok=True)
-    # Build in a temporary sibling and rename: an interrupted run never leaves half a dataset.
+    if final.exists():  # not complete, so no generation of ours made it: an earlier, foreign attempt
+        shutil.rmtree(final)
     workers = workers if workers is not None else min(os.cpu_count() or 1, 8)
-    staging = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=base))
-    try:
+    # The shared staging folder: an interrupted run never leaves half a dataset, and when two
+    # torchrun ranks generate at once the first complete copy is kept for whoever reads it.
+    with staged_folder(final, lambda folder: (folder / ".complete").is_file()) as staging:
         _write_split(staging / "train", 1, train_identities, images_per_identity, image_size, seed, workers)
         _write_split(staging / "val", 2, val_identities, images_per_identity, image_size, seed, workers)
         (staging / ".complete").write_text("ok\n")
-        if (final / ".complete").is_file():
-            # Another process (a second torchrun rank) finished the same pixels first and may be
-            # reading them already: keep its copy rather than delete it under its feet.
-            shutil.rmtree(staging, ignore_errors=True)
-            return paths
-        if final.exists():  # an incomplete earlier attempt
-            shutil.rmtree(final)
-        staging.rename(final)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return paths
