@@ -19,6 +19,7 @@ import os
 import shutil
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -182,16 +183,11 @@ def _write_identity(split_dir: Path, split_seed: int, k: int, per_identity: int,
 
 def _write_split(split_dir: Path, split_seed: int, identities: int, per_identity: int, size: int, seed: int,
                  workers: int) -> None:
-    jobs = [(split_dir, split_seed, k, per_identity, size, seed) for k in range(identities)]
+    draw = partial(_write_identity, split_dir, split_seed, per_identity=per_identity, size=size, seed=seed)
     with tqdm(total=identities * per_identity, desc=f"generating faces ({split_dir.name})", unit="img",
-              leave=False) as bar:
-        if workers <= 1:
-            for job in jobs:
-                bar.update(_write_identity(*job))
-            return
-        with ThreadPoolExecutor(max_workers=min(workers, identities)) as pool:
-            for done in pool.map(_write_identity, *zip(*jobs)):
-                bar.update(done)
+              leave=False) as bar, ThreadPoolExecutor(max_workers=max(1, min(workers, identities))) as pool:
+        for done in pool.map(draw, range(identities)):
+            bar.update(done)
 
 
 def ensure_synthetic_faces(
