@@ -20,13 +20,18 @@ import types
 import typing
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
-from typing import Any, Iterable, TypeVar
+from typing import Any, Iterable, Literal, TypeVar
 
 import yaml
 
 T = TypeVar("T")
 
+#: Where the YAML configs of a source checkout live (the tools' defaults).
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+
 __all__ = [
+    "CONFIG_DIR",
+    "OMIT_IF_NONE",
     "BackboneConfig",
     "TrainConfig",
     "ConfigError",
@@ -44,18 +49,27 @@ class ConfigError(ValueError):
 
 @dataclass(frozen=True)
 class BackboneConfig:
-    """MobileNetV1 settings shared by every head (see :class:`mnapps.backbones.MobileNetV1`)."""
+    """MobileNetV1 settings, the same section (``model.backbone``) in every task's config.
+
+    How ``weights``, ``strict_weights``, ``trainable_stages`` and ``frozen_bn`` act is defined
+    once, in :func:`mnapps.backbones.trunk.prepare_trunk`, for every head, the face student and
+    the classifier.
+    """
 
     width_mult: float = 1.0
-    variant: str = "standard"
-    activation: str = "relu6"
+    variant: Literal["standard", "conv", "shallow"] = "standard"  # paper Tables 4 and 5
+    activation: Literal["relu6", "relu"] = "relu6"
     bn_eps: float = 1e-3
     bn_momentum: float = 0.01
     tf_padding: bool = False
     frozen_bn: bool = False
     # Number of trunk stages (counted from the deepest) left trainable when fine-tuning;
-    # None trains them all. 0 freezes the whole trunk.
+    # None trains them all. 0 freezes the whole trunk (torchvision's trainable_layers).
     trainable_stages: int | None = None
+    # An mnapps checkpoint (any task) whose trunk initialises this one; None starts from scratch.
+    weights: str | None = None
+    # A trunk tensor missing, in excess or of another shape in ``weights`` is an error unless false.
+    strict_weights: bool = True
 
 
 # ------------------------------------------------------------------------------------------
@@ -142,7 +156,13 @@ def from_dict(cls: type[T], data: dict[str, Any] | None, where: str = "") -> T:
             f"unknown key {place}{unknown[0]!s} in {cls.__name__}; valid keys are: {', '.join(valid)}"
         )
     kwargs = {}
+    factories = {f.name: f.default_factory for f in fields(cls) if f.default_factory is not dataclasses.MISSING}
     for name, value in data.items():
+        default = factories[name]() if name in factories else None
+        if isinstance(value, dict) and is_dataclass(default) and default != type(default)():
+            # A partial section keeps the keys of the section's own default (e.g. the face task's
+            # TrainConfig recipe), not the bare dataclass defaults.
+            value = _merge(to_dict(default), value)
         kwargs[name] = _coerce(value, hints[name], f"{where}.{name}" if where else name)
     try:
         return cls(**kwargs)
@@ -150,10 +170,27 @@ def from_dict(cls: type[T], data: dict[str, Any] | None, where: str = "") -> T:
         raise ConfigError(f"{where or cls.__name__}: {exc}") from None
 
 
+#: Field metadata: leave the field out of :func:`to_dict` while it is None (e.g. the settings
+#: section of a head the run does not use), so a saved config holds only what its run used.
+OMIT_IF_NONE = {"omit_if_none": True}
+
+
+def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in update.items():
+        nested = isinstance(value, dict) and isinstance(base.get(key), dict)
+        merged[key] = _merge(base[key], value) if nested else value
+    return merged
+
+
 def to_dict(obj: Any) -> Any:
     """Dataclass (nested) -> plain dict/list values, suitable for YAML or a checkpoint."""
     if is_dataclass(obj):
-        return {f.name: to_dict(getattr(obj, f.name)) for f in fields(obj)}
+        return {
+            f.name: to_dict(getattr(obj, f.name))
+            for f in fields(obj)
+            if not (f.metadata.get("omit_if_none") and getattr(obj, f.name) is None)
+        }
     if isinstance(obj, (list, tuple)):
         return [to_dict(v) for v in obj]
     if isinstance(obj, dict):
@@ -211,7 +248,7 @@ def read_yaml(path: str | os.PathLike) -> dict[str, Any]:
     except yaml.YAMLError as exc:
         raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
     if data is None:
-        return {}
+        raise ConfigError(f"config file {path} is empty; give at least one section (model, data, train) or leave --config out for the defaults")
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path} must hold a mapping at the top level")
     return data
@@ -254,7 +291,7 @@ class TrainConfig:
 
     epochs: int = 10
     batch_size: int = 16  # images per optimisation step, all processes together
-    optimizer: str = "sgd"  # sgd | rmsprop | adamw
+    optimizer: Literal["sgd", "rmsprop", "adamw"] = "sgd"
     lr: float = 0.01  # for the whole batch (all processes together)
     momentum: float = 0.9  # sgd and rmsprop
     nesterov: bool = False  # sgd only
@@ -267,7 +304,7 @@ class TrainConfig:
     # TF-style RMSprop (the paper's optimiser): decay 0.9, epsilon 1.0 inside the square root.
     rmsprop_alpha: float = 0.9
     rmsprop_eps: float = 1.0
-    schedule: str = "cosine"  # cosine | step | constant
+    schedule: Literal["cosine", "step", "constant"] = "cosine"
     step_milestones: tuple[int, ...] = ()  # epochs at which step decay multiplies lr by step_gamma
     step_gamma: float = 0.1
     warmup_epochs: float = 0.0  # linear warm-up length; fractions of an epoch are allowed

@@ -9,8 +9,9 @@ import torch
 from torch import nn
 
 from mnapps.backbones import MobileNetV1
-from mnapps.engine import checkpoint as ckpt
-from mnapps.engine.checkpoint import extract_backbone_state, load_backbone_weights, load_checkpoint, save_checkpoint
+from mnapps import checkpoint as ckpt
+from mnapps.backbones.trunk import extract_backbone_state, load_backbone_weights
+from mnapps.checkpoint import load_checkpoint, save_checkpoint
 
 # 27 convolutions, each with a weight and four BN tensors (weight, bias, running mean/var).
 TRUNK_TENSORS = 27 * 5

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from mnapps.classification import ClsConfig
+from mnapps.tasks.classification import ClsConfig
 from mnapps.config import BackboneConfig, ConfigError, TrainConfig, apply_overrides, from_dict, load_config, save_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -19,12 +19,12 @@ def _write(tmp_path: Path, text: str) -> Path:
 
 
 def test_unknown_key_names_it_and_lists_valid_keys(tmp_path):
-    path = _write(tmp_path, "model:\n  widht_mult: 0.5\n")
+    path = _write(tmp_path, "model:\n  backbone:\n    widht_mult: 0.5\n")
     with pytest.raises(ConfigError) as info:
         load_config(path, ClsConfig)
     message = str(info.value)
-    assert "model.widht_mult" in message
-    assert "width_mult" in message and "resolution" in message  # the valid keys are listed
+    assert "model.backbone.widht_mult" in message
+    assert "width_mult" in message and "trainable_stages" in message  # the valid keys are listed
     assert str(path) in message
 
 
@@ -40,7 +40,7 @@ def test_overrides_apply_and_parse_values(tmp_path):
         ClsConfig,
         [
             "train.lr=0.05",
-            "model.width_mult=0.25",
+            "model.backbone.width_mult=0.25",
             "data.train_dir=/data/my images/train",  # a bare string stays a string
             "train.step_milestones=[3, 5]",
             "model.num_classes=null",
@@ -48,7 +48,7 @@ def test_overrides_apply_and_parse_values(tmp_path):
         ],
     )
     assert cfg.train.lr == 0.05 and cfg.train.epochs == 3
-    assert cfg.model.width_mult == 0.25
+    assert cfg.model.backbone.width_mult == 0.25
     assert cfg.data.train_dir == "/data/my images/train"
     assert cfg.train.step_milestones == (3, 5)
     assert cfg.model.num_classes is None
@@ -65,7 +65,7 @@ def test_int_is_accepted_for_float_but_not_the_reverse():
     "override,fragment",
     [
         ("train.epochs=ten", "train.epochs: expected an integer, got 'ten'"),
-        ("model.width_mult=true", "model.width_mult: expected a number, got True"),
+        ("model.backbone.width_mult=true", "model.backbone.width_mult: expected a number, got True"),
         ("data.hflip=3", "data.hflip: expected true/false, got 3"),
         ("train.step_milestones=5", "train.step_milestones: expected a list, got 5"),
     ],
@@ -93,24 +93,34 @@ def test_missing_and_malformed_files(tmp_path):
 
 
 def test_save_and_reload_round_trip(tmp_path):
-    cfg = load_config(None, ClsConfig, ["model.width_mult=0.75", "model.class_names=['a', 'b']", "train.step_milestones=[2]"])
+    cfg = load_config(None, ClsConfig, ["model.backbone.width_mult=0.75", "model.class_names=['a', 'b']", "train.step_milestones=[2]"])
     path = save_config(cfg, tmp_path / "resolved.yaml")
     assert load_config(path, ClsConfig) == cfg
 
 
-def test_cls_model_config_is_a_backbone_config():
-    cfg = load_config(None, ClsConfig)
-    assert isinstance(cfg.model, BackboneConfig)  # heads and build_backbone accept it
+def test_every_task_nests_the_backbone_the_same_way():
+    from mnapps.tasks.detection import DetConfig
+    from mnapps.tasks.face import FaceDistillConfig
+
+    for cls in (ClsConfig, DetConfig, FaceDistillConfig):
+        cfg = load_config(None, cls, ["model.backbone.width_mult=0.75", "model.backbone.trainable_stages=3"])
+        assert isinstance(cfg.model.backbone, BackboneConfig)
+        assert (cfg.model.backbone.width_mult, cfg.model.backbone.trainable_stages) == (0.75, 3)
+
+
+def test_an_empty_config_file_is_an_error_not_the_defaults(tmp_path):
+    with pytest.raises(ConfigError, match="is empty"):
+        load_config(_write(tmp_path, "# only a comment\n"), ClsConfig)
 
 
 @pytest.mark.parametrize("name", ["cls_mnv1_a050_r64_shapes.yaml", "cls_mnv1_a100_r224_imagenet.yaml"])
 def test_shipped_classification_configs_load(name):
     cfg = load_config(ROOT / "configs" / name, ClsConfig)
-    assert cfg.train.epochs >= 1 and cfg.model.width_mult > 0
+    assert cfg.train.epochs >= 1 and cfg.model.backbone.width_mult > 0
 
 
 def test_imagenet_config_is_the_paper_recipe():
     cfg = load_config(ROOT / "configs" / "cls_mnv1_a100_r224_imagenet.yaml", ClsConfig)
     assert cfg.train.optimizer == "rmsprop"  # paper Sec. 3.2: RMSprop, asynchronous gradient descent
     assert cfg.train.depthwise_weight_decay < cfg.train.weight_decay  # little or no decay on depthwise filters
-    assert cfg.model.width_mult == 1.0 and cfg.model.resolution == 224
+    assert cfg.model.backbone.width_mult == 1.0 and cfg.model.resolution == 224

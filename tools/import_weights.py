@@ -1,60 +1,9 @@
 #!/usr/bin/env python
-"""Convert Google's TF-slim MobileNetV1 ImageNet weights into an mnapps classification checkpoint.
+"""`mnapps-import-weights`: see mnapps/cli/import_weights.py (or run with --help)."""
 
-SOURCE is an .npz of TF-slim tensors (name -> array, e.g.
-../shared/data/mobilenet_v1_tfslim/mobilenet_v1_1.0_224_tfslim.npz) or the official
-checkpoint prefix mobilenet_v1_1.0_224.ckpt (reading that needs TensorFlow). The result
-records TF padding, ReLU6 and BN epsilon 1e-3 in its config; tools/classify.py uses it, and
-any head starts from its trunk with load_backbone_weights.
-"""
-
-from __future__ import annotations
-
-import argparse
 import sys
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from mnapps.backbones.tf_slim import import_tf_slim_checkpoint  # noqa: E402
-
-
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="\n\n".join(__doc__.split("\n\n")[1:]),
-    )
-    parser.add_argument("source", type=Path, help="TF-slim .npz or .ckpt prefix")
-    parser.add_argument(
-        "--output", type=Path, default=ROOT / "runs" / "weights" / "mobilenet_v1_1.0_224_imagenet.pt",
-        help="checkpoint to write (default: runs/weights/mobilenet_v1_1.0_224_imagenet.pt, "
-        "where tools/classify.py looks first)",
-    )
-    parser.add_argument(
-        "--keep-background", action="store_true",
-        help="keep TF's 1001 logits (index 0 = background) instead of the usual 1000 ImageNet classes",
-    )
-    parser.add_argument("--resolution", type=int, default=224, help="input size the weights were trained at (default 224)")
-    return parser.parse_args(argv)
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    try:
-        path, info = import_tf_slim_checkpoint(
-            args.source, args.output, keep_background=args.keep_background, resolution=args.resolution
-        )
-    except (ValueError, FileNotFoundError, ImportError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    classes = f"{info.num_classes} classes" + (" (background logit dropped)" if info.background_dropped else "")
-    print(f"wrote {path}: MobileNetV1 width {info.width_mult:g}, {classes}, {info.mapped} TF tensors mapped")
-    if info.skipped:
-        print(f"skipped {len(info.skipped)} non-weight tensor(s): {', '.join(info.skipped[:5])}")
-    return 0
-
+from mnapps.cli.import_weights import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -1,77 +1,9 @@
 #!/usr/bin/env python
-"""Train a MobileNetV1 classifier on an ImageFolder (train/ and val/ of class folders).
+"""`mnapps-train-cls`: see mnapps/cli/train_cls.py (or run with --help)."""
 
-With no arguments it trains on the embedded shapes dataset (generated and cached on first
-use) with configs/cls_mnv1_a050_r64_shapes.yaml and prints the validation top-1/top-5.
-The checkpoints (output_dir/last.pt, best.pt) load into any head's backbone with
-mnapps.engine.checkpoint.load_backbone_weights.
-"""
-
-from __future__ import annotations
-
-import argparse
 import sys
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from mnapps.classification import ClsConfig, train_classifier  # noqa: E402
-from mnapps.config import ConfigError, load_config  # noqa: E402
-
-DEFAULT_CONFIG = ROOT / "configs" / "cls_mnv1_a050_r64_shapes.yaml"
-
-
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog=(
-            "examples:\n"
-            "  python tools/train_cls.py                      # embedded shapes dataset, ~2 min on a CPU\n"
-            "  python tools/train_cls.py --config configs/cls_mnv1_a100_r224_imagenet.yaml \\\n"
-            "      --train-dir /data/imagenet/train --val-dir /data/imagenet/val --device cuda\n"
-            "  python tools/train_cls.py --set train.lr=0.02 --set model.width_mult=0.25"
-        ),
-    )
-    parser.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help=f"YAML config (default {DEFAULT_CONFIG.relative_to(ROOT)})")
-    parser.add_argument("--train-dir", help="training ImageFolder (class folders); default: the config's, else the embedded shapes set")
-    parser.add_argument("--val-dir", help="validation ImageFolder with the same class folders")
-    parser.add_argument("--epochs", type=int, help="override train.epochs")
-    parser.add_argument("--batch-size", type=int, help="override train.batch_size (whole batch over all processes)")
-    parser.add_argument("--output-dir", type=Path, help="where config.yaml, last.pt and best.pt go (default runs/<config name>)")
-    parser.add_argument("--resume", nargs="?", const="last", help="continue from a checkpoint (no value: OUTPUT_DIR/last.pt)")
-    parser.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available)")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override any config key, e.g. train.lr=0.01 (repeatable)")
-    return parser.parse_args(argv)
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    overrides = list(args.set)
-    for flag, key in ((args.train_dir, "data.train_dir"), (args.val_dir, "data.val_dir"),
-                      (args.epochs, "train.epochs"), (args.batch_size, "train.batch_size")):
-        if flag is not None:
-            overrides.append(f"{key}={flag!r}" if isinstance(flag, str) else f"{key}={flag}")
-    try:
-        cfg = load_config(args.config, ClsConfig, overrides)
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    output_dir = args.output_dir or ROOT / "runs" / args.config.stem
-    resume = True if args.resume == "last" else args.resume
-    try:
-        result = train_classifier(cfg, output_dir=output_dir, resume=resume, device=args.device)
-    except (ValueError, FileNotFoundError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    if "top1" in result:
-        print(
-            f"validation top-1 {result['top1']:.2%}, top-5 {result['top5']:.2%} "
-            f"on {int(result['num_images'])} images; checkpoints in {output_dir}"
-        )
-    return 0
-
+from mnapps.cli.train_cls import main
 
 if __name__ == "__main__":
     sys.exit(main())

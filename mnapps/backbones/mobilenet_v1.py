@@ -280,7 +280,7 @@ class MobileNetV1(nn.Module):
 
     def freeze_bn(self) -> "MobileNetV1":
         """Replace every BatchNorm2d by a FrozenBatchNorm2d holding the same statistics."""
-        _replace_bn_with_frozen(self)
+        replace_bn_with_frozen(self)
         return self
 
     # ----------------------------------------------------------------------------------
@@ -391,7 +391,7 @@ class FeatureExtractor(nn.Module):
         return OrderedDict((name, found[name]) for name in self.return_names)
 
 
-def _replace_bn_with_frozen(module: nn.Module) -> None:
+def replace_bn_with_frozen(module: nn.Module) -> None:
     for name, child in module.named_children():
         if isinstance(child, nn.BatchNorm2d):
             frozen = FrozenBatchNorm2d(child.num_features, eps=child.eps)
@@ -401,7 +401,7 @@ def _replace_bn_with_frozen(module: nn.Module) -> None:
             frozen.running_var.copy_(child.running_var)
             setattr(module, name, frozen)
         else:
-            _replace_bn_with_frozen(child)
+            replace_bn_with_frozen(child)
 
 
 def mobilenet_v1(width_mult: float = 1.0, num_classes: int = 1000, **kwargs) -> MobileNetV1:

@@ -15,18 +15,24 @@ pipelines use, ``np.ndarray[H, W, 3]`` ``uint8`` RGB in display orientation:
 
 Every failure to decode (missing file, truncated or corrupt data, unknown format, a
 decompression bomb) is raised as :class:`ImageReadError` naming the file, so callers that must
-survive bad files (a long training run) catch exactly one exception type.
+survive bad files (a long training run) catch exactly one exception type. It also owns which
+files count as images (:data:`IMAGE_EXTENSIONS`) and :func:`list_images`, the one way every
+tool turns a folder or a list of paths into image files.
 """
 
 from __future__ import annotations
 
+import os
 import warnings
 from pathlib import Path
+from typing import Iterable
 
 import numpy as np
 from PIL import Image, ImageOps
 
 __all__ = [
+    "IMAGE_EXTENSIONS",
+    "list_images",
     "ImageReadError",
     "ALPHA_BACKGROUND",
     "EXIF_ORIENTATION_TAG",
@@ -35,6 +41,9 @@ __all__ = [
     "load_rgb",
     "pil_to_rgb_array",
 ]
+
+#: Suffixes (lower case) of the files every mnapps tool reads as images.
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 
 #: RGB colour that transparent pixels are composited onto (what image viewers show).
 ALPHA_BACKGROUND = (255, 255, 255)
@@ -165,3 +174,35 @@ def _exif_transpose(image: Image.Image, path: Path) -> Image.Image:
         warnings.warn(f"{path}: cannot apply EXIF orientation ({err}); using the stored pixels",
                       RuntimeWarning, stacklevel=3)
         return image
+
+
+def _is_image(path: Path) -> bool:
+    return path.suffix.lower() in IMAGE_EXTENSIONS and path.is_file()
+
+
+def list_images(
+    source: str | os.PathLike | Iterable[str | os.PathLike], *, recursive: bool = True
+) -> list[Path]:
+    """Image files named by ``source``: a file, a folder, or a list of files and folders.
+
+    A folder contributes its image files (by :data:`IMAGE_EXTENSIONS`), sorted, searching
+    sub-folders when ``recursive``; hidden files and folders (names starting with ``.``) are
+    skipped. A file is taken as given, in the order given. The result may be empty.
+
+    Raises:
+        FileNotFoundError: a named file or folder does not exist.
+    """
+    entries = [source] if isinstance(source, (str, os.PathLike)) else list(source)
+    found: list[Path] = []
+    for entry in map(Path, entries):
+        if entry.is_file():
+            found.append(entry)
+        elif entry.is_dir():
+            candidates = entry.rglob("*") if recursive else entry.iterdir()
+            found.extend(sorted(
+                path for path in candidates
+                if _is_image(path) and not any(part.startswith(".") for part in path.relative_to(entry).parts)
+            ))
+        else:
+            raise FileNotFoundError(f"image file or folder {entry} does not exist")
+    return found

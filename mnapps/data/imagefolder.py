@@ -17,45 +17,19 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image
 from torch import Tensor
 from torch.utils.data import Dataset
 from torchvision.transforms import v2 as T
 
+from .image_io import IMAGE_EXTENSIONS, ImageReadError, list_images, load_rgb
+
 __all__ = [
-    "IMAGE_EXTENSIONS",
     "ImageFolderDataset",
-    "load_rgb",
     "build_cls_transforms",
     "collate_cls",
     "to_model_range",
 ]
-
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
-
-
-def load_rgb(path: str | os.PathLike) -> Image.Image:
-    """Open an image as upright RGB: EXIF orientation applied, alpha composited on white.
-
-    Raises:
-        FileNotFoundError: no such file.
-        ValueError: the file is not a readable image (message names the file).
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"image {path} does not exist")
-    try:
-        with Image.open(path) as opened:
-            opened.load()
-            image = ImageOps.exif_transpose(opened)
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-        raise ValueError(f"image {path} could not be read ({type(exc).__name__}: {exc})") from None
-    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
-        # Transparent pixels have arbitrary colour underneath; white is what a viewer shows.
-        rgba = image.convert("RGBA")
-        canvas = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        image = Image.alpha_composite(canvas, rgba)
-    return image.convert("RGB")
 
 
 def to_model_range(image: Tensor) -> Tensor:
@@ -99,7 +73,7 @@ class ImageFolderDataset(Dataset):
             raise ValueError(f"image folder {self.root} is a file; expected a folder of class folders")
         found = sorted(p.name for p in self.root.iterdir() if p.is_dir() and not p.name.startswith("."))
         if not found:
-            loose = [p.name for p in self.root.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS]
+            loose = list_images(self.root, recursive=False)
             hint = f" (found {len(loose)} loose images: put them in one folder per class)" if loose else ""
             raise ValueError(f"image folder {self.root} has no class folders{hint}; expected {self.root}/<class>/<image>")
         if class_names is not None and list(class_names) != found:
@@ -111,9 +85,7 @@ class ImageFolderDataset(Dataset):
         self.samples: list[tuple[Path, int]] = []
         empty = []
         for label, name in enumerate(found):
-            files = sorted(
-                p for p in (self.root / name).rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()
-            )
+            files = list_images(self.root / name)
             if not files:
                 empty.append(name)
             self.samples.extend((path, label) for path in files)
@@ -139,8 +111,8 @@ class ImageFolderDataset(Dataset):
     def __getitem__(self, index: int):
         path, label = self.samples[index]
         try:
-            image = load_rgb(path)
-        except (ValueError, FileNotFoundError) as exc:
+            image = Image.fromarray(load_rgb(path))
+        except ImageReadError as exc:
             self.num_unreadable += 1
             warnings.warn(f"skipping unreadable image: {exc}", RuntimeWarning, stacklevel=2)
             return None

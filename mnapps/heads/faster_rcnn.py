@@ -18,7 +18,7 @@ parts around one :class:`mnapps.backbones.MobileNetV1`:
 Both models take images in [0, 1] and standardise them to [-1, 1] inside (image mean and std
 0.5, the TF-slim convention of the backbone weights). The trunk's stages keep their own names
 in the model (``backbone.body.block7...``, ``roi_heads.box_head.body.block12...``), so
-:func:`mnapps.engine.checkpoint.load_backbone_weights` moves a trunk trained with any other
+:func:`mnapps.checkpoint.load_backbone_weights` moves a trunk trained with any other
 head (SSD, classifier) into these and back.
 """
 
@@ -39,10 +39,8 @@ from torchvision.models.detection.rpn import RPNHead
 from torchvision.ops import MultiScaleRoIAlign
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
-from mnapps.backbones import MobileNetV1, build_backbone
-from mnapps.backbones.mobilenet_v1 import _replace_bn_with_frozen
+from mnapps.backbones import MobileNetV1, prepare_trunk
 from mnapps.config import BackboneConfig
-from mnapps.engine.checkpoint import BackboneLoadReport, load_backbone_weights
 
 __all__ = [
     "FasterRCNNConfig",
@@ -51,7 +49,6 @@ __all__ = [
     "MobileNetV1BoxHead",
     "build_faster_rcnn",
     "build_faster_rcnn_fpn",
-    "apply_trainable_stages",
 ]
 
 # The backbone weights expect RGB scaled to [-1, 1]: (x - 0.5) / 0.5 of an image in [0, 1].
@@ -190,52 +187,6 @@ class MobileNetV1BoxHead(nn.Module):
 # shared helpers
 
 
-def apply_trainable_stages(backbone: MobileNetV1, trainable_stages: int | None) -> list[str]:
-    """Freeze all but the deepest ``trainable_stages`` trunk stages; return the frozen names.
-
-    Frozen stages get ``requires_grad=False`` *and* their BatchNorms become
-    :class:`~torchvision.ops.misc.FrozenBatchNorm2d`: otherwise train mode would keep moving
-    their running statistics away from the (pretrained) values the frozen filters expect.
-    ``None`` freezes nothing; ``0`` freezes the whole trunk.
-    """
-    names = backbone.stage_names
-    if trainable_stages is None:
-        return []
-    if not isinstance(trainable_stages, int) or not 0 <= trainable_stages <= len(names):
-        raise ValueError(
-            f"backbone.trainable_stages must be an integer in [0, {len(names)}] (the trunk has "
-            f"stages {names[0]}..{names[-1]}) or null for all, got {trainable_stages!r}"
-        )
-    frozen = names[: len(names) - trainable_stages]
-    for name in frozen:
-        stage = getattr(backbone, name)
-        stage.requires_grad_(False)
-        _replace_bn_with_frozen(stage)
-    return frozen
-
-
-def _prepare_backbone(
-    backbone_cfg: BackboneConfig, weights_backbone: str | PathLike | dict[str, Any] | None
-) -> tuple[MobileNetV1, BackboneLoadReport | None]:
-    """Build the trunk, load its weights, then freeze what the config asks to freeze."""
-    # Weights are loaded before any freezing so FrozenBatchNorm2d copies the loaded statistics.
-    backbone = build_backbone(replace(backbone_cfg, frozen_bn=False), num_classes=0)
-    report = None
-    if weights_backbone is not None:
-        report = load_backbone_weights(backbone, weights_backbone)
-        if report.missing or report.shape_mismatch:
-            source = weights_backbone if isinstance(weights_backbone, (str, PathLike)) else "the given state"
-            raise ValueError(
-                f"backbone weights from {source!s} do not fit this MobileNetV1 "
-                f"(width_mult={backbone_cfg.width_mult}, variant={backbone_cfg.variant!r}): {report}. "
-                f"Use the same backbone.width_mult and backbone.variant as the checkpoint."
-            )
-    if backbone_cfg.frozen_bn:
-        backbone.freeze_bn()
-    apply_trainable_stages(backbone, backbone_cfg.trainable_stages)
-    return backbone, report
-
-
 def _positive(value: Any, name: str) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
         raise ValueError(f"faster_rcnn.{name} must be > 0, got {value!r}")
@@ -334,7 +285,7 @@ def build_faster_rcnn(
     cfg = FasterRCNNConfig() if cfg is None else cfg
     backbone_cfg = BackboneConfig() if backbone_cfg is None else backbone_cfg
     _validate(cfg, num_classes)
-    trunk, load_report = _prepare_backbone(backbone_cfg, weights_backbone)
+    trunk, load_report = prepare_trunk(backbone_cfg, weights=weights_backbone)
     stages = trunk.stage_names
     if cfg.rpn_feature not in stages[:-1]:
         raise ValueError(
@@ -398,7 +349,7 @@ def build_faster_rcnn_fpn(
             raise ValueError(f"faster_rcnn.fpn.{name} must be a positive integer, got {getattr(fpn, name)!r}")
     if not fpn.features:
         raise ValueError("faster_rcnn.fpn.features must name at least one trunk stage, e.g. [block11, block13]")
-    trunk, load_report = _prepare_backbone(backbone_cfg, weights_backbone)
+    trunk, load_report = prepare_trunk(backbone_cfg, weights=weights_backbone)
     infos = trunk.feature_info(fpn.features)
     strides = [info.stride for info in infos]
     if strides != sorted(set(strides)):

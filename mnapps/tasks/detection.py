@@ -21,22 +21,24 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Literal, Sequence
 
 import numpy as np
 import torch
+from PIL import Image, ImageDraw, ImageFont
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from mnapps.build import build_detector, check_head
-from mnapps.config import BackboneConfig, ConfigError, TrainConfig, from_dict, load_config, save_config
-from mnapps.data.coco import CocoDetection, collate_fn
+from mnapps.checkpoint import load_checkpoint
+from mnapps.config import OMIT_IF_NONE, BackboneConfig, ConfigError, TrainConfig, from_dict, load_config, save_config
+from mnapps.data.coco import CocoDetection, collate_fn, load_coco_json
 from mnapps.data.image_io import ImageReadError, load_rgb
+from mnapps.data.synthetic_det import ensure_shapes_detection
 from mnapps.data.transforms import RECIPES, build_det_transforms, sample_to_tensors
-from mnapps.engine.checkpoint import load_checkpoint
-from mnapps.engine.distributed import DistInfo, build_eval_loader, build_train_loader, distributed_run
-from mnapps.engine.loop import capture_rng_state, fit, restore_rng_state, seed_everything
+from mnapps.engine.distributed import DistInfo, build_eval_loader, build_train_loader, run_distributed
+from mnapps.engine.loop import capture_rng_state, check_run_folder, fit, restore_rng_state, seed_everything
 from mnapps.eval.coco import evaluate_detector, format_per_class_table, write_metrics_json
+from mnapps.heads import HEADS, head_spec
 from mnapps.heads.faster_rcnn import FasterRCNNConfig
 from mnapps.heads.ssd import SSDConfig
 
@@ -44,6 +46,7 @@ __all__ = [
     "DetModelConfig",
     "DetDataConfig",
     "DetConfig",
+    "build_model",
     "train_detector",
     "build_train_dataset",
     "build_eval_dataset",
@@ -53,10 +56,10 @@ __all__ = [
     "detection_loss_fn",
     "draw_detections",
     "image_ids_for",
-    "list_images",
 ]
 
-SSD_HEADS = ("ssd", "ssdlite")
+HeadName = Literal[tuple(HEADS)]  # type: ignore[valid-type]
+RecipeName = Literal[tuple(RECIPES)]  # type: ignore[valid-type]
 
 
 @dataclass(frozen=True)
@@ -64,22 +67,40 @@ class DetModelConfig:
     """Which detector, on which trunk, and what the data decided about its classes.
 
     Attributes:
-        head: a key of :data:`mnapps.build.HEADS` (``ssd``, ``ssdlite``, ...).
-        backbone: MobileNetV1 settings shared by every head.
-        ssd: settings of the ``ssd`` and ``ssdlite`` heads.
-        faster_rcnn: settings of the ``faster_rcnn`` and ``faster_rcnn_fpn`` heads.
+        head: a key of :data:`mnapps.heads.HEADS` (``ssd``, ``ssdlite``, ...).
+        backbone: MobileNetV1 settings (the same section in every task).
+        ssd: settings of the ``ssd`` and ``ssdlite`` heads; filled with defaults when one of
+            them is the head, and an error to give for another head.
+        faster_rcnn: settings of the ``faster_rcnn`` and ``faster_rcnn_fpn`` heads (likewise).
         num_classes: classes including background; None takes it from the training data.
         class_names: ``class_names[label]`` (``[0]`` is background); filled in from the data.
         category_ids: the dataset category id of labels ``1..K``; filled in from the data.
     """
 
-    head: str = "ssd"
+    head: HeadName = "ssd"
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
-    ssd: SSDConfig = field(default_factory=SSDConfig)
-    faster_rcnn: FasterRCNNConfig = field(default_factory=FasterRCNNConfig)
+    ssd: SSDConfig | None = field(default=None, metadata=OMIT_IF_NONE)
+    faster_rcnn: FasterRCNNConfig | None = field(default=None, metadata=OMIT_IF_NONE)
     num_classes: int | None = None
     class_names: tuple[str, ...] = ()
     category_ids: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        spec = head_spec(self.head)
+        for name in {other.section for other in HEADS.values()} - {spec.section}:
+            if getattr(self, name) is not None:
+                users = sorted(h for h, other in HEADS.items() if other.section == name)
+                raise ConfigError(
+                    f"model.{name} holds settings of the {'/'.join(users)} head(s) but model.head is "
+                    f"{self.head!r}: remove the model.{name} section or change model.head"
+                )
+        if getattr(self, spec.section) is None:
+            object.__setattr__(self, spec.section, spec.config_cls())
+
+    @property
+    def head_config(self) -> Any:
+        """The settings section of the chosen head (``ssd`` or ``faster_rcnn``)."""
+        return getattr(self, head_spec(self.head).section)
 
 
 @dataclass(frozen=True)
@@ -109,7 +130,7 @@ class DetDataConfig:
     train_images: str | None = None
     val_ann: str | None = None
     val_images: str | None = None
-    recipe: str = "ssd"
+    recipe: RecipeName = "ssd"
     train_size: int | None = None
     zoom_out_max_ratio: float = 4.0
     min_visibility: float = 0.2
@@ -136,15 +157,27 @@ class DetConfig:
 
 
 def model_input_size(cfg: DetConfig) -> int | None:
-    """Side of the training resize: ``data.train_size``, else SSD's ``ssd.size``, else None."""
+    """Side of the training resize: ``data.train_size``, else the head's fixed input size (SSD's
+    ``ssd.size``), else None (heads that resize themselves keeping the aspect ratio)."""
     if cfg.data.train_size is not None:
         return cfg.data.train_size
-    return cfg.model.ssd.size if cfg.model.head in SSD_HEADS else None
+    return head_spec(cfg.model.head).input_size(cfg.model.head_config)
+
+
+def build_model(
+    cfg: DetConfig, num_classes: int, weights_backbone: str | os.PathLike | dict[str, Any] | None = None
+) -> nn.Module:
+    """The detector ``cfg.model`` describes (head, trunk, classes), trunk weights optional."""
+    spec = head_spec(cfg.model.head)
+    return spec.build(
+        cfg.model.head_config,
+        num_classes=num_classes,
+        backbone_cfg=cfg.model.backbone,
+        weights_backbone=weights_backbone,
+    )
 
 
 def _shapes_paths(data: DetDataConfig):
-    from mnapps.data.synthetic_det import ensure_shapes_detection
-
     kwargs: dict[str, Any] = {"seed": data.shapes_seed}
     for key in ("num_train", "num_val", "image_size"):
         value = getattr(data, f"shapes_{key}")
@@ -177,9 +210,8 @@ def _resolve_split(
 
 
 def build_train_dataset(cfg: DetConfig) -> CocoDetection:
-    """The training :class:`CocoDetection` with the configured augmentation."""
-    if cfg.data.recipe not in RECIPES:
-        raise ValueError(f"data.recipe must be one of {list(RECIPES)}, got {cfg.data.recipe!r}")
+    """The training :class:`CocoDetection` with the configured augmentation (an annotation file
+    listing no images is a ValueError naming it)."""
     ann, images = _resolve_split(cfg.data, "train")
     transforms = build_det_transforms(
         True,
@@ -188,7 +220,13 @@ def build_train_dataset(cfg: DetConfig) -> CocoDetection:
         zoom_out_max_ratio=cfg.data.zoom_out_max_ratio,
         min_visibility=cfg.data.min_visibility,
     )
-    return CocoDetection(ann, images, transforms, min_box_size=cfg.data.min_box_size)
+    dataset = CocoDetection(ann, images, transforms, min_box_size=cfg.data.min_box_size)
+    if len(dataset) == 0:
+        raise ValueError(
+            f"the training set is empty: {ann} lists no images; give an annotation file with at least one "
+            f"image (--train-ann / data.train_ann)"
+        )
+    return dataset
 
 
 def build_eval_dataset(
@@ -202,12 +240,19 @@ def build_eval_dataset(
         val_ann, val_images: override the config's validation files.
 
     Raises:
-        ValueError: only one of the two paths is known, or the dataset's categories differ from
-            those the model was trained on (``cfg.model.category_ids``).
+        ValueError: only one of the two paths is known, the annotation file lists no images, or
+            the dataset's categories differ from those the model was trained on
+            (``cfg.model.category_ids``).
         FileNotFoundError: missing annotation file or image folder.
     """
     ann, images = _resolve_split(cfg.data, "val", val_ann, val_images)
     dataset = CocoDetection(ann, images, build_det_transforms(False, None), min_box_size=cfg.data.min_box_size)
+    if len(dataset) == 0:
+        # Found now rather than after a full training epoch, when evaluation first runs.
+        raise ValueError(
+            f"the validation set is empty: {ann} lists no images; give an annotation file with at least one "
+            f"image (--val-ann / data.val_ann)"
+        )
     trained = tuple(cfg.model.category_ids)
     if trained and tuple(dataset.cat_ids) != trained:
         raise ValueError(
@@ -288,8 +333,9 @@ def train_detector(
     *,
     output_dir: str | os.PathLike,
     resume: str | os.PathLike | bool | None = None,
-    backbone_weights: str | os.PathLike | None = None,
+    weights_backbone: str | os.PathLike | None = None,
     device: str | torch.device | None = None,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
     """Train the configured detector, evaluating with COCOeval after every epoch.
 
@@ -303,60 +349,44 @@ def train_detector(
         cfg: the experiment.
         output_dir: run folder.
         resume: a checkpoint to continue from, or True for ``output_dir/last.pt``.
-        backbone_weights: an mnapps checkpoint whose MobileNetV1 trunk initialises the model
-            (e.g. the imported ImageNet weights); ignored when resuming.
+        weights_backbone: an mnapps checkpoint whose MobileNetV1 trunk initialises the model
+            (e.g. the imported ImageNet weights); default ``model.backbone.weights``; ignored
+            when resuming.
         device: ``cpu``, ``cuda``, ``cuda:N`` or None (CUDA when available).
+        overwrite: start over in an ``output_dir`` that already holds checkpoints (without it,
+            and without ``resume``, such a folder is refused before any work).
 
     Returns:
         ``{"metrics": final COCO metrics (empty without validation data), "per_class_ap",
         "summary": COCOeval's text, "engine": fit's result, "train_summary", "val_summary",
         "output_dir", "time_s"}``.
+
+    Raises:
+        ValueError: a bad config or data (named), an empty validation set, or a run folder
+            that holds checkpoints (see :func:`mnapps.engine.loop.check_run_folder`).
     """
-    with distributed_run(device) as info:
-        return _train_detector(cfg, output_dir, resume, backbone_weights, info)
+    return run_distributed(_train_detector, device, cfg, output_dir, resume, weights_backbone, overwrite=overwrite)
 
 
-def _train_detector(
-    cfg: DetConfig,
-    output_dir: str | os.PathLike,
-    resume: str | os.PathLike | bool | None,
-    backbone_weights: str | os.PathLike | None,
-    info: DistInfo,
-) -> dict[str, Any]:
-    started = time.perf_counter()
-    check_head(cfg.model.head)
-    device = info.device
-    output_dir = Path(output_dir)
-
+def _prepare_data(cfg: DetConfig, info: DistInfo) -> tuple[DetConfig, CocoDetection, CocoDetection]:
+    """Both datasets, the data's classes written into ``cfg``, and every start-up check that
+    would otherwise fail after the first epoch (empty validation set, too small a batch)."""
     train_set = build_train_dataset(cfg)
     cfg = _with_data_classes(cfg, train_set)
     val_set = build_eval_dataset(cfg)
     per_process = cfg.train.batch_size // max(1, info.world_size)
-    min_images = 2 if cfg.model.head in SSD_HEADS else 1
+    min_images = head_spec(cfg.model.head).min_batch_images
     if per_process < min_images:
         raise ValueError(
             f"train.batch_size={cfg.train.batch_size} gives {per_process} image(s) per process; the {cfg.model.head} "
             f"head needs at least {min_images} (BatchNorm on its 1x1 extra maps), raise --batch-size"
         )
+    return cfg, train_set, val_set
 
-    # The model's initial weights depend only on the seed, not on what ran before.
-    seed_everything(cfg.train.seed)
-    model = build_detector(cfg, cfg.model.num_classes, weights_backbone=None if resume else backbone_weights)
-    report = getattr(model, "backbone_load_report", None)
-    if info.is_main:
-        save_config(cfg, output_dir / "config.yaml")
-        print(
-            f"{cfg.model.head} on MobileNetV1 x{cfg.model.backbone.width_mult:g}, input {model_input_size(cfg)}, "
-            f"{cfg.model.num_classes - 1} classes; train {len(train_set)} images ({train_set.ann_file}), "
-            f"val {len(val_set)} images ({val_set.ann_file})"
-        )
-        if report is not None:
-            print(f"backbone weights from {backbone_weights}: {report}")
 
-    train_loader = build_train_loader(train_set, cfg.train, collate_fn, info if info.distributed else None)
+def _evaluator(cfg: DetConfig, val_set: CocoDetection, device: torch.device, last_eval: dict[str, Any]):
+    """fit's ``evaluate(model, epoch)``: COCOeval on ``val_set``, the details kept in ``last_eval``."""
     val_loader = build_eval_loader(val_set, cfg.data.eval_batch_size, collate_fn, cfg.train.num_workers)
-    counter = _BatchCounter()
-    last_eval: dict[str, Any] = {}
 
     def evaluate(eval_model: nn.Module, epoch: int) -> dict[str, float]:
         # Iterating a DataLoader draws from the global RNGs; restoring them keeps the training
@@ -371,23 +401,57 @@ def _train_detector(
         last_eval.update(metrics=metrics, per_class_ap=per_class, summary=summary, epoch=epoch)
         return metrics
 
+    return evaluate
+
+
+def _train_detector(
+    cfg: DetConfig,
+    output_dir: str | os.PathLike,
+    resume: str | os.PathLike | bool | None,
+    weights_backbone: str | os.PathLike | None,
+    *,
+    overwrite: bool,
+    info: DistInfo,
+) -> dict[str, Any]:
+    started = time.perf_counter()
+    output_dir = Path(output_dir)
+    # Before any data work: a finished run's best.pt must not be replaced by accident.
+    check_run_folder(output_dir, resume=bool(resume), overwrite=overwrite)
+    cfg, train_set, val_set = _prepare_data(cfg, info)
+
+    # The model's initial weights depend only on the seed, not on what ran before.
+    seed_everything(cfg.train.seed)
+    weights = None if resume else (weights_backbone or cfg.model.backbone.weights)
+    model = build_model(cfg, cfg.model.num_classes, weights_backbone=weights)
+    if info.is_main:
+        save_config(cfg, output_dir / "config.yaml")
+        print(
+            f"{cfg.model.head} on MobileNetV1 x{cfg.model.backbone.width_mult:g}, input {model_input_size(cfg)}, "
+            f"{cfg.model.num_classes - 1} classes; train {len(train_set)} images ({train_set.ann_file}), "
+            f"val {len(val_set)} images ({val_set.ann_file})"
+        )
+        if getattr(model, "backbone_load_report", None) is not None:
+            print(f"backbone: {model.backbone_load_report}")
+
+    counter = _BatchCounter()
+    last_eval: dict[str, Any] = {}
     engine = fit(
         model,
-        train_loader,
+        build_train_loader(train_set, cfg.train, collate_fn, info if info.distributed else None),
         cfg.train,
-        loss_fn=detection_loss_fn(counter, min_images),
+        loss_fn=detection_loss_fn(counter, head_spec(cfg.model.head).min_batch_images),
         output_dir=output_dir,
-        evaluate=evaluate,
+        evaluate=_evaluator(cfg, val_set, info.device, last_eval),
         best_metric="AP",
         checkpoint_meta={"task": "detection", "head": cfg.model.head, "config": cfg},
         resume=resume,
-        device=device,
+        device=info.device,
         batch_size_fn=lambda batch: len(batch[0]),
+        overwrite=overwrite,
     )
 
-    metrics = dict(engine.get("last_metrics") or {})
     result: dict[str, Any] = {
-        "metrics": metrics,
+        "metrics": dict(engine.get("last_metrics") or {}),
         "per_class_ap": last_eval.get("per_class_ap", {}),
         "summary": last_eval.get("summary", ""),
         "engine": engine,
@@ -481,7 +545,7 @@ def load_detector(
             )
     if cfg.model.num_classes is None:
         raise ValueError(f"{source}: the config does not say how many classes the model has (model.num_classes)")
-    model = build_detector(cfg, cfg.model.num_classes)
+    model = build_model(cfg, cfg.model.num_classes)
     try:
         model.load_state_dict(data["model"])
     except RuntimeError as exc:
@@ -498,24 +562,6 @@ def _label_names(cfg: DetConfig) -> list[str]:
 
 _NO_BOXES = np.zeros((0, 4), dtype=np.float32)
 _NO_LABELS = np.zeros((0,), dtype=np.int64)
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif")
-
-
-def list_images(source: str | os.PathLike) -> list[Path]:
-    """Image files of a folder (sorted, by suffix) or the file itself.
-
-    Raises:
-        FileNotFoundError: the path does not exist, or a folder holds no image.
-    """
-    source = Path(source)
-    if source.is_file():
-        return [source]
-    if not source.is_dir():
-        raise FileNotFoundError(f"{source} is neither an image file nor a folder")
-    paths = sorted(p for p in source.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
-    if not paths:
-        raise FileNotFoundError(f"{source} holds no image files ({', '.join(IMAGE_SUFFIXES)})")
-    return paths
 
 
 @torch.inference_mode()
@@ -574,7 +620,6 @@ def predict_images(
     return outputs
 
 
-
 # ------------------------------------------------------------------------------------------
 # drawing and results files
 
@@ -598,8 +643,6 @@ def draw_detections(
     Returns:
         A ``PIL.Image.Image`` (RGB).
     """
-    from PIL import Image, ImageDraw, ImageFont
-
     canvas = Image.fromarray(image).convert("RGB")
     draw = ImageDraw.Draw(canvas)
     font = ImageFont.load_default()
@@ -627,8 +670,6 @@ def image_ids_for(paths: Sequence[Path], ann_file: str | os.PathLike | None = No
         ValueError: ``ann_file`` does not list one of the images.
     """
     if ann_file is not None:
-        from mnapps.data.coco import load_coco_json
-
         by_name = {Path(img["file_name"]).name: int(img["id"]) for img in load_coco_json(ann_file)["images"]}
         missing = [p.name for p in paths if p.name not in by_name]
         if missing:

@@ -1,0 +1,176 @@
+"""The package layout is the architecture: floors, one-way imports, no cycles, short functions.
+
+Each module of ``mnapps`` sits on a floor (README "Layout"); it may import modules of its own
+floor or below, never above. The whole import graph (imports at module level and inside
+functions alike) must be free of cycles, and no function imports an ``mnapps`` module inside
+its body (the usual way to hide a cycle). These are checked on the source with ``ast``, so a
+new module is covered as soon as it exists.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).resolve().parents[1] / "mnapps"
+
+# Longest prefix wins.
+FLOORS = {
+    "mnapps": 0,
+    "mnapps.config": 0,
+    "mnapps.checkpoint": 0,
+    "mnapps.files": 0,
+    "mnapps.data": 1,
+    "mnapps.eval": 1,
+    "mnapps.engine": 1,
+    "mnapps.backbones": 1,
+    "mnapps.heads": 2,
+    "mnapps.distill": 2,
+    "mnapps.tasks": 3,
+    "mnapps.export": 4,
+    "mnapps.stats": 4,
+    "mnapps.cli": 5,
+}
+MAX_FUNCTION_LINES = 80
+
+
+def module_name(path: Path) -> str:
+    parts = list(path.relative_to(PACKAGE.parent).with_suffix("").parts)
+    if parts[-1] == "__init__":
+        parts.pop()
+    return ".".join(parts)
+
+
+def floor_of(module: str) -> int:
+    best = max((prefix for prefix in FLOORS if module == prefix or module.startswith(prefix + ".")), key=len)
+    return FLOORS[best]
+
+
+def _resolve(module: str, is_package: bool, node: ast.ImportFrom) -> list[str]:
+    if node.level == 0:
+        base = node.module or ""
+    else:
+        package = module.split(".") if is_package else module.split(".")[:-1]
+        package = package[: len(package) - (node.level - 1)]
+        base = ".".join(package + ([node.module] if node.module else []))
+    # "from mnapps.x import y" may name a submodule y or an attribute of x: keep both candidates.
+    return [base] + [f"{base}.{alias.name}" for alias in node.names]
+
+
+def mnapps_imports(path: Path) -> list[tuple[str, int, bool]]:
+    """``(imported module, line, inside a function)`` for every mnapps import of ``path``."""
+    module = module_name(path)
+    tree = ast.parse(path.read_text(), filename=str(path))
+    found = []
+
+    def visit(node: ast.AST, in_function: bool) -> None:
+        for child in ast.iter_child_nodes(node):
+            nested = in_function or isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda))
+            if isinstance(child, ast.Import):
+                found.extend((a.name, child.lineno, in_function) for a in child.names if a.name.startswith("mnapps"))
+            elif isinstance(child, ast.ImportFrom):
+                names = _resolve(module, path.name == "__init__.py", child)
+                if names[0].startswith("mnapps"):
+                    found.extend((n, child.lineno, in_function) for n in names)
+            visit(child, nested)
+
+    visit(tree, False)
+    return found
+
+
+MODULES = {module_name(p): p for p in sorted(PACKAGE.rglob("*.py"))}
+
+
+def _known(name: str) -> str | None:
+    """The mnapps module an import refers to (an attribute import resolves to its module)."""
+    while name and name not in MODULES:
+        name = name.rpartition(".")[0]
+    return name or None
+
+
+def import_graph() -> dict[str, set[str]]:
+    graph: dict[str, set[str]] = {}
+    for module, path in MODULES.items():
+        targets = {_known(name) for name, _, _ in mnapps_imports(path)}
+        # A package's __init__ is imported by every submodule import; it is a node of its own.
+        graph[module] = {t for t in targets if t and t != module}
+    return graph
+
+
+def test_every_module_has_a_floor():
+    assert all(floor_of(m) >= 0 for m in MODULES)
+
+
+def test_no_module_imports_a_floor_above_it():
+    bad = []
+    for module, path in MODULES.items():
+        for name, line, _ in mnapps_imports(path):
+            target = _known(name)
+            if target and floor_of(target) > floor_of(module):
+                bad.append(f"{path.relative_to(PACKAGE.parent)}:{line} {module} (floor {floor_of(module)}) "
+                           f"imports {target} (floor {floor_of(target)})")
+    assert not bad, "imports that point up a floor:\n" + "\n".join(sorted(set(bad)))
+
+
+def test_no_mnapps_import_inside_a_function():
+    bad = [f"{path.relative_to(PACKAGE.parent)}:{line} imports {name}"
+           for module, path in MODULES.items() for name, line, inside in mnapps_imports(path) if inside]
+    assert not bad, "imports inside functions (move them to the top of the module):\n" + "\n".join(sorted(set(bad)))
+
+
+def _find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    state: dict[str, int] = {}
+    stack: list[str] = []
+
+    def visit(node: str) -> list[str] | None:
+        state[node] = 1
+        stack.append(node)
+        for nxt in sorted(graph.get(node, ())):
+            if state.get(nxt) == 1:
+                return stack[stack.index(nxt):] + [nxt]
+            if state.get(nxt) is None and (cycle := visit(nxt)):
+                return cycle
+        stack.pop()
+        state[node] = 2
+        return None
+
+    for node in sorted(graph):
+        if state.get(node) is None and (cycle := visit(node)):
+            return cycle
+    return None
+
+
+def test_the_cycle_finder_finds_a_cycle():
+    assert _find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+    assert _find_cycle({"a": {"b"}, "b": {"c"}, "c": set()}) is None
+
+
+def test_no_import_cycle():
+    graph = import_graph()
+    # A package __init__ re-exporting its own submodules is not a cycle through the package.
+    for module in graph:
+        graph[module] = {t for t in graph[module] if not module.startswith(t + ".")}
+    cycle = _find_cycle(graph)
+    assert cycle is None, "import cycle: " + " -> ".join(cycle)
+
+
+@pytest.mark.parametrize("path", sorted(PACKAGE.rglob("*.py")), ids=lambda p: str(p.relative_to(PACKAGE)))
+def test_functions_fit_on_a_screen(path):
+    tree = ast.parse(path.read_text())
+    long = [f"{node.name} ({node.end_lineno - node.lineno + 1} lines, line {node.lineno})"
+            for node in ast.walk(tree)
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
+            and node.end_lineno - node.lineno + 1 > MAX_FUNCTION_LINES]
+    assert not long, f"functions over {MAX_FUNCTION_LINES} lines: {long}"
+
+
+def test_tools_are_thin_wrappers_of_the_console_entry_points():
+    tools = sorted((PACKAGE.parent / "tools").glob("*.py"))
+    assert tools
+    for tool in tools:
+        text = tool.read_text()
+        assert "sys.path" not in text, tool
+        assert f"from mnapps.cli.{tool.stem} import main" in text, tool
+        assert len(text.splitlines()) <= 10, tool

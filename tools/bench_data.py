@@ -1,0 +1,2 @@
+from mnapps.cli.bench_data import main
+if __name__ == "__main__": main()
