@@ -1,10 +1,11 @@
 """One rank of the 2-process CPU/gloo DDP test; launched by tests/test_distributed.py via torchrun.
 
 Usage: ``python -m torch.distributed.run --standalone --nproc_per_node=2 tests/ddp_worker.py OUT``.
-Each rank trains a tiny conv net with :func:`mnapps.engine.loop.fit` inside
-:func:`mnapps.engine.distributed.distributed_run` and saves its final parameters, the sample
-indices it saw per epoch, its history, how often ``evaluate`` ran on it and whether the
-process group was gone after the block to ``OUT/rank<r>.pt``; checkpoints go to ``OUT/run``.
+Each rank trains a tiny conv net with :func:`mnapps.engine.loop.fit` through
+:func:`mnapps.engine.distributed.run_distributed` (so inside ``distributed_run``) and saves its
+final parameters, the sample indices it saw per epoch, its history, how often ``evaluate`` ran
+on it and whether the process group was gone after the block to ``OUT/rank<r>.pt``;
+checkpoints go to ``OUT/run``.
 """
 
 from __future__ import annotations
@@ -12,16 +13,14 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.utils.data import Dataset
 
-import torch  # noqa: E402
-import torch.distributed as dist  # noqa: E402
-from torch import nn  # noqa: E402
-from torch.utils.data import Dataset  # noqa: E402
-
-from mnapps.config import TrainConfig  # noqa: E402
-from mnapps.engine.distributed import DistInfo, build_train_loader, distributed_run  # noqa: E402
-from mnapps.engine.loop import fit, to_device  # noqa: E402
+from mnapps.config import TrainConfig
+from mnapps.engine.distributed import DistInfo, build_train_loader, run_distributed
+from mnapps.engine.loop import fit, to_device
 
 NUM_ITEMS = 32
 
@@ -44,14 +43,13 @@ class IndexedImages(Dataset):
 def main() -> None:
     out = Path(sys.argv[1])
     torch.set_num_threads(1)
-    with distributed_run("cpu") as info:
-        result = train(info, out)
+    result = run_distributed(train, "cpu", out)
     # distributed_run must have torn the group down (after a barrier) on leaving the block.
     result["group_destroyed"] = not dist.is_initialized()
-    torch.save(result, out / f"rank{info.rank}.pt")
+    torch.save(result, out / f"rank{result['rank']}.pt")
 
 
-def train(info: DistInfo, out: Path) -> dict:
+def train(out: Path, *, info: DistInfo) -> dict:
     torch.manual_seed(100 + info.rank)  # different initial weights per rank: DDP must sync them
     model = nn.Sequential(
         nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
@@ -80,6 +78,7 @@ def train(info: DistInfo, out: Path) -> dict:
         checkpoint_meta={"task": "ddp-test"}, device=info.device,
     )
     return {
+        "rank": info.rank,
         "world_size": info.world_size,
         "params": {k: v.detach().clone() for k, v in model.named_parameters()},
         "seen": seen,

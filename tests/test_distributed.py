@@ -12,8 +12,14 @@ import torch
 from torch.utils.data import Dataset
 
 from mnapps.config import TrainConfig
-from mnapps.engine.checkpoint import load_checkpoint
-from mnapps.engine.distributed import DistInfo, build_eval_loader, build_train_loader, init_distributed
+from mnapps.checkpoint import load_checkpoint
+from mnapps.engine.distributed import (
+    DistInfo,
+    build_eval_loader,
+    build_train_loader,
+    init_distributed,
+    run_distributed,
+)
 
 TESTS = Path(__file__).resolve().parent
 
@@ -55,6 +61,22 @@ def test_init_distributed_bad_environment(monkeypatch):
 def test_init_distributed_cuda_unavailable():
     with pytest.raises(ValueError, match="use --device cpu"):
         init_distributed("cuda")
+
+
+def test_run_distributed_hands_the_task_its_info(monkeypatch):
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    seen = []
+
+    def task(first, second, *, info, scale):
+        seen.append(info)
+        return (first + second) * scale
+
+    assert run_distributed(task, "cpu", 2, 3, scale=10) == 50
+    assert seen == [DistInfo(rank=0, world_size=1, local_rank=0, is_main=True, device=torch.device("cpu"))]
+    with pytest.raises(ValueError, match="unknown device 'gpu0'"):
+        run_distributed(task, "gpu0", 2, 3, scale=10)
+    assert len(seen) == 1  # a bad device stops before the task starts
 
 
 def test_train_loader_depends_only_on_seed_and_epoch():
@@ -112,7 +134,7 @@ def test_two_process_gloo_ddp_run(tmp_path):
     ]
     completed = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert completed.returncode == 0, completed.stdout[-1500:] + completed.stderr[-3000:]
-    rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1))
+    rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
     assert rank0["world_size"] == rank1["world_size"] == 2
     assert rank0["group_destroyed"] and rank1["group_destroyed"]
     # DDP kept the two replicas identical although each started from its own initialisation.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import random
 
 import numpy as np
 import pytest
@@ -11,9 +12,17 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from mnapps.config import TrainConfig
-from mnapps.engine.checkpoint import load_checkpoint
+from mnapps.checkpoint import load_checkpoint
 from mnapps.engine.distributed import build_train_loader
-from mnapps.engine.loop import NonFiniteLossError, fit, to_device
+from mnapps.engine.loop import (
+    NonFiniteLossError,
+    RunFolderError,
+    capture_rng_state,
+    check_run_folder,
+    fit,
+    restore_rng_state,
+    to_device,
+)
 
 
 class RandomAugmentedImages(Dataset):
@@ -245,3 +254,143 @@ def test_argument_errors(tmp_path):
             evaluate=lambda m, e: {"acc": 1.0}, best_metric="AP")
     with pytest.raises(ValueError, match="non-empty dict of scalar loss tensors"):
         fit(model, loader, CFG, loss_fn=lambda m, b, d: m(b[0]).sum(), output_dir=tmp_path / "x")
+
+
+SHORT = TrainConfig(**{**CFG.__dict__, "epochs": 1})
+MESSAGE_END = "--resume to continue it, --overwrite to start over, or --output-dir for a new folder"
+
+
+def test_run_folder_with_checkpoints_is_refused_unless_resume_or_overwrite(tmp_path, capsys):
+    folder = tmp_path / "run"
+    evaluate = _accuracy_on(RandomAugmentedImages())
+    fit(_tiny_net(0), build_train_loader(RandomAugmentedImages(), SHORT), SHORT, loss_fn=_classification_loss,
+        output_dir=folder, evaluate=evaluate, best_metric="acc")  # fmt: skip
+    best_bytes = (folder / "best.pt").read_bytes()
+    with pytest.raises(RunFolderError) as caught:
+        fit(_tiny_net(1), build_train_loader(RandomAugmentedImages(), SHORT), SHORT, loss_fn=_classification_loss,
+            output_dir=folder, evaluate=evaluate, best_metric="acc")  # fmt: skip
+    message = str(caught.value)
+    assert str(folder) in message and "last.pt, best.pt" in message and message.endswith(MESSAGE_END)
+    assert (folder / "best.pt").read_bytes() == best_bytes  # the earlier run's best is untouched
+
+    check_run_folder(tmp_path / "new", resume=None, overwrite=False)  # a folder that does not exist yet
+    check_run_folder(folder, resume=True, overwrite=False)
+    with pytest.raises(RunFolderError, match="pick one"):
+        check_run_folder(folder, resume=True, overwrite=True)
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(RunFolderError, match="is a file"):
+        check_run_folder(tmp_path / "file", resume=None, overwrite=False)
+
+    # --overwrite starts over: the old checkpoints go, so no stale best.pt outlives its run.
+    capsys.readouterr()
+    result = fit(_tiny_net(1), build_train_loader(RandomAugmentedImages(), SHORT), SHORT,
+                 loss_fn=_classification_loss, output_dir=folder, overwrite=True)  # fmt: skip
+    assert "--overwrite: removed last.pt, best.pt of the previous run" in capsys.readouterr().out
+    assert sorted(p.name for p in folder.iterdir()) == ["last.pt"] and result["best_checkpoint"] is None
+    assert load_checkpoint(folder / "last.pt")["history"][0]["metrics"] == {}
+
+
+def test_last_checkpoint_precedes_evaluation_and_resume_finishes_it(tmp_path, capsys):
+    dataset = RandomAugmentedImages()
+    accuracy = _accuracy_on(dataset)
+    full = _tiny_net(0)
+    result_full = fit(full, build_train_loader(dataset, CFG), CFG, loss_fn=_classification_loss,
+                      output_dir=tmp_path / "full", evaluate=accuracy, best_metric="acc")  # fmt: skip
+
+    def crashing_evaluate(model, epoch):
+        if epoch == 2:
+            raise _Killed  # evaluation crashes (or the job is killed) after epoch 2 trained
+        return accuracy(model, epoch)
+
+    with pytest.raises(_Killed):
+        fit(_tiny_net(0), build_train_loader(dataset, CFG), CFG, loss_fn=_classification_loss,
+            output_dir=tmp_path / "cut", evaluate=crashing_evaluate, best_metric="acc")  # fmt: skip
+    last = load_checkpoint(tmp_path / "cut" / "last.pt")
+    assert last["epoch"] == 2 and last["evaluation_pending"] is True  # epoch 2's training is kept
+    assert [h["metrics"] for h in last["history"]] == [result_full["history"][0]["metrics"], {}]
+    assert load_checkpoint(tmp_path / "cut" / "best.pt")["epoch"] == 1
+
+    capsys.readouterr()
+    resumed = _tiny_net(5)
+    result = fit(resumed, build_train_loader(RandomAugmentedImages(), CFG), CFG, loss_fn=_classification_loss,
+                 output_dir=tmp_path / "cut", evaluate=accuracy, best_metric="acc", resume=True)  # fmt: skip
+    printed = [line for line in capsys.readouterr().out.splitlines() if line.startswith("epoch")]
+    assert [line.split(":")[0] for line in printed] == ["epoch 2/3", "epoch 3/3"]  # epoch 2 evaluated first
+    assert result["epochs_run"] == 1
+    for key, value in full.state_dict().items():
+        assert torch.equal(value, resumed.state_dict()[key]), key
+    assert [h["metrics"] for h in result["history"]] == [h["metrics"] for h in result_full["history"]]
+    assert result["best"] == result_full["best"]
+    assert load_checkpoint(tmp_path / "cut" / "last.pt")["evaluation_pending"] is False
+
+
+def test_temporaries_of_an_interrupted_save_are_removed(tmp_path, capsys):
+    tmp_path.joinpath(".last.pt.k2j4h1.tmp").write_bytes(b"half a checkpoint")
+    tmp_path.joinpath(".best.pt.a8b7c6.tmp").write_bytes(b"half a checkpoint")
+    tmp_path.joinpath(".notes.txt.tmp").write_text("not ours")
+    fit(_tiny_net(0), build_train_loader(RandomAugmentedImages(), SHORT), SHORT, loss_fn=_classification_loss,
+        output_dir=tmp_path)  # fmt: skip
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".notes.txt.tmp", "last.pt"]
+    notes = [line for line in capsys.readouterr().out.splitlines() if line.startswith("removed")]
+    assert len(notes) == 2 and ".last.pt.k2j4h1.tmp" in notes[0] and ".best.pt.a8b7c6.tmp" in notes[1]
+
+
+def _detection_meta(head: str, width: float) -> dict:
+    return {"task": "detection", "head": head, "config": {"model": {"head": head, "backbone": {"width_mult": width}}}}
+
+
+@pytest.mark.parametrize(
+    "wanted,expected",
+    [
+        (_detection_meta("faster_rcnn", 0.5), "config wants a detection model (head faster_rcnn, backbone width 0.5)"),
+        (_detection_meta("ssd", 1.0), "but the config wants a detection model (head ssd, backbone width 1.0)"),
+        ({"task": "face", "head": "face_embedding", "config": {}}, "wants a face model (head face_embedding)"),
+    ],
+)
+def test_resume_names_a_checkpoint_of_another_run(tmp_path, wanted, expected):
+    fit(_tiny_net(0), build_train_loader(RandomAugmentedImages(), SHORT), SHORT, loss_fn=_classification_loss,
+        output_dir=tmp_path, checkpoint_meta=_detection_meta("ssd", 0.5))  # fmt: skip
+    with pytest.raises(ValueError) as caught:
+        fit(_tiny_net(0), build_train_loader(RandomAugmentedImages(), CFG), CFG, loss_fn=_classification_loss,
+            output_dir=tmp_path, checkpoint_meta=wanted, resume=True)  # fmt: skip
+    message = str(caught.value)
+    assert "\n" not in message and str(tmp_path / "last.pt") in message
+    assert "it holds a detection model (head ssd, backbone width 0.5)" in message and expected in message
+    assert "--weights-backbone" in message
+
+
+def test_resume_into_a_model_that_does_not_fit_is_one_line(tmp_path):
+    fit(_tiny_net(0), build_train_loader(RandomAugmentedImages(), SHORT), SHORT, loss_fn=_classification_loss,
+        output_dir=tmp_path)  # fmt: skip
+    wider = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU(),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 3))  # fmt: skip
+    with pytest.raises(ValueError) as caught:
+        fit(wider, build_train_loader(RandomAugmentedImages(), CFG), CFG, loss_fn=_classification_loss,
+            output_dir=tmp_path, resume=True)  # fmt: skip
+    message = str(caught.value)
+    assert "\n" not in message and len(message) < 600
+    assert message.startswith(f"cannot resume from {tmp_path / 'last.pt'}: its weights do not fit this model")
+    assert "Error(s) in loading state_dict for Sequential" in message and "--weights-backbone" in message
+
+
+def test_checkpoints_hold_only_what_weights_only_loading_reads(tmp_path):
+    fit(_tiny_net(0), build_train_loader(RandomAugmentedImages(), SHORT), SHORT, loss_fn=_classification_loss,
+        output_dir=tmp_path, evaluate=_accuracy_on(RandomAugmentedImages()), best_metric="acc")  # fmt: skip
+    for name in ("last.pt", "best.pt"):
+        raw = torch.load(tmp_path / name, weights_only=True)  # raises on any pickled Python object
+        numpy_state = raw["rng"]["numpy"]
+        assert numpy_state["keys"].dtype == torch.int64 and numpy_state["keys"].shape == (624,)
+        assert isinstance(raw["rng"]["python"], tuple)
+
+
+def test_rng_state_round_trip_restores_every_stream():
+    state = capture_rng_state()
+    first = (torch.rand(3), np.random.rand(3), random.random())
+    restore_rng_state(state)
+    second = (torch.rand(3), np.random.rand(3), random.random())
+    assert torch.equal(first[0], second[0]) and np.array_equal(first[1], second[1]) and first[2] == second[2]
+    # A state captured before RNG states were stored as tensors (numpy's own tuple) still restores.
+    legacy = {**state, "numpy": np.random.get_state()}
+    draw = np.random.rand(2)
+    restore_rng_state(legacy)
+    assert np.array_equal(np.random.rand(2), draw)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import importlib.util
+import importlib
 import json
 import re
 from pathlib import Path
@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 from pycocotools import mask as mask_utils
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
 from torch import nn
 
 from mnapps.eval.coco import (
@@ -17,6 +19,7 @@ from mnapps.eval.coco import (
     evaluate_detector,
     evaluate_results,
     format_per_class_table,
+    load_coco_gt,
     predictions_to_coco_results,
     write_metrics_json,
 )
@@ -208,6 +211,77 @@ def test_bad_inputs_are_named(tmp_path: Path):
         evaluate_results(ann, [{"image_id": 11, "category_id": 3, "score": 1.0}])
 
 
+def test_bad_ground_truth_boxes_are_dropped_and_counted(tmp_path: Path):
+    # One real GT box and a higher-scored false positive far from it: precision 0 then 1/2 at
+    # recall 1, so AP = AP50 = 1/2 (the TP overlaps exactly). A NaN GT box lets pycocotools
+    # count that false positive as a match (a NaN IoU is never "< threshold"), inflating AP;
+    # zero-width and negative-height GT boxes can never be matched and only cost recall.
+    good = [(1, 5, [10, 10, 40, 40])]
+    bad = [(1, 5, [float("nan"), 60, 30, 30]), (1, 5, [70, 10, 0, 10]), (2, 5, [5, 70, 10, -5])]
+    images = [(1, 100, 100), (2, 100, 100)]
+    clean_ann = _gt_file(tmp_path, [(5, "box")], images, good)
+    clean_ann = clean_ann.rename(tmp_path / "clean.json")
+    bad_ann = _gt_file(tmp_path, [(5, "box")], images, good + bad)
+    results = [
+        {"image_id": 1, "category_id": 5, "bbox": [60, 60, 30, 30], "score": 0.95},
+        {"image_id": 1, "category_id": 5, "bbox": [10, 10, 40, 40], "score": 0.8},
+    ]
+    clean, _, clean_summary = evaluate_results(clean_ann, results)
+    assert clean["AP"] == pytest.approx(0.5) and clean["AP50"] == pytest.approx(0.5)
+    assert "num_gt_dropped" not in clean and not clean_summary.startswith("note:")
+
+    # What pycocotools alone makes of the file with the NaN box: a higher, false AP.
+    gt = COCO(str(bad_ann))
+    raw = COCOeval(gt, gt.loadRes(results), iouType="bbox")
+    raw.evaluate(), raw.accumulate(), raw.summarize()
+    assert raw.stats[0] > 0.5 + 0.1
+
+    metrics, per_class, summary = evaluate_results(bad_ann, results)
+    assert metrics["AP"] == clean["AP"] and metrics["AP50"] == clean["AP50"]
+    assert {name: metrics[name] for name in COCO_METRIC_NAMES} == clean
+    assert per_class == {"box": pytest.approx(0.5)}
+    assert metrics["num_gt_dropped"] == 3
+    assert summary.startswith("note: 3 ground-truth box(es)") and str(bad_ann) in summary.splitlines()[0]
+
+    # Counted only where evaluated; the caller's COCO object is left as it was.
+    gt = load_coco_gt(bad_ann)
+    metrics, _, summary = evaluate_results(gt, results, img_ids=[1])
+    assert metrics["num_gt_dropped"] == 2 and metrics["AP"] == clean["AP"]
+    assert len(gt.dataset["annotations"]) == 4 and len(gt.anns) == 4
+
+
+@pytest.mark.parametrize(
+    "entry,shown",
+    [
+        ({"bbox": ["10", 10, 40, 40]}, "bbox ['10', 10, 40, 40]"),
+        ({"bbox": [10, 10, float("nan"), 40]}, "bbox [10, 10, nan, 40]"),
+        ({"bbox": "10 10 40 40"}, "bbox '10 10 40 40'"),
+        ({"score": "high"}, "score 'high'"),
+        ({"image_id": [1]}, "image_id [1]"),
+    ],
+)
+def test_malformed_result_entry_is_named(tmp_path: Path, entry, shown):
+    ann = _gt_file(tmp_path, [(5, "box")], [(1, 100, 100)], [(1, 5, [10, 10, 40, 40])])
+    good = {"image_id": 1, "category_id": 5, "bbox": [10, 10, 40, 40], "score": 0.9}
+    results_file = tmp_path / "results.json"
+    results_file.write_text(json.dumps([good, {**good, **entry}]))
+    with pytest.raises(ValueError) as caught:
+        evaluate_results(ann, results_file)
+    message = str(caught.value)
+    assert message.startswith(f"{results_file}: detection #1 has {shown}") and "\n" not in message
+
+
+def test_tool_names_a_string_bbox_in_one_line(tmp_path: Path, capsys):
+    ann = _gt_file(tmp_path, [(5, "box")], [(1, 100, 100)], [(1, 5, [10, 10, 40, 40])])
+    results_file = tmp_path / "results.json"
+    results_file.write_text(json.dumps([{"image_id": 1, "category_id": 5, "bbox": ["a", 1, 2, 3], "score": 1}]))
+    code = _exit_code(_load_tool(), ["--results", str(results_file), "--val-ann", str(ann), "--out-dir", str(tmp_path)])
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert len(err.splitlines()) == 1 and str(results_file) in err and "detection #0 has bbox" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["instances.json", "results.json"]  # nothing written
+
+
 class _SizeKeyedDetector(nn.Module):
     """Returns each image's ground truth, found by the image's (distinct) size."""
 
@@ -283,10 +357,16 @@ def test_metrics_json_and_table(tmp_path: Path):
 
 
 def _load_tool():
-    spec = importlib.util.spec_from_file_location("eval_det_tool", PROJECT_ROOT / "tools" / "eval_det.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = importlib.import_module("mnapps.cli.eval_det")
     return module
+
+
+def _exit_code(tool, argv) -> int:
+    """The tool's exit status, whether argparse exits or main returns it."""
+    try:
+        return tool.main(argv)
+    except SystemExit as exit_:
+        return exit_.code
 
 
 def test_tool_results_mode(shared_data: Path, tmp_path: Path, capsys):
@@ -304,11 +384,10 @@ def test_tool_results_mode(shared_data: Path, tmp_path: Path, capsys):
     summary_numbers = [float(v) for v in re.findall(r"maxDets=\s*\d+ \] = (-?\d+\.\d+)", printed)]
     assert summary_numbers == published
     assert "toothbrush" in printed  # per-class table
-    written = json.loads((tmp_path / "metrics.json").read_text())
+    written = json.loads((tmp_path / tool.METRICS_FILE).read_text())
     assert [round(written[name], 3) for name in COCO_METRIC_NAMES] == published
 
-    with pytest.raises(SystemExit):
-        tool.main(["--results", str(tmp_path / "missing.json"), "--val-ann", str(tmp_path / "metrics.json")])
+    assert _exit_code(tool, ["--results", str(tmp_path / "missing.json"), "--val-ann", str(tmp_path / "x.json")]) == 2
     assert "file not found" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         tool.main(["--results", str(folder / "instances_val2014_fakebbox100_results.json")])
@@ -343,11 +422,11 @@ def test_tool_checkpoint_mode(shared_data: Path, tmp_path: Path, capsys):
     # A real (untrained, tiny) SSD checkpoint through the tool: load_detector, the config's val
     # split, the loader, COCOeval and metrics.json. Untrained, its AP is near 0; the wiring is
     # what is checked: every evaluated category is a real coco8 one and the file has the keys.
-    detection = pytest.importorskip("mnapps.engine.detection")
-    from mnapps.build import build_detector
+    detection = pytest.importorskip("mnapps.tasks.detection")
+    from mnapps.tasks.detection import build_model
     from mnapps.config import BackboneConfig, to_dict
     from mnapps.data.coco import CocoDetection
-    from mnapps.engine.checkpoint import save_checkpoint
+    from mnapps.checkpoint import save_checkpoint
     from mnapps.heads.ssd import SSDConfig
 
     val_ann, val_images = shared_data / "coco8" / "instances_val.json", shared_data / "coco8" / "images" / "val"
@@ -363,17 +442,18 @@ def test_tool_checkpoint_mode(shared_data: Path, tmp_path: Path, capsys):
         data=detection.DetDataConfig(val_ann=str(val_ann), val_images=str(val_images)),
     )
     torch.manual_seed(0)
-    model = build_detector(cfg, dataset.num_classes)
+    model = build_model(cfg, dataset.num_classes)
     checkpoint = tmp_path / "best.pt"
     save_checkpoint(
         {"task": "detection", "head": "ssd", "config": to_dict(cfg), "model": model.state_dict(), "epoch": 0},
         checkpoint,
     )
 
-    _load_tool().main(["--checkpoint", str(checkpoint), "--max-images", "2", "--workers", "0", "--no-progress"])
+    tool = _load_tool()
+    tool.main(["--checkpoint", str(checkpoint), "--max-images", "2", "--workers", "0", "--no-progress"])
     printed = capsys.readouterr().out
     assert len(re.findall(r"maxDets=\s*\d+ \] = ", printed)) == 12
-    written = json.loads((tmp_path / "metrics.json").read_text())  # default: next to the checkpoint
+    written = json.loads((tmp_path / tool.METRICS_FILE).read_text())  # default: next to the checkpoint
     assert set(COCO_METRIC_NAMES) <= set(written) and written["checkpoint"] == str(checkpoint)
     assert set(written["per_class_AP"]) <= set(dataset.class_names[1:])
     assert all(0.0 <= ap <= 1.0 for ap in written["per_class_AP"].values())

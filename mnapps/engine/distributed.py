@@ -4,7 +4,8 @@ This module owns the multi-process side of training: :func:`init_distributed` re
 environment ``torchrun`` sets (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``) and starts the process
 group (NCCL on CUDA, gloo on CPU), or reports a single process when that environment is
 absent; :func:`distributed_run` wraps it for a training entry point and tears down the group
-it started (barrier first, so no rank drops out while a peer still talks to it);
+it started (barrier first, so no rank drops out while a peer still talks to it), and
+:func:`run_distributed` runs a task function inside it (the one wrapper every task uses);
 :func:`build_train_loader` makes the training loader whose order and augmentation
 randomness depend only on ``(cfg.seed, epoch, rank)``, which is what makes ``--resume``
 reproduce an uninterrupted run exactly. Launch multi-GPU / multi-node runs with
@@ -22,7 +23,7 @@ import os
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any, Callable, Iterator, Sized
+from typing import Any, Callable, Iterator, Sized, TypeVar
 
 import numpy as np
 import torch
@@ -36,6 +37,7 @@ __all__ = [
     "init_distributed",
     "cleanup_distributed",
     "distributed_run",
+    "run_distributed",
     "current_dist_info",
     "epoch_seed",
     "seed_augmentations",
@@ -43,7 +45,10 @@ __all__ = [
     "TrainLoader",
     "build_train_loader",
     "build_eval_loader",
+    "resolve_device",
 ]
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -78,6 +83,37 @@ def _env_int(name: str) -> int:
         raise ValueError(f"environment variable {name}={raw!r} is not an integer (set by torchrun)") from None
 
 
+def resolve_device(device: str | torch.device | None) -> torch.device | None:
+    """Check a ``--device`` value: ``cpu``, ``cuda`` or ``cuda:N`` that this machine has.
+
+    Returns:
+        the device, or None when ``device`` is None (callers then pick CUDA when available).
+
+    Raises:
+        ValueError: an unknown device name, or a CUDA device this machine does not have, with
+            the fix in the message.
+    """
+    if device is None or isinstance(device, torch.device):
+        wanted = device
+    else:
+        try:
+            wanted = torch.device(device)
+        except (RuntimeError, ValueError):
+            raise ValueError(f"unknown device {device!r}; use cpu, cuda or cuda:N") from None
+    if wanted is None:
+        return None
+    if wanted.type not in ("cpu", "cuda"):
+        raise ValueError(f"device {str(device)!r} is not supported; use cpu, cuda or cuda:N")
+    if wanted.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {str(device)!r} was asked for but this machine has no CUDA GPU "
+                             "(torch.cuda.is_available() is False); use --device cpu")
+        if wanted.index is not None and wanted.index >= torch.cuda.device_count():
+            raise ValueError(f"device {str(device)!r} was asked for but only {torch.cuda.device_count()} GPU(s) "
+                             "are visible")
+    return wanted
+
+
 def init_distributed(device: str | torch.device | None = None) -> DistInfo:
     """Start the process group when launched by ``torchrun``; otherwise describe one process.
 
@@ -92,9 +128,7 @@ def init_distributed(device: str | torch.device | None = None) -> DistInfo:
     Raises:
         ValueError: CUDA asked for but unavailable, or fewer GPUs than local processes.
     """
-    wanted = torch.device(device) if device is not None else None
-    if wanted is not None and wanted.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device 'cuda' was asked for but torch.cuda.is_available() is False; use --device cpu")
+    wanted = resolve_device(device)
     use_cuda = wanted.type == "cuda" if wanted is not None else torch.cuda.is_available()
 
     launched = "RANK" in os.environ and "WORLD_SIZE" in os.environ
@@ -167,6 +201,21 @@ def distributed_run(device: str | torch.device | None = None) -> Iterator[DistIn
         raise
     if owns_group:
         cleanup_distributed()
+
+
+def run_distributed(task: Callable[..., T], device: str | torch.device | None, *args: Any, **kwargs: Any) -> T:
+    """Run ``task(*args, info=<DistInfo>, **kwargs)`` inside :func:`distributed_run` and return its result.
+
+    The entry point of every training task (``train_detector``, ``train_classifier``,
+    ``distill_face``): under ``torchrun`` the process group lives exactly as long as the task.
+
+    Args:
+        task: the task body; it receives this process's :class:`DistInfo` as ``info``.
+        device: ``"cuda"``, ``"cuda:N"``, ``"cpu"`` or None (CUDA when available), checked by
+            :func:`resolve_device`.
+    """
+    with distributed_run(device) as info:
+        return task(*args, info=info, **kwargs)
 
 
 def current_dist_info(device: str | torch.device = "cpu") -> DistInfo:

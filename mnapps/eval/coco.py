@@ -4,10 +4,13 @@ This module owns the path from model outputs to COCO numbers: turning torchvisio
 predictions (contiguous labels, xyxy pixel boxes) into a COCO results list with the dataset's
 ORIGINAL category ids, running ``pycocotools.cocoeval.COCOeval`` on it (imported, never copied,
 so the numbers are exactly the published ones), reading out the standard 12 summary numbers,
-per-class AP@[.5:.95] and the printed summary, and writing ``metrics.json``. It also runs a
-detector over a loader under ``torch.inference_mode`` (:func:`evaluate_detector`), restricting
-COCOeval to the images actually evaluated so that ``max_images`` or skipped unreadable images do
-not count as missed detections. Metric conventions are COCO's: ``-1`` means "no ground truth in
+per-class AP@[.5:.95] and the printed summary, and writing ``metrics.json``. Ground-truth boxes
+that pycocotools would mis-score (NaN overlaps count as matches) are left out and counted, and a
+results entry that is not four finite numbers with integer ids and a finite score is refused
+with a message naming the entry. It also runs a detector over a loader under
+``torch.inference_mode`` (:func:`evaluate_detector`), restricting COCOeval to the images
+actually evaluated so that ``max_images`` or skipped unreadable images do not count as missed
+detections. Metric conventions are COCO's: ``-1`` means "no ground truth in
 that area range", not a score.
 """
 
@@ -19,7 +22,6 @@ import io
 import json
 import math
 import os
-import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -30,6 +32,8 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 from torch import nn
 from tqdm import tqdm
+
+from mnapps.files import atomic_write
 
 __all__ = [
     "COCO_METRIC_NAMES",
@@ -106,22 +110,41 @@ def _load_results(results: Sequence[Mapping[str, Any]] | str | os.PathLike) -> t
     return [dict(det) for det in data], source
 
 
-def _check_results(detections: list[dict], gt: COCO, iou_type: str, source: str) -> None:
-    """Fail with a message naming the bad entry instead of an assert deep inside pycocotools."""
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, (bool, np.bool_))
+
+
+def _is_id(value: Any) -> bool:
+    return _is_number(value) and math.isfinite(value) and float(value).is_integer()
+
+
+def _check_detection(index: int, det: Mapping[str, Any], iou_type: str, source: str) -> None:
+    """One results entry: its keys, ids, score and (for bbox) four finite numbers."""
     geometry_key = "bbox" if iou_type == "bbox" else "segmentation"
     required = ("image_id", "category_id", geometry_key, "score")
-    for index, det in enumerate(detections):
-        missing = [key for key in required if key not in det]
-        if missing:
+    missing = [key for key in required if key not in det]
+    if missing:
+        raise ValueError(f"{source}: detection #{index} lacks {missing}; each needs keys {list(required)}")
+    for key in ("image_id", "category_id"):
+        if not _is_id(det[key]):
+            raise ValueError(f"{source}: detection #{index} has {key} {det[key]!r}; ids are integers")
+    if not (_is_number(det["score"]) and math.isfinite(det["score"])):
+        raise ValueError(f"{source}: detection #{index} has score {det['score']!r}; expected a finite number")
+    if iou_type == "bbox":
+        box = det["bbox"]
+        # A NaN coordinate gives a NaN overlap, which COCOeval counts as a match.
+        if not (isinstance(box, (list, tuple)) and len(box) == 4 and all(_is_number(v) for v in box)) or not all(
+            math.isfinite(v) for v in box
+        ):
             raise ValueError(
-                f"{source}: detection #{index} lacks {missing}; each needs keys {list(required)}"
+                f"{source}: detection #{index} has bbox {box!r}; expected [x, y, width, height], four finite numbers"
             )
-        if iou_type == "bbox":
-            box = det["bbox"]
-            if not isinstance(box, (list, tuple)) or len(box) != 4:
-                raise ValueError(
-                    f"{source}: detection #{index} has bbox {box!r}; expected [x, y, width, height]"
-                )
+
+
+def _check_results(detections: list[dict], gt: COCO, iou_type: str, source: str) -> None:
+    """Fail with a message naming the bad entry instead of an assert deep inside pycocotools."""
+    for index, det in enumerate(detections):
+        _check_detection(index, det, iou_type, source)
     known_images = set(gt.getImgIds())
     unknown_images = {det["image_id"] for det in detections} - known_images
     if unknown_images:
@@ -138,6 +161,34 @@ def _check_results(detections: list[dict], gt: COCO, iou_type: str, source: str)
             f"(valid: {sorted(known_categories)}); results must use the annotation file's original "
             f"category ids, not contiguous training labels"
         )
+
+
+def _valid_gt_box(ann: Mapping[str, Any]) -> bool:
+    box = ann.get("bbox")
+    if not (isinstance(box, (list, tuple)) and len(box) == 4 and all(_is_number(v) for v in box)):
+        return False
+    return all(math.isfinite(v) for v in box) and box[2] > 0 and box[3] > 0
+
+
+def _without_bad_gt_boxes(gt: COCO, img_ids: Iterable[int] | None) -> tuple[COCO, int]:
+    """Ground truth without boxes that are non-finite, malformed or of non-positive size.
+
+    pycocotools counts a NaN overlap as a match, so one NaN ground-truth box makes random
+    detections "correct" and inflates AP. Returns a filtered copy (the caller's ``COCO`` is
+    left as it is) and how many such boxes fall on the evaluated images (all images when
+    ``img_ids`` is None).
+    """
+    annotations = gt.dataset.get("annotations", [])
+    bad = [ann for ann in annotations if not _valid_gt_box(ann)]
+    if not bad:
+        return gt, 0
+    bad_ids = {id(ann) for ann in bad}
+    filtered = COCO()
+    filtered.dataset = {**gt.dataset, "annotations": [ann for ann in annotations if id(ann) not in bad_ids]}
+    with contextlib.redirect_stdout(io.StringIO()):
+        filtered.createIndex()
+    wanted = None if img_ids is None else {int(i) for i in img_ids}
+    return filtered, sum(1 for ann in bad if wanted is None or ann.get("image_id") in wanted)
 
 
 def _empty_detections(gt: COCO) -> COCO:
@@ -203,29 +254,42 @@ def evaluate_results(
     Returns:
         ``(metrics, per_class_ap, summary_text)``: ``metrics`` maps the 12 names of
         :data:`COCO_METRIC_NAMES` to COCOeval's stats in order (-1 = no ground truth for that
-        entry, COCO's convention); ``per_class_ap`` maps category name to AP@[.5:.95] for the
-        categories that have ground truth among the evaluated images (others are omitted);
+        entry, COCO's convention), followed by ``"num_gt_dropped"`` only when ground-truth
+        boxes were left out (see below); ``per_class_ap`` maps category name to AP@[.5:.95] for
+        the categories that have ground truth among the evaluated images (others are omitted);
         ``summary_text`` is what ``COCOeval.summarize()`` prints, preceded by a note line when
-        there were no detections.
+        ground-truth boxes were left out or there were no detections.
+
+    Ground-truth boxes that are non-finite, malformed or of zero/negative width or height are
+    left out before COCOeval (``iou_type="bbox"``) and counted: pycocotools would count their
+    NaN overlaps as matches and inflate AP.
 
     Raises:
         FileNotFoundError: an annotation or results path does not exist.
-        ValueError: unknown ``iou_type``, malformed detections, image or category ids that are
-            not in the ground truth, or ``img_ids`` outside the ground truth.
+        ValueError: unknown ``iou_type``, malformed detections (a bbox that is not four finite
+            numbers, a non-numeric score or id), image or category ids that are not in the
+            ground truth, or ``img_ids`` outside the ground truth.
     """
     if iou_type not in _IOU_TYPES:
         raise ValueError(f"iou_type must be one of {_IOU_TYPES}, got {iou_type!r}")
+    img_ids = None if img_ids is None else list(img_ids)
     gt = load_coco_gt(coco_gt)
     detections, source = _load_results(results)
     _check_results(detections, gt, iou_type, source)
-
-    note = ""
+    note, dropped = "", 0
+    if iou_type == "bbox":
+        gt, dropped = _without_bad_gt_boxes(gt, img_ids)
+    if dropped:
+        note = (
+            f"note: {dropped} ground-truth box(es) with a non-finite, malformed, zero or negative-size bbox "
+            f"were left out of the evaluation; fix them in {_gt_name(coco_gt)}\n"
+        )
     with contextlib.redirect_stdout(io.StringIO()):  # loadRes/evaluate/accumulate chatter
         if detections:
             dets = gt.loadRes(detections)
         else:
             dets = _empty_detections(gt)
-            note = f"note: {source} holds no detections; every AP/AR is 0 where ground truth exists\n"
+            note += f"note: {source} holds no detections; every AP/AR is 0 where ground truth exists\n"
         evaluator = COCOeval(gt, dets, iouType=iou_type)
         if img_ids is not None:
             wanted = sorted({int(i) for i in img_ids})
@@ -242,7 +306,13 @@ def evaluate_results(
         evaluator.summarize()
 
     metrics = {name: float(value) for name, value in zip(COCO_METRIC_NAMES, evaluator.stats)}
+    if dropped:
+        metrics["num_gt_dropped"] = dropped
     return metrics, _per_class_ap(evaluator, gt), note + summary.getvalue()
+
+
+def _gt_name(coco_gt: COCO | str | os.PathLike) -> str:
+    return "the annotation file" if isinstance(coco_gt, COCO) else str(coco_gt)
 
 
 def _to_numpy(values: Any, dtype: Any) -> np.ndarray:
@@ -488,16 +558,5 @@ def write_metrics_json(
         if key in payload:
             raise ValueError(f"extra key {key!r} would overwrite a metric; rename it")
         payload[key] = value
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            json.dump(_json_safe(payload), handle, indent=2, default=str)
-            handle.write("\n")
-        os.replace(tmp_name, path)
-    except BaseException:
-        if os.path.exists(tmp_name):
-            os.unlink(tmp_name)
-        raise
-    return path
+    text = json.dumps(_json_safe(payload), indent=2, default=str) + "\n"
+    return atomic_write(path, lambda handle: handle.write(text.encode("utf-8")))
