@@ -4,8 +4,8 @@ Counts come from running each model once under :class:`torch.utils.flop_counter.
 (MACs = FLOPs / 2: the counter reports 2 FLOPs per multiply-add of convolutions and matrix
 products) and from summing the model's parameters; nothing here is a closed-form formula.
 Each :class:`StatsRow` names a model, knows how to build it and its input, and carries the
-paper's value where the paper has one (Tables 1-14 of arXiv 1704.04861). Heads add their own
-rows to :data:`ROWS` (one block per head, marked with a comment).
+paper's value where the paper has one (Tables 1-14 of arXiv 1704.04861). Each head has its own
+block of rows in :data:`ROWS`, marked with a comment.
 """
 
 from __future__ import annotations
@@ -16,6 +16,12 @@ from typing import Any, Callable
 import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
+
+from mnapps.backbones import MobileNetV1
+from mnapps.distill.teacher import build_teacher
+from mnapps.heads.face_embedding import FaceModelConfig, build_face_embedder
+from mnapps.heads.faster_rcnn import FasterRCNNConfig, build_faster_rcnn, build_faster_rcnn_fpn
+from mnapps.heads.ssd import SSDConfig, build_ssd
 
 __all__ = ["StatsRow", "ROWS", "count_params", "count_macs", "measure", "measure_all"]
 
@@ -69,8 +75,6 @@ def measure_all(names: list[str] | None = None) -> list[dict[str, Any]]:
 
 def _classifier(width_mult: float, resolution: int, variant: str = "standard"):
     def build() -> tuple[nn.Module, torch.Tensor]:
-        from mnapps.backbones import MobileNetV1
-
         model = MobileNetV1(width_mult, 1000, variant=variant)
         return model, torch.zeros(1, 3, resolution, resolution)
 
@@ -94,8 +98,6 @@ ROWS: list[StatsRow] = [
 
 def _ssd(lite: bool):
     def build() -> tuple[nn.Module, list[torch.Tensor]]:
-        from mnapps.heads.ssd import SSDConfig, build_ssd
-
         # 91 classes: the TF API's COCO label map (90 ids + background), as in the paper.
         model = build_ssd(SSDConfig(size=300, lite=lite, predictor_kernel_size=3 if lite else 1), num_classes=91)
         return model, [torch.zeros(3, 300, 300)]
@@ -131,12 +133,6 @@ ROWS += [
 
 def _faster_rcnn(size: int, fpn: bool = False):
     def build() -> tuple[nn.Module, list[torch.Tensor]]:
-        from mnapps.heads.faster_rcnn import (
-            FasterRCNNConfig,
-            build_faster_rcnn,
-            build_faster_rcnn_fpn,
-        )
-
         # rpn_nms_thresh=1.0 keeps every proposal NMS would otherwise merge (NMS is not a
         # multiply-add), so the untrained RPN always hands exactly 300 RoIs to the second
         # stage, as the paper's count assumes.
@@ -185,14 +181,10 @@ ROWS += [
 
 
 def _face_student() -> tuple[nn.Module, torch.Tensor]:
-    from mnapps.heads.face_embedding import FaceModelConfig, build_face_embedder
-
     return build_face_embedder(FaceModelConfig(input_size=160, embedding_dim=512)), torch.zeros(1, 3, 160, 160)
 
 
 def _facenet_teacher() -> tuple[nn.Module, torch.Tensor]:
-    from mnapps.distill.teacher import build_teacher
-
     # Random weights: the count does not depend on them, and the tool must run offline.
     return build_teacher("random"), torch.zeros(1, 3, 160, 160)
 

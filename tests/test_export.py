@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import importlib.util
+import importlib
 import math
 import subprocess
 import sys
@@ -16,7 +16,7 @@ from torch import nn
 
 from mnapps.backbones import MobileNetV1
 from mnapps.config import BackboneConfig, to_dict
-from mnapps.engine.checkpoint import save_checkpoint
+from mnapps.checkpoint import save_checkpoint
 from mnapps.export.detection import split_ssd
 from mnapps.export.fuse import count_batchnorms, fold_batchnorm, fold_conv_bn
 from mnapps.export.postprocess import SSDPostprocessParams, decode_boxes, postprocess_ssd, preprocess_images
@@ -330,9 +330,7 @@ def _write_pngs(folder, count, size, seed=0):
 
 
 def _export_tool_main():
-    spec = importlib.util.spec_from_file_location("export_tool", PROJECT_ROOT / "tools" / "export.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = importlib.import_module("mnapps.cli.export")
     return module.main
 
 
@@ -371,7 +369,10 @@ def test_export_tool_rejects_unknown_task(tmp_path, capsys):
 @pytest.mark.slow
 def test_tf_slim_weights_export_and_int8_keep_the_reference_top1(shared_data, tmp_path):
     from mnapps.backbones.tf_slim import build_from_tf_slim, read_tf_slim_tensors
-    from mnapps.data.imagefolder import build_cls_transforms, load_rgb
+    from PIL import Image
+
+    from mnapps.data.image_io import load_rgb
+    from mnapps.data.imagefolder import build_cls_transforms
     from mnapps.export.pipeline import find_images
 
     folder = shared_data / "mobilenet_v1_tfslim"
@@ -386,7 +387,7 @@ def test_tf_slim_weights_export_and_int8_keep_the_reference_top1(shared_data, tm
     # Calibrate on other real photos (COCO images and portraits), never the reference ones.
     transform = build_cls_transforms(False, 224)
     files = find_images([shared_data / "coco8" / "images", shared_data / "faces" / "deepface"], 32)
-    calibration = torch.stack([transform(load_rgb(f)) for f in files])
+    calibration = torch.stack([transform(Image.fromarray(load_rgb(f))) for f in files])
     corrections = int8_bias_correction(folded, calibration)
     int8 = quantize_onnx(fp32, tmp_path / "mnv1.int8.onnx", list(calibration.split(1)), bias_corrections=corrections)
     int8_logits = OrtModel(int8)(inputs)["logits"]

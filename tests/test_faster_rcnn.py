@@ -12,7 +12,8 @@ from torchvision.ops.misc import FrozenBatchNorm2d
 
 from mnapps.backbones import MobileNetV1
 from mnapps.config import BackboneConfig
-from mnapps.engine.checkpoint import extract_backbone_state, load_backbone_weights, save_checkpoint
+from mnapps.backbones.trunk import extract_backbone_state, load_backbone_weights
+from mnapps.checkpoint import save_checkpoint
 from mnapps.heads.faster_rcnn import (
     FasterRCNNConfig,
     FPNConfig,
@@ -345,21 +346,21 @@ def test_fpn_stats_row_exists_without_paper_value():
 @pytest.mark.parametrize(
     "name,head,min_size",
     [
-        ("faster_rcnn300_mobilenet_v1_coco", "faster_rcnn", 300),
-        ("faster_rcnn600_mobilenet_v1_coco", "faster_rcnn", 600),
-        ("faster_rcnn_fpn_mobilenet_v1_coco", "faster_rcnn_fpn", 600),
+        ("faster_rcnn_mnv1_a100_r300_coco", "faster_rcnn", 300),
+        ("faster_rcnn_mnv1_a100_r600_coco", "faster_rcnn", 600),
+        ("faster_rcnn_fpn_mnv1_a100_r600_coco", "faster_rcnn_fpn", 600),
         ("faster_rcnn_mnv1_a025_r256_shapes", "faster_rcnn", 256),
         ("faster_rcnn_fpn_mnv1_a025_r256_shapes", "faster_rcnn_fpn", 256),
     ],
 )
 def test_configs_build_their_detector(name, head, min_size):
-    from mnapps.build import build_detector
+    from mnapps.tasks.detection import build_model
     from mnapps.config import load_config
-    from mnapps.engine.detection import DetConfig
+    from mnapps.tasks.detection import DetConfig
 
     cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / f"{name}.yaml", DetConfig)
     assert cfg.model.head == head and cfg.model.faster_rcnn.min_size == min_size
-    model = build_detector(cfg, num_classes=81)
+    model = build_model(cfg, 81)
     assert model.transform.min_size == (min_size,)
     if "coco" in name:  # the paper's 300 proposals at test time, ImageNet-style fine-tuning
         assert model.rpn._post_nms_top_n["testing"] == 300
@@ -368,7 +369,7 @@ def test_configs_build_their_detector(name, head, min_size):
 
 def test_checkpoint_reloads_with_load_detector(tmp_path):
     from mnapps.config import to_dict
-    from mnapps.engine.detection import DetConfig, DetModelConfig, load_detector
+    from mnapps.tasks.detection import DetConfig, DetModelConfig, load_detector
 
     cfg = DetConfig(
         model=DetModelConfig(
@@ -381,9 +382,9 @@ def test_checkpoint_reloads_with_load_detector(tmp_path):
         )
     )
     torch.manual_seed(0)
-    from mnapps.build import build_detector
+    from mnapps.tasks.detection import build_model
 
-    model = build_detector(cfg, num_classes=3)
+    model = build_model(cfg, 3)
     _randomise_bn_statistics(model, seed=3)
     path = save_checkpoint(
         {"task": "detection", "head": "faster_rcnn", "config": to_dict(cfg), "model": model.state_dict()},

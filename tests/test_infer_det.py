@@ -8,7 +8,6 @@ dataset's classes) so the test needs no training; with random weights every anch
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -16,16 +15,15 @@ import pytest
 import torch
 from PIL import Image
 
-from mnapps.build import build_detector
+from mnapps.tasks.detection import build_model
 from mnapps.config import BackboneConfig, to_dict
 from mnapps.data.synthetic_det import ensure_shapes_detection
-from mnapps.engine.checkpoint import save_checkpoint
-from mnapps.engine.detection import DetConfig, DetModelConfig, image_ids_for
+from mnapps.checkpoint import save_checkpoint
+from mnapps.tasks.detection import DetConfig, DetModelConfig, image_ids_for
 from mnapps.eval.coco import evaluate_results
 from mnapps.heads.ssd import SSDConfig
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
-import infer_det  # noqa: E402
+from mnapps.cli import infer_det
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +46,7 @@ def checkpoint(tmp_path_factory) -> Path:
         )
     )
     torch.manual_seed(0)
-    model = build_detector(cfg, 5)
+    model = build_model(cfg, 5)
     path = tmp_path_factory.mktemp("ckpt") / "best.pt"
     return save_checkpoint(
         {"task": "detection", "head": "ssd", "config": to_dict(cfg), "model": model.state_dict(), "epoch": 1}, path
@@ -106,7 +104,7 @@ def test_image_ids_from_annotations_numbers_or_positions(shapes, tmp_path):
 
 def test_bad_inputs_are_clear_errors(checkpoint, tmp_path, capsys):
     assert infer_det.main([str(tmp_path / "missing"), "--checkpoint", str(checkpoint), "--out", str(tmp_path)]) == 2
-    assert "neither an image file nor a folder" in capsys.readouterr().err
+    assert f"image file or folder {tmp_path / 'missing'} does not exist" in capsys.readouterr().err
     not_detection = save_checkpoint({"task": "classification", "model": {}, "config": {}}, tmp_path / "cls.pt")
     (tmp_path / "imgs").mkdir()
     Image.new("RGB", (64, 48)).save(tmp_path / "imgs" / "x.png")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import importlib.util
+import importlib
 import json
 from pathlib import Path
 
@@ -59,9 +59,7 @@ def test_counters_on_a_hand_computed_model():
 
 
 def _load_tool():
-    spec = importlib.util.spec_from_file_location("model_stats_tool", ROOT / "tools" / "model_stats.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = importlib.import_module("mnapps.cli.model_stats")
     return module
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import importlib.util
+import importlib
 import warnings
 from pathlib import Path
 
@@ -12,11 +12,13 @@ import torch
 from PIL import Image
 
 from mnapps.backbones import MobileNetV1
-from mnapps.classification import ClsConfig, build_cls_datasets, train_classifier
+from mnapps.tasks.classification import ClsConfig, build_cls_datasets, train_classifier
 from mnapps.config import load_config
-from mnapps.data.imagefolder import ImageFolderDataset, build_cls_transforms, collate_cls, load_rgb
+from mnapps.data.image_io import load_rgb
+from mnapps.data.imagefolder import ImageFolderDataset, build_cls_transforms, collate_cls
 from mnapps.data.synthetic_cls import SHAPE_CLASSES, ensure_shapes_classification
-from mnapps.engine.checkpoint import load_backbone_weights, load_checkpoint
+from mnapps.backbones.trunk import load_backbone_weights
+from mnapps.checkpoint import load_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -68,7 +70,7 @@ def test_unreadable_image_is_skipped_with_a_warning_and_counted(tmp_path):
     (tmp_path / "cat" / "broken.jpg").write_bytes(b"\xff\xd8 truncated jpeg")
     dataset = ImageFolderDataset(tmp_path, build_cls_transforms(False, 32))
     assert len(dataset) == 2
-    with pytest.warns(RuntimeWarning, match=r"broken.jpg could not be read"):
+    with pytest.warns(RuntimeWarning, match=r"skipping unreadable image: .*broken\.jpg"):
         items = [dataset[i] for i in range(len(dataset))]
     assert dataset.num_unreadable == 1
     images, labels, skipped = collate_cls(items)
@@ -83,9 +85,12 @@ def test_unreadable_image_is_skipped_with_a_warning_and_counted(tmp_path):
 
 @pytest.mark.parametrize("mode", ["L", "P", "RGBA", "I;16", "CMYK"])
 def test_image_modes_become_rgb(tmp_path, mode):
-    path = _image(tmp_path / f"x_{mode.replace(';', '')}.{'jpg' if mode == 'CMYK' else 'png'}", mode)
+    # The dataset reads through mnapps.data.image_io.load_rgb: upright RGB uint8 [H, W, 3].
+    path = _image(tmp_path / "cat" / f"x_{mode.replace(';', '')}.{'jpg' if mode == 'CMYK' else 'png'}", mode)
     image = load_rgb(path)
-    assert image.mode == "RGB" and image.size == (40, 30)
+    assert image.dtype == np.uint8 and image.shape == (30, 40, 3)
+    pil, label = ImageFolderDataset(tmp_path)[0]
+    assert pil.mode == "RGB" and pil.size == (40, 30) and label == 0
 
 
 def test_transparent_pixels_become_white(tmp_path):
@@ -93,7 +98,7 @@ def test_transparent_pixels_become_white(tmp_path):
     rgba.putpixel((0, 0), (10, 20, 30, 255))
     rgba.save(tmp_path / "a.png")
     image = load_rgb(tmp_path / "a.png")
-    assert image.getpixel((0, 0)) == (10, 20, 30) and image.getpixel((3, 3)) == (255, 255, 255)
+    assert image[0, 0].tolist() == [10, 20, 30] and image[3, 3].tolist() == [255, 255, 255]
 
 
 def test_exif_orientation_is_applied(tmp_path):
@@ -103,8 +108,8 @@ def test_exif_orientation_is_applied(tmp_path):
     exif[0x0112] = 6  # "rotate 90 CW to display"
     image.save(tmp_path / "rotated.jpg", exif=exif.tobytes(), quality=95)
     upright = load_rgb(tmp_path / "rotated.jpg")
-    assert upright.size == (20, 40)
-    top, bottom = np.asarray(upright)[:20].mean(), np.asarray(upright)[20:].mean()
+    assert upright.shape[:2] == (40, 20)  # height 40, width 20: turned upright
+    top, bottom = upright[:20].mean(), upright[20:].mean()
     assert top > 200 and bottom < 50  # the white half is now on top
 
 
@@ -178,9 +183,9 @@ def _tiny_cfg(train_dir: Path, epochs: int = 8):
             "data.min_crop_area=1.0",
             "data.hflip=false",
             "data.eval_crop_fraction=1.0",
-            "model.width_mult=0.25",
+            "model.backbone.width_mult=0.25",
             "model.resolution=32",
-            "model.bn_momentum=0.5",
+            "model.backbone.bn_momentum=0.5",
             f"train.epochs={epochs}",
             "train.batch_size=6",
             "train.optimizer='adamw'",
@@ -241,9 +246,7 @@ def test_num_classes_must_match_the_data(tiny_shapes, tmp_path):
 
 
 def _train_tool():
-    spec = importlib.util.spec_from_file_location("train_cls_tool", ROOT / "tools" / "train_cls.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = importlib.import_module("mnapps.cli.train_cls")
     return module
 
 

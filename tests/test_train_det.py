@@ -16,12 +16,11 @@ import yaml
 
 from mnapps.backbones import MobileNetV1
 from mnapps.data.synthetic_det import SHAPE_CATEGORIES, ensure_shapes_detection
-from mnapps.engine.checkpoint import load_checkpoint, save_checkpoint
-from mnapps.engine.detection import load_detector
+from mnapps.checkpoint import load_checkpoint, save_checkpoint
+from mnapps.tasks.detection import load_detector
 from mnapps.eval.coco import COCO_METRIC_NAMES
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
-import train_det  # noqa: E402
+from mnapps.cli import train_det
 
 TINY = [
     "--set", "model.backbone.width_mult=0.25",
@@ -128,7 +127,7 @@ def test_backbone_weights_from_a_classification_checkpoint(tiny_shapes, tmp_path
                  "--output-dir", str(tmp_path / "run"), "--backbone-weights", str(weights), *TINY])  # fmt: skip
     assert code == 0
     printed = capsys.readouterr().out
-    assert f"backbone weights from {weights}: loaded 135 backbone tensors" in printed
+    assert f"backbone: loaded 135 backbone tensors from {weights}" in printed
 
 
 def test_ssdlite_head_trains(tiny_shapes, tmp_path):
@@ -155,7 +154,7 @@ def test_an_unreadable_training_image_is_skipped_and_reported(tiny_shapes, tmp_p
 
 def test_loss_fn_pads_a_batch_of_one_and_zeroes_an_empty_batch():
     from mnapps.config import BackboneConfig
-    from mnapps.engine.detection import _BatchCounter, detection_loss_fn
+    from mnapps.tasks.detection import _BatchCounter, detection_loss_fn
     from mnapps.heads.ssd import SSDConfig, build_ssd
 
     model = build_ssd(SSDConfig(size=64), num_classes=3, backbone_cfg=BackboneConfig(width_mult=0.25)).train()

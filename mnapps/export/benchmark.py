@@ -35,7 +35,19 @@ from typing import Any, Callable
 
 import torch
 from torch import Tensor, nn
+from torchvision.models.detection import ssdlite320_mobilenet_v3_large
 from tqdm import tqdm
+
+from mnapps.backbones import MobileNetV1
+from mnapps.heads.ssd import SSDConfig, build_ssd
+from mnapps.stats import count_macs
+
+from .detection import split_ssd
+from .fuse import fold_batchnorm
+from .onnx import OrtSSD, export_onnx, make_session
+from .postprocess import preprocess_images
+from .predict import Predictor, SSDPredictor
+from .quantize import quantize_onnx
 
 __all__ = [
     "BenchSettings",
@@ -155,9 +167,6 @@ def _calibration_images(count: int, size: int, seed: int = 0) -> Tensor:
 def _set_background_bias(model: nn.Module, images: list[Tensor], target: int) -> float:
     """Shift the background logit bias of a torchvision SSD so that about ``target``
     (anchor, class) pairs per image pass ``model.score_thresh``; returns the shift."""
-    from .detection import split_ssd
-    from .postprocess import preprocess_images
-
     network, params = split_ssd(model)
     with torch.inference_mode():
         batch, _ = preprocess_images(images, params.size)
@@ -232,11 +241,6 @@ class _Runner:
 
     # --- MobileNetV1-224 ---------------------------------------------------------------
     def classifier(self) -> None:
-        from mnapps.backbones import MobileNetV1
-        from mnapps.stats import count_macs
-
-        from .predict import Predictor
-
         device, s = self.device, self.settings
         torch.manual_seed(0)
         model = MobileNetV1(1.0, 1000).eval().to(device)
@@ -268,10 +272,6 @@ class _Runner:
                 self.add("classifier", name, batch, lambda: session.run(None, feed), macs, peer=peer_name)
 
     def _classifier_sessions(self, model: nn.Module) -> dict[str, Any]:
-        from .fuse import fold_batchnorm
-        from .onnx import export_onnx, make_session
-        from .quantize import quantize_onnx
-
         fp32 = export_onnx(fold_batchnorm(model).cpu(), torch.rand(2, 3, 224, 224) * 2 - 1,
                            self.workdir / "mobilenet_v1.onnx", output_names=("logits",))
         int8 = quantize_onnx(fp32, self.workdir / "mobilenet_v1.int8.onnx", list(_calibration_images(8, 224).split(1)))
@@ -283,16 +283,6 @@ class _Runner:
 
     # --- SSD300 end to end --------------------------------------------------------------
     def ssd(self) -> None:
-        from torchvision.models.detection import ssdlite320_mobilenet_v3_large
-
-        from mnapps.heads.ssd import SSDConfig, build_ssd
-        from mnapps.stats import count_macs
-
-        from .detection import split_ssd
-        from .fuse import fold_batchnorm
-        from .onnx import OrtSSD, export_onnx
-        from .predict import SSDPredictor
-
         device, s = self.device, self.settings
         torch.manual_seed(0)
         model = build_ssd(SSDConfig(size=300), num_classes=COCO_CLASSES).eval()
@@ -328,10 +318,6 @@ class _Runner:
 
     # --- SSD300 training step -----------------------------------------------------------
     def train(self) -> None:
-        from torchvision.models.detection import ssdlite320_mobilenet_v3_large
-
-        from mnapps.heads.ssd import SSDConfig, build_ssd
-
         device, s = self.device, self.settings
         torch.manual_seed(0)
         batch = s.train_batch

@@ -2,12 +2,12 @@
 
 This module owns what ``tools/export.py`` does, as library code:
 
-1. :func:`load_export_spec` rebuilds the trained model from an mnapps checkpoint (its
-   ``task``/``head``/``config``): a classifier (:func:`mnapps.classification.build_classifier`),
-   a detector (:func:`mnapps.engine.detection.load_detector`: SSD, SSDLite, Faster R-CNN with
-   or without FPN) or a face
-   embedder (:func:`mnapps.heads.face_embedding.load_face_embedder`), and says what goes in
-   the graph and how images become its input.
+1. :func:`load_export_spec` rebuilds the trained model of an mnapps checkpoint with its
+   task's own loader (by the checkpoint's ``task``): a classifier
+   (:func:`mnapps.tasks.classification.load_classifier`), a detector
+   (:func:`mnapps.tasks.detection.load_detector`: SSD, SSDLite, Faster R-CNN with or without
+   FPN) or a face embedder (:func:`mnapps.tasks.face.load_face_embedder`), and says what
+   goes in the graph and how images become its input.
 2. :func:`export_checkpoint` folds BatchNorm, exports the graph, and runs the parity check
    on real images (ONNX Runtime vs the PyTorch model in eval mode): logits / embeddings by
    max abs difference, SSD raw outputs likewise and the final detections (after the shared
@@ -36,8 +36,21 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
+from PIL import Image
 from torch import Tensor, nn
+from torchvision.models.detection.generalized_rcnn import GeneralizedRCNN
+from torchvision.models.detection.ssd import SSD
 from tqdm import tqdm
+
+from mnapps.checkpoint import load_checkpoint
+from mnapps.data.coco import collate_fn
+from mnapps.data.image_io import IMAGE_EXTENSIONS, ImageReadError, list_images, load_rgb
+from mnapps.data.imagefolder import build_cls_transforms, collate_cls
+from mnapps.data.synthetic_faces import ensure_synthetic_faces
+from mnapps.eval.coco import evaluate_detector
+from mnapps.tasks.face import load_face_embedder
+from mnapps.tasks.classification import build_cls_datasets, load_classifier
+from mnapps.tasks.detection import build_eval_dataset, build_train_dataset, load_detector
 
 from .detection import split_ssd
 from .fuse import fold_batchnorm
@@ -66,7 +79,6 @@ __all__ = [
     "evaluate_export",
 ]
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm")
 
 # What "the same model" means after export. fp32 differs from PyTorch only by operation order
 # (~1e-5 on logits of size ~10). int8 is a different model by design: it must keep the
@@ -143,15 +155,10 @@ def find_images(
     if not entries:
         raise ValueError("no image folders or files given")
     files: list[Path] = []
-    for entry in map(Path, entries):
-        if not entry.exists():
-            raise FileNotFoundError(f"image folder or file {entry} does not exist")
-        if entry.is_file():
-            files.append(entry)
-            continue
-        found = sorted(p for p in entry.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    for entry in entries:
+        found = list_images(entry)
         if not found:
-            raise ValueError(f"no images ({', '.join(IMAGE_SUFFIXES)}) found under {entry}")
+            raise ValueError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found under {entry}")
         files.extend(found)
     if limit is not None and len(files) > limit:
         step = len(files) / limit
@@ -161,14 +168,27 @@ def find_images(
 
 def read_image(path: Path) -> Tensor:
     """An image file as ``Tensor[3, H, W]`` float in [0, 1] (EXIF-upright RGB)."""
-    from mnapps.data.image_io import load_rgb
-
     array = load_rgb(path)
     return torch.from_numpy(np.ascontiguousarray(array)).permute(2, 0, 1).float() / 255.0
 
 
 def _read_images(paths: Sequence[Path], desc: str) -> list[Tensor]:
-    return [read_image(p) for p in tqdm(paths, desc=desc, unit="img", leave=False, disable=None)]
+    """The readable ones of ``paths``; unreadable files are skipped and counted in one line.
+
+    Raises:
+        ValueError: none of them could be read.
+    """
+    images, unreadable = [], []
+    for path in tqdm(paths, desc=desc, unit="img", leave=False, disable=None):
+        try:
+            images.append(read_image(path))
+        except ImageReadError as exc:
+            unreadable.append(exc)
+    if unreadable:
+        print(f"{desc}: skipped {len(unreadable)} unreadable image(s) of {len(paths)} (first: {unreadable[0]})")
+    if not images:
+        raise ValueError(f"{desc}: none of the {len(paths)} image(s) could be read (first: {unreadable[0]})")
+    return images
 
 
 # ------------------------------------------------------------------------------------------
@@ -182,21 +202,8 @@ def _resize_to(size: tuple[int, int]) -> Callable[[Tensor], Tensor]:
     return convert
 
 
-def _classification_spec(checkpoint: dict[str, Any], source: str) -> ExportSpec:
-    from mnapps.classification import ClsConfig, build_classifier, build_cls_datasets
-    from mnapps.config import ConfigError, from_dict
-    from mnapps.data.imagefolder import build_cls_transforms
-    from PIL import Image
-
-    try:
-        cfg = from_dict(ClsConfig, checkpoint.get("config") or {})
-    except ConfigError as exc:
-        raise ValueError(f"{source}: its classification config does not fit this version of mnapps: {exc}") from None
-    state = checkpoint["model"]
-    num_classes = cfg.model.num_classes or int(state["classifier.weight"].shape[0])
-    model = build_classifier(cfg.model, num_classes)
-    model.load_state_dict(state)
-    model.eval()
+def _classification_spec(checkpoint: dict[str, Any] | Path) -> ExportSpec:
+    model, cfg, _ = load_classifier(checkpoint)
     size = cfg.model.resolution
     eval_tf = build_cls_transforms(False, size, eval_crop_fraction=cfg.data.eval_crop_fraction)
 
@@ -228,18 +235,11 @@ def _classification_spec(checkpoint: dict[str, Any], source: str) -> ExportSpec:
     )
 
 
-def _detection_spec(checkpoint: dict[str, Any], source: str) -> ExportSpec:
-    from mnapps.engine.detection import build_eval_dataset, load_detector
-    from torchvision.models.detection.ssd import SSD
-
-    from torchvision.models.detection.generalized_rcnn import GeneralizedRCNN
-
+def _detection_spec(checkpoint: dict[str, Any] | Path, source: str) -> ExportSpec:
     model, cfg = load_detector(checkpoint)
     head = cfg.model.head
 
     def split_files(split: str) -> list[Path]:
-        from mnapps.engine.detection import build_train_dataset
-
         dataset = build_eval_dataset(cfg) if split == "parity" else build_train_dataset(cfg)
         folder = Path(dataset.image_dir)
         return [folder / info["file_name"] for info in dataset.coco.loadImgs(dataset.ids)]
@@ -292,18 +292,8 @@ def _detection_spec(checkpoint: dict[str, Any], source: str) -> ExportSpec:
     )
 
 
-def _face_spec(checkpoint: dict[str, Any], source: str, path: Path | None) -> ExportSpec:
-    from mnapps.heads.face_embedding import FaceModelConfig, build_face_embedder
-    from mnapps.config import ConfigError, from_dict
-
-    config = checkpoint.get("config") or {}
-    try:
-        model_cfg = from_dict(FaceModelConfig, config.get("model") or {}, "model")
-    except ConfigError as exc:
-        raise ValueError(f"{source}: its face model config does not fit this version of mnapps: {exc}") from None
-    model = build_face_embedder(model_cfg)
-    model.load_state_dict(checkpoint["model"])
-    model.eval()
+def _face_spec(checkpoint: dict[str, Any] | Path, config: dict[str, Any]) -> ExportSpec:
+    model, _ = load_face_embedder(checkpoint)
     size = model.input_size
     data = config.get("data") or {}
 
@@ -311,8 +301,6 @@ def _face_spec(checkpoint: dict[str, Any], source: str, path: Path | None) -> Ex
         roots = list(data.get("roots") or [])
         val_root = data.get("val_root")
         if not roots:
-            from mnapps.data.synthetic_faces import ensure_synthetic_faces
-
             paths = ensure_synthetic_faces()
             return find_images(paths.val if split == "parity" else paths.train)
         if split == "parity" and val_root:
@@ -344,18 +332,19 @@ def load_export_spec(checkpoint: str | os.PathLike | dict[str, Any]) -> ExportSp
         FileNotFoundError: no such checkpoint.
         ValueError: an unknown task, an unsupported head, or a config/weights mismatch.
     """
-    from mnapps.engine.checkpoint import load_checkpoint
-
     path = None if isinstance(checkpoint, dict) else Path(checkpoint)
     source = str(path) if path is not None else "the given checkpoint"
     data = checkpoint if isinstance(checkpoint, dict) else load_checkpoint(checkpoint)
+    # The tasks' loaders get the file when there is one, so that their messages name it (it is
+    # read a second time: a fraction of a second next to an export).
+    target = path if path is not None else data
     task = data.get("task")
     if task == "classification":
-        return _classification_spec(data, source)
+        return _classification_spec(target)
     if task == "detection":
-        return _detection_spec(data, source)
+        return _detection_spec(target, source)
     if task == "face":
-        return _face_spec(data, source, path)
+        return _face_spec(target, data.get("config") or {})
     raise ValueError(
         f"{source}: cannot export a checkpoint with task={task!r}; expected 'classification', 'detection' "
         "or 'face' (a checkpoint written by tools/train_cls.py, train_det.py, distill_face.py or import_weights.py)"
@@ -551,9 +540,6 @@ def evaluate_export(
         backends["onnx_int8"] = Path(int8_path)
     results: dict[str, dict[str, float]] = {}
     if spec.task == "classification":
-        from mnapps.classification import build_cls_datasets
-        from mnapps.data.imagefolder import collate_cls
-
         _, val_set = build_cls_datasets(spec.config)
         if max_images is not None:
             val_set.samples = [val_set.samples[int(i * len(val_set.samples) / max_images)] for i in range(min(max_images, len(val_set.samples)))]
@@ -567,10 +553,6 @@ def evaluate_export(
             with torch.no_grad():
                 results[name] = {"top1": _top1(predict, loader, name)}
     elif spec.task == "detection":
-        from mnapps.data.coco import collate_fn
-        from mnapps.engine.detection import build_eval_dataset
-        from mnapps.eval.coco import evaluate_detector
-
         dataset = build_eval_dataset(spec.config)
         loader = torch.utils.data.DataLoader(dataset, batch_size=8, collate_fn=collate_fn)
         for name, backend in backends.items():

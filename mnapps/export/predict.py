@@ -21,6 +21,7 @@ eval-mode answers (tested to ~1e-4).
 
 from __future__ import annotations
 
+import copy
 from typing import Sequence
 
 import torch
@@ -101,8 +102,6 @@ class Predictor:
 
 
 def _eval_copy(model: nn.Module) -> nn.Module:
-    import copy
-
     return copy.deepcopy(model).eval()
 
 

@@ -37,13 +37,13 @@ chosen for ONNX Runtime's CPU kernels:
 
 from __future__ import annotations
 
+import copy
 import os
+import platform
 import tempfile
 import warnings
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence
-
-import copy
 
 import numpy as np
 import torch
@@ -110,8 +110,6 @@ def host_needs_reduced_range() -> bool:
     Reads the CPU flags from ``/proc/cpuinfo`` (Linux); elsewhere, or when they cannot be
     read, assumes a CPU that does not need it (ARM, recent x86).
     """
-    import platform
-
     if platform.machine().lower() not in ("x86_64", "amd64", "i686", "x86"):
         return False
     try:
@@ -198,16 +196,8 @@ def quantize_onnx(
             exclude = output_layer_names(fp32_path)
         source = fp32_path
         if bias_corrections:
-            # Layers kept in float keep their float bias.
-            float_inputs = _node_inputs(fp32_path, exclude)
-            float_layers = {name.rsplit(".", 1)[0] for name in float_inputs if name.endswith(".weight")}
-            bias_corrections = {
-                k: v
-                for k, v in bias_corrections.items()
-                if k not in float_inputs and k.rsplit(".", 1)[0] not in float_layers
-            }
             source = Path(workdir) / "bias_corrected.onnx"
-            _replace_initializers(fp32_path, source, bias_corrections)
+            _replace_initializers(fp32_path, source, _quantized_layers_only(fp32_path, bias_corrections, exclude))
         prepared = Path(workdir) / "prepared.onnx"
         quant_pre_process(str(source), str(prepared), skip_symbolic_shape=True)
         extra_options: dict = {"WeightSymmetric": True, "ActivationSymmetric": False}
@@ -230,6 +220,17 @@ def quantize_onnx(
         )
     _copy_metadata(fp32_path, int8_path, reduce_range=reduce_range)
     return int8_path
+
+
+def _quantized_layers_only(
+    fp32_path: Path, bias_corrections: Mapping[str, np.ndarray | Tensor], exclude: Sequence[str]
+) -> dict[str, np.ndarray | Tensor]:
+    """The corrections of layers that are quantized: layers kept in float keep their float bias."""
+    float_inputs = _node_inputs(fp32_path, exclude)
+    float_layers = {name.rsplit(".", 1)[0] for name in float_inputs if name.endswith(".weight")}
+    return {
+        k: v for k, v in bias_corrections.items() if k not in float_inputs and k.rsplit(".", 1)[0] not in float_layers
+    }
 
 
 def _copy_metadata(source: Path, target: Path, reduce_range: bool = False) -> None:

@@ -1,0 +1,370 @@
+"""Fuzz-style: every tool's data reader fed broken files ends in a clean message and exit 2.
+
+Each case generates its broken input in the test (zero-byte and truncated images, JSON and
+checkpoints; JSON of the wrong shape; NaN, infinite and negative boxes; unknown image and
+category ids; file names that climb out of the image folder), runs the tool's ``main(argv)``
+in-process and checks:
+
+* the exit status: 2 with exactly one ``error: ...`` line and no traceback, or 0 where the
+  tool's contract is to skip what it cannot read and count it (the count is checked);
+* that no file that existed before the run changed or disappeared (sha256 of every file of
+  the case's folder and of the shared material, before and after).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from mnapps.backbones import MobileNetV1
+from mnapps.checkpoint import save_checkpoint
+from mnapps.cli import classify, embed_faces, eval_det, eval_face, export, import_weights, infer_det, train_cls, train_det
+from mnapps.config import BackboneConfig, to_dict
+from mnapps.data.synthetic_det import ensure_shapes_detection
+from mnapps.heads.face_embedding import FaceModelConfig, build_face_embedder
+from mnapps.heads.ssd import SSDConfig
+from mnapps.tasks.classification import ClsConfig, ClsModelConfig
+from mnapps.tasks.detection import DetConfig, DetModelConfig, build_model
+
+TINY_DET = ["--set", "model.backbone.width_mult=0.25", "--set", "model.ssd.size=96", "--set", "train.num_workers=0"]
+
+
+# ------------------------------------------------------------------------------------------
+# shared, intact material (never to be modified by any case)
+
+
+@pytest.fixture(scope="module")
+def material(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("material")
+    shapes = ensure_shapes_detection(root / "shapes", num_train=2, num_val=2, image_size=96, progress=False)
+    # Score threshold 0.5: an untrained model (scores ~1/5) keeps no detection, so evaluation is quick.
+    det_cfg = DetConfig(model=DetModelConfig(
+        head="ssd", backbone=BackboneConfig(width_mult=0.25),
+        ssd=SSDConfig(size=96, score_threshold=0.5, detections_per_image=10),
+        num_classes=5, class_names=("__background__", "circle", "square", "triangle", "cross"),
+        category_ids=(2, 5, 9, 11),
+    ))  # fmt: skip
+    torch.manual_seed(0)
+    det = save_checkpoint(
+        {"task": "detection", "head": "ssd", "config": to_dict(det_cfg), "model": build_model(det_cfg, 5).state_dict()},
+        root / "det.pt",
+    )
+    cls_cfg = ClsConfig(model=ClsModelConfig(backbone=BackboneConfig(width_mult=0.25), num_classes=3, resolution=32))
+    cls = save_checkpoint(
+        {"task": "classification", "config": to_dict(cls_cfg), "model": MobileNetV1(0.25, 3).state_dict()},
+        root / "cls.pt",
+    )
+    # A detection checkpoint whose config says width 0.5 but whose weights are width 0.25.
+    wrong_width = to_dict(det_cfg)
+    wrong_width["model"]["backbone"]["width_mult"] = 0.5
+    mismatched = save_checkpoint(
+        {"task": "detection", "head": "ssd", "config": wrong_width, "model": build_model(det_cfg, 5).state_dict()},
+        root / "mismatched.pt",
+    )
+    face_cfg = FaceModelConfig(backbone=BackboneConfig(width_mult=0.25), input_size=64, embedding_dim=16)
+    face = save_checkpoint(
+        {"task": "face", "head": "face_embedding", "config": {"model": to_dict(face_cfg)},
+         "model": build_face_embedder(face_cfg).state_dict()},
+        root / "face.pt",
+    )  # fmt: skip
+    good_image = root / "good.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (48, 64, 3), dtype=np.uint8)).save(good_image)
+    return {
+        "root": root, "train_ann": shapes.train_ann, "train_images": shapes.train_images, "val_ann": shapes.val_ann,
+        "val_images": shapes.val_images, "det": det, "cls": cls, "mismatched": mismatched, "face": face, "good_image": good_image,
+    }  # fmt: skip
+
+
+def digest(*folders: Path) -> dict[str, str]:
+    return {
+        str(p): hashlib.sha256(p.read_bytes()).hexdigest()
+        for folder in folders
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
+
+
+# ------------------------------------------------------------------------------------------
+# broken files
+
+
+def broken_json_texts(valid: dict) -> dict[str, str]:
+    """Text of broken versions of a COCO annotation dict ``valid``."""
+    text = json.dumps(valid)
+
+    def with_first_annotation(**changes) -> str:
+        data = json.loads(text)
+        data["annotations"][0].update(changes)
+        return json.dumps(data)  # NaN / Infinity are written as the tokens Python's json reads back
+
+    return {
+        "zero_byte": "",
+        "truncated": text[: len(text) // 2],
+        "list_not_dict": json.dumps([valid]),
+        "images_not_list": json.dumps({**valid, "images": {"a": 1}}),
+        "bbox_string": with_first_annotation(bbox="10 10 20 20"),
+        "bbox_three_numbers": with_first_annotation(bbox=[1, 2, 3]),
+        "unknown_image_id": with_first_annotation(image_id=987654),
+        "unknown_category_id": with_first_annotation(category_id=4242),
+    }
+
+
+def bad_box_texts(valid: dict) -> dict[str, str]:
+    """Annotation files whose first box is NaN, infinite or of negative width (dropped, counted)."""
+    texts = {}
+    for name, box in (("nan_box", [math.nan, 5, 10, 10]), ("inf_box", [5, 5, math.inf, 10]),
+                      ("negative_box", [30, 30, -12, 10])):  # fmt: skip
+        data = json.loads(json.dumps(valid))
+        data["annotations"][0]["bbox"] = box
+        texts[name] = json.dumps(data)
+    return texts
+
+
+def broken_images(folder: Path, good: Path) -> Path:
+    """A folder with one readable image and three that are not: empty, truncated, text."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "a_good.png").write_bytes(good.read_bytes())
+    (folder / "b_zero_byte.jpg").write_bytes(b"")
+    (folder / "c_truncated.png").write_bytes(good.read_bytes()[:60])
+    (folder / "d_text.jpg").write_text("this is not a picture")
+    return folder
+
+
+def broken_checkpoints(folder: Path, material: dict[str, Path]) -> dict[str, Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    real = material["det"].read_bytes()
+    files = {
+        "zero_byte": b"",
+        "truncated": real[: len(real) // 3],
+        "json_renamed": json.dumps({"task": "detection"}).encode(),
+    }
+    paths = {name: folder / f"{name}.pt" for name in files}
+    for name, data in files.items():
+        paths[name].write_bytes(data)
+    onnx = folder / "model.onnx"
+    onnx.write_bytes(b"\x08\x07\x12\x07pytorch")
+    paths["onnx"] = onnx
+    paths["state_dict_mismatch"] = material["mismatched"]
+    return paths
+
+
+# ------------------------------------------------------------------------------------------
+# the cases: (tool main, argv builder, expectation)
+
+Case = tuple[Callable[[list[str]], int], Callable[[Path, dict], list[str]], str]
+CASES: dict[str, Case] = {}
+# Expectations: "error" (exit 2, one line) or "skip:<text the count shows>" (exit 0).
+
+
+def _ann_cases() -> None:
+    for name in ("zero_byte", "truncated", "list_not_dict", "images_not_list", "bbox_string", "bbox_three_numbers",
+                 "unknown_image_id", "unknown_category_id"):  # fmt: skip
+        def write(tmp: Path, m: dict, name=name) -> Path:
+            path = tmp / f"{name}.json"
+            path.write_text(broken_json_texts(json.loads(m["val_ann"].read_text()))[name])
+            return path
+
+        CASES[f"eval_det-val_ann-{name}"] = (eval_det.main, lambda tmp, m, write=write: [
+            "--checkpoint", str(m["det"]), "--val-ann", str(write(tmp, m)), "--val-images", str(m["val_images"]),
+            "--device", "cpu", "--no-progress", "--out-dir", str(tmp / "out")], "error")  # fmt: skip
+        CASES[f"train_det-train_ann-{name}"] = (train_det.main, lambda tmp, m, write=write: [
+            "--train-ann", str(write(tmp, m)), "--train-images", str(m["train_images"]), "--val-ann", str(m["val_ann"]),
+            "--val-images", str(m["val_images"]), "--output-dir", str(tmp / "run"), "--device", "cpu", *TINY_DET],
+            "error")  # fmt: skip
+        CASES[f"infer_det-ann-{name}"] = (infer_det.main, lambda tmp, m, write=write: [
+            str(m["val_images"]), "--checkpoint", str(m["det"]), "--out", str(tmp / "drawn"),
+            "--results-json", str(tmp / "results.json"), "--ann", str(write(tmp, m))], "error")  # fmt: skip
+    for name in ("nan_box", "inf_box", "negative_box"):
+        def write_box(tmp: Path, m: dict, name=name) -> Path:
+            path = tmp / f"{name}.json"
+            path.write_text(bad_box_texts(json.loads(m["val_ann"].read_text()))[name])
+            return path
+
+        # Ground truth that cannot be a box is dropped (and counted) before COCOeval.
+        CASES[f"eval_det-val_ann-{name}"] = (eval_det.main, lambda tmp, m, write=write_box: [
+            "--checkpoint", str(m["det"]), "--val-ann", str(write(tmp, m)), "--val-images", str(m["val_images"]),
+            "--device", "cpu", "--no-progress", "--out-dir", str(tmp / "out")], "skip:1 ground-truth box(es)")  # fmt: skip
+
+
+def _results_cases() -> None:
+    def results(m: dict, change: Callable[[list[dict]], object]) -> str:
+        gt = json.loads(m["val_ann"].read_text())
+        rows = [{"image_id": a["image_id"], "category_id": a["category_id"], "bbox": a["bbox"], "score": 0.9}
+                for a in gt["annotations"]]  # fmt: skip
+        return json.dumps(change(rows))
+
+    def set_first(**changes):
+        def change(rows):
+            rows[0].update(changes)
+            return rows
+
+        return change
+
+    variants = {
+        "zero_byte": lambda m: "",
+        "truncated": lambda m: results(m, lambda rows: rows)[:25],
+        "dict_not_list": lambda m: results(m, lambda rows: {"results": rows}),
+        "bbox_string": lambda m: results(m, set_first(bbox="1 2 3 4")),
+        "bbox_nan": lambda m: results(m, set_first(bbox=[math.nan, 1, 2, 3])),
+        "score_nan": lambda m: results(m, set_first(score=math.nan)),
+        "unknown_image_id": lambda m: results(m, set_first(image_id=987654)),
+        "unknown_category_id": lambda m: results(m, set_first(category_id=4242)),
+    }
+    for name, text in variants.items():
+        def argv(tmp: Path, m: dict, text=text, name=name) -> list[str]:
+            path = tmp / f"results_{name}.json"
+            path.write_text(text(m))
+            return ["--results", str(path), "--val-ann", str(m["val_ann"])]
+
+        CASES[f"eval_det-results-{name}"] = (eval_det.main, argv, "error")
+
+
+def _checkpoint_cases() -> None:
+    for name in ("zero_byte", "truncated", "json_renamed", "onnx", "state_dict_mismatch"):
+        def ckpt(tmp: Path, m: dict, name=name) -> Path:
+            return broken_checkpoints(tmp / "ckpts", m)[name]
+
+        CASES[f"infer_det-checkpoint-{name}"] = (infer_det.main, lambda tmp, m, c=ckpt: [
+            str(m["val_images"]), "--checkpoint", str(c(tmp, m)), "--out", str(tmp / "drawn")], "error")
+        CASES[f"eval_det-checkpoint-{name}"] = (eval_det.main, lambda tmp, m, c=ckpt: [
+            "--checkpoint", str(c(tmp, m)), "--device", "cpu", "--val-ann", str(m["val_ann"]),
+            "--val-images", str(m["val_images"])], "error")  # fmt: skip
+        CASES[f"classify-checkpoint-{name}"] = (classify.main, lambda tmp, m, c=ckpt: [
+            str(m["good_image"]), "--checkpoint", str(c(tmp, m))], "error")
+        CASES[f"export-checkpoint-{name}"] = (export.main, lambda tmp, m, c=ckpt: [
+            "--checkpoint", str(c(tmp, m)), "--out", str(tmp / "model_out.onnx")], "error")
+        CASES[f"embed_faces-checkpoint-{name}"] = (embed_faces.main, lambda tmp, m, c=ckpt: [
+            str(m["train_images"]), "--checkpoint", str(c(tmp, m)), "--out", str(tmp / "emb.npz"), "--device", "cpu"],
+            "error")  # fmt: skip
+        # The mismatched checkpoint holds a width-0.25 trunk: a width-0.5 model cannot take it.
+        width = ["--set", "model.backbone.width_mult=0.5"] if name == "state_dict_mismatch" else []
+        CASES[f"train_det-weights_backbone-{name}"] = (train_det.main, lambda tmp, m, c=ckpt, width=width: [
+            "--train-ann", str(m["train_ann"]), "--train-images", str(m["train_images"]), "--val-ann",
+            str(m["val_ann"]), "--val-images", str(m["val_images"]), "--output-dir", str(tmp / "run"),
+            "--weights-backbone", str(c(tmp, m)), "--device", "cpu", "--batch-size", "2", *TINY_DET, *width],
+            "error")  # fmt: skip
+    # A checkpoint of another task is named as such.
+    CASES["infer_det-checkpoint-classifier"] = (infer_det.main, lambda tmp, m: [
+        str(m["val_images"]), "--checkpoint", str(m["cls"]), "--out", str(tmp / "drawn")], "error")
+    CASES["classify-checkpoint-detector"] = (classify.main, lambda tmp, m: [
+        str(m["good_image"]), "--checkpoint", str(m["det"])], "error")
+
+
+def _image_cases() -> None:
+    CASES["infer_det-images-broken"] = (infer_det.main, lambda tmp, m: [
+        str(broken_images(tmp / "photos", m["good_image"])), "--checkpoint", str(m["det"]), "--out",
+        str(tmp / "drawn")], "skip:skipped 3 unreadable")  # fmt: skip
+    CASES["classify-images-broken"] = (classify.main, lambda tmp, m: [
+        str(broken_images(tmp / "photos", m["good_image"])), "--checkpoint", str(m["cls"])],
+        "skip:skipped 3 unreadable")  # fmt: skip
+    CASES["infer_det-images-all-broken"] = (infer_det.main, lambda tmp, m: [
+        str(_only_broken(tmp / "photos", m)), "--checkpoint", str(m["det"]), "--out", str(tmp / "drawn")], "error")
+    CASES["classify-images-all-broken"] = (classify.main, lambda tmp, m: [
+        str(_only_broken(tmp / "photos", m)), "--checkpoint", str(m["cls"])], "error")
+    CASES["embed_faces-images-all-broken"] = (embed_faces.main, lambda tmp, m: [
+        str(_only_broken(tmp / "faces", m)), "--checkpoint", str(m["face"]), "--out", str(tmp / "emb.npz"),
+        "--device", "cpu"], "error")  # fmt: skip
+    CASES["train_cls-train_dir-is-a-file"] = (train_cls.main, lambda tmp, m: [
+        "--train-dir", str(m["good_image"]), "--val-dir", str(m["good_image"]), "--output-dir", str(tmp / "run"),
+        "--device", "cpu"], "error")  # fmt: skip
+    CASES["train_cls-empty-class-folder"] = (train_cls.main, lambda tmp, m: [
+        "--train-dir", str(_empty_class(tmp / "cls", m)), "--val-dir", str(tmp / "cls"), "--output-dir",
+        str(tmp / "run"), "--device", "cpu"], "error")  # fmt: skip
+
+
+def _only_broken(folder: Path, m: dict) -> Path:
+    broken_images(folder, m["good_image"])
+    (folder / "a_good.png").unlink()
+    return folder
+
+
+def _empty_class(folder: Path, m: dict) -> Path:
+    (folder / "cat").mkdir(parents=True)
+    (folder / "cat" / "1.png").write_bytes(m["good_image"].read_bytes())
+    (folder / "dog").mkdir()
+    return folder
+
+
+def _path_and_config_cases() -> None:
+    def escaping(tmp: Path, m: dict) -> list[str]:
+        # One image named through "..": read (so exporters writing such paths keep working), it
+        # is simply not there, so it is skipped and counted while the other image is evaluated.
+        data = json.loads(m["val_ann"].read_text())
+        data["images"][0]["file_name"] = "../../outside_the_folder.jpg"
+        path = tmp / "escaping.json"
+        path.write_text(json.dumps(data))
+        return ["--checkpoint", str(m["det"]), "--val-ann", str(path), "--val-images", str(m["val_images"]),
+                "--device", "cpu", "--no-progress", "--out-dir", str(tmp / "out")]  # fmt: skip
+
+    CASES["eval_det-val_ann-path-escaping-name"] = (eval_det.main, escaping, "skip:1 unreadable image(s)")
+    for name, text in (("zero_byte", ""), ("truncated", "model: {head: ssd, backbone: {width_mult: 0.25"),
+                       ("list_not_mapping", "- model\n- data\n")):  # fmt: skip
+        def argv(tmp: Path, m: dict, text=text, name=name) -> list[str]:
+            path = tmp / f"{name}.yaml"
+            path.write_text(text)
+            return ["--config", str(path), "--output-dir", str(tmp / "run"), "--device", "cpu"]
+
+        CASES[f"train_det-config-{name}"] = (train_det.main, argv, "error")
+        CASES[f"train_cls-config-{name}"] = (train_cls.main, argv, "error")
+    for name, content in (("zero_byte", b""), ("truncated_npz", None), ("wrong_tensors", None)):
+        def npz(tmp: Path, m: dict, name=name, content=content) -> list[str]:
+            path = tmp / f"{name}.npz"
+            if name == "truncated_npz":
+                np.savez(path, weights=np.ones((64, 64), dtype=np.float32))
+                path.write_bytes(path.read_bytes()[:100])
+            elif name == "wrong_tensors":
+                np.savez(path, **{"MobilenetV1/Conv2d_0/weights": np.ones((3, 3), dtype=np.float32)})
+            else:
+                path.write_bytes(content)
+            return [str(path), "--output", str(tmp / "imported.pt")]
+
+        CASES[f"import_weights-{name}"] = (import_weights.main, npz, "error")
+    # A pairs name that climbs out of --images is read (and reported); here it does not exist.
+    for name, text in (("zero_byte", ""), ("garbage", "\x00\x01 not, a, pairs, file\n"),
+                       ("escaping", "img1,img2,label\n../../outside.png,train_000000.jpg,1\n"
+                                   "train_000000.jpg,train_000001.jpg,0\n")):  # fmt: skip
+        def pairs(tmp: Path, m: dict, text=text, name=name) -> list[str]:
+            path = tmp / f"pairs_{name}.txt"
+            path.write_text(text)
+            return ["--pairs", str(path), "--images", str(m["train_images"]), "--checkpoint", str(m["face"]),
+                    "--folds", "2", "--device", "cpu", "--out", str(tmp / "eval_out")]  # fmt: skip
+
+        CASES[f"eval_face-pairs-{name}"] = (eval_face.main, pairs, "error")
+
+
+_ann_cases()
+_results_cases()
+_checkpoint_cases()
+_image_cases()
+_path_and_config_cases()
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_broken_input_ends_cleanly(case, material, tmp_path, capsys):
+    main, make_argv, expected = CASES[case]
+    argv = make_argv(tmp_path, material)
+    before = digest(tmp_path, material["root"])
+    try:
+        code = main(argv)
+    except SystemExit as exc:  # argparse's own refusals: usage + one line, status 2
+        code = exc.code
+    captured = capsys.readouterr()
+    after = digest(tmp_path, material["root"])
+    assert {path: after.get(path) for path in before} == before, "an existing file was changed or removed"
+    assert "Traceback" not in captured.err + captured.out
+    assert "weights_only=False" not in captured.err
+    if expected == "error":
+        assert code == 2, (code, captured.err[-2000:], captured.out[-2000:])
+        errors = [line for line in captured.err.splitlines() if "error:" in line]
+        assert len(errors) == 1 and len(errors[0]) < 1000, captured.err
+    else:
+        assert code == 0, (code, captured.err[-2000:])
+        assert expected.removeprefix("skip:") in captured.out + captured.err
