@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import importlib.util
+import importlib
 import re
 from pathlib import Path
 
@@ -12,13 +12,9 @@ import torch
 import torch.nn.functional as F
 
 from mnapps.backbones import MobileNetV1
-from mnapps.backbones.tf_slim import (
-    build_from_tf_slim,
-    import_tf_slim_checkpoint,
-    read_tf_slim_tensors,
-    tf_slim_to_state_dict,
-)
-from mnapps.engine.checkpoint import load_backbone_weights
+from mnapps.backbones.tf_slim import build_from_tf_slim, read_tf_slim_tensors, tf_slim_to_state_dict
+from mnapps.backbones.trunk import load_backbone_weights
+from mnapps.tasks.classification import import_tf_slim_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 # Paper Table 1 output channels of the 13 separable blocks (before the width multiplier).
@@ -140,11 +136,17 @@ def test_reading_sources(tmp_path):
     assert read_tf_slim_tensors(tmp_path / "w.npz").keys() == tensors.keys()
 
 
-def test_tf_checkpoint_without_tensorflow_says_so(tmp_path):
-    if importlib.util.find_spec("tensorflow") is not None:
-        pytest.skip("TensorFlow is installed here; the missing-TensorFlow message cannot be shown")
+def test_official_ckpt_is_read_without_tensorflow(tmp_path):
+    """The .ckpt prefix goes to mnapps' own TensorFlow checkpoint reader (no TensorFlow import)."""
+    fixture = ROOT / "tests" / "fixtures" / "tf_checkpoint"
+    tensors = read_tf_slim_tensors(fixture / "small")  # written by TensorFlow, see make_tf_checkpoint.py
+    with np.load(fixture / "small_expected.npz", allow_pickle=True) as expected:
+        names = [n for n in expected.files if not n.startswith("__")]
+        assert set(names) == set(tensors)
+        np.testing.assert_array_equal(tensors["FeatureExtractor/MobilenetV1/Conv2d_0/weights"],
+                                      expected["FeatureExtractor/MobilenetV1/Conv2d_0/weights"])
     (tmp_path / "mobilenet_v1_1.0_224.ckpt.index").write_bytes(b"")
-    with pytest.raises(ImportError, match="needs TensorFlow"):
+    with pytest.raises(ValueError, match="too short for a checkpoint index"):
         read_tf_slim_tensors(tmp_path / "mobilenet_v1_1.0_224.ckpt")
 
 
@@ -184,9 +186,7 @@ def test_symmetric_padding_does_not_reproduce_tensorflow(tfslim_dir, reference):
 
 
 def _tool(name: str):
-    spec = importlib.util.spec_from_file_location(f"tool_{name}", ROOT / "tools" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = importlib.import_module(f"mnapps.cli.{name}")
     return module
 
 
@@ -214,7 +214,7 @@ def test_imported_checkpoint_feeds_any_head(tfslim_dir, tmp_path):
 
 def test_classify_without_checkpoint_explains_how_to_make_one(tmp_path, capsys, monkeypatch):
     tool = _tool("classify")
-    monkeypatch.setattr(tool, "ROOT", tmp_path)
+    monkeypatch.chdir(tmp_path)  # the default checkpoint is runs/weights/... under the current folder
     image = tmp_path / "x.png"
     assert tool.main([str(image)]) == 2
     err = capsys.readouterr().err

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from .mobilenet_v1 import BLOCK_SETTINGS, MobileNetV1
+from .tf_checkpoint import read_tf_checkpoint
 
 __all__ = [
     "TF_SCOPE",
@@ -31,7 +32,6 @@ __all__ = [
     "read_tf_slim_tensors",
     "tf_slim_to_state_dict",
     "build_from_tf_slim",
-    "import_tf_slim_checkpoint",
 ]
 
 TF_SCOPE = "MobilenetV1"
@@ -39,11 +39,11 @@ TF_SCOPE = "MobilenetV1"
 # carries beside the model (the step counter, optimizer slots, the weights' moving averages:
 # TF-slim's eval uses the plain variables unless told otherwise) and the shape constants of
 # a frozen graph's reshape ops (``MobilenetV1/Predictions/Reshape/shape``, int32 [-1, 1001]).
-_NOT_WEIGHTS = re.compile(
+NOT_WEIGHTS = re.compile(
     r"(^global_step$|^beta[12]_power|/(ExponentialMovingAverage|RMSProp(_1)?|Momentum|Adam(_1)?)$"
     r"|/Reshape(_\d+)?/shape$)"
 )
-_BN_TF_TO_TORCH = {"gamma": "weight", "beta": "bias", "moving_mean": "running_mean", "moving_variance": "running_var"}
+BN_TF_TO_TORCH = {"gamma": "weight", "beta": "bias", "moving_mean": "running_mean", "moving_variance": "running_var"}
 
 
 @dataclass
@@ -63,7 +63,8 @@ def read_tf_slim_tensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
     Args:
         path: an ``.npz`` (e.g. ``mobilenet_v1_1.0_224_tfslim.npz``) or the official
             checkpoint prefix ``mobilenet_v1_1.0_224.ckpt`` (the ``.index``/``.data-*``
-            files beside it; reading it needs TensorFlow).
+            files beside it, read by :func:`mnapps.backbones.tf_checkpoint.read_tf_checkpoint`
+            without TensorFlow).
     """
     path = Path(path)
     if path.suffix == ".npz":
@@ -78,18 +79,10 @@ def read_tf_slim_tensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
             f"{path} is neither an .npz file nor a TensorFlow checkpoint (no {prefix}.index); "
             "pass the .npz of TF-slim tensors or the .ckpt prefix of the official release"
         )
-    try:
-        import tensorflow as tf  # noqa: PLC0415 - optional, only for the official .ckpt
-    except ImportError:
-        raise ImportError(
-            f"reading the TensorFlow checkpoint {prefix} needs TensorFlow, which is not installed; "
-            "`pip install tensorflow-cpu`, or convert it once to an .npz of name -> array elsewhere"
-        ) from None
-    reader = tf.train.load_checkpoint(prefix)
-    return {name: reader.get_tensor(name) for name in reader.get_variable_to_shape_map()}
+    return read_tf_checkpoint(prefix)
 
 
-def _stage_scopes(num_blocks: int = len(BLOCK_SETTINGS)) -> list[tuple[str, str]]:
+def stage_scopes(num_blocks: int = len(BLOCK_SETTINGS)) -> list[tuple[str, str]]:
     """(TF scope, mnapps module prefix) for every conv+BN of the trunk, in forward order."""
     scopes = [(f"{TF_SCOPE}/Conv2d_0", "stem")]
     for index in range(1, num_blocks + 1):
@@ -98,7 +91,7 @@ def _stage_scopes(num_blocks: int = len(BLOCK_SETTINGS)) -> list[tuple[str, str]
     return scopes
 
 
-def _conv_to_torch(name: str, array: np.ndarray) -> np.ndarray:
+def conv_to_torch(name: str, array: np.ndarray) -> np.ndarray:
     if array.ndim != 4:
         raise ValueError(f"TF tensor {name} should be a 4-d kernel, got shape {array.shape}")
     if name.endswith("depthwise_weights"):
@@ -126,7 +119,7 @@ def tf_slim_to_state_dict(
         ValueError: a tensor that maps to nothing, a missing tensor, or a wrong shape.
     """
     remaining = dict(tensors)
-    skipped = sorted(name for name in remaining if _NOT_WEIGHTS.search(name))
+    skipped = sorted(name for name in remaining if NOT_WEIGHTS.search(name))
     for name in skipped:
         del remaining[name]
 
@@ -139,10 +132,10 @@ def tf_slim_to_state_dict(
         return np.asarray(remaining.pop(name), dtype=np.float32)
 
     state: dict[str, torch.Tensor] = {}
-    for tf_scope, prefix in _stage_scopes():
+    for tf_scope, prefix in stage_scopes():
         kernel_name = f"{tf_scope}/{'depthwise_weights' if 'depthwise' in tf_scope else 'weights'}"
-        state[f"{prefix}.conv.weight"] = torch.from_numpy(_conv_to_torch(kernel_name, take(kernel_name)).copy())
-        for tf_bn, torch_bn in _BN_TF_TO_TORCH.items():
+        state[f"{prefix}.conv.weight"] = torch.from_numpy(conv_to_torch(kernel_name, take(kernel_name)).copy())
+        for tf_bn, torch_bn in BN_TF_TO_TORCH.items():
             state[f"{prefix}.bn.{torch_bn}"] = torch.from_numpy(take(f"{tf_scope}/BatchNorm/{tf_bn}").copy())
 
     logits_w = take(f"{TF_SCOPE}/Logits/Conv2d_1c_1x1/weights")  # [1, 1, C, classes]
@@ -199,43 +192,3 @@ def build_from_tf_slim(
     model.load_state_dict(state, strict=False)  # num_batches_tracked stays at its default
     return model.eval(), info
 
-
-def import_tf_slim_checkpoint(
-    source: str | os.PathLike,
-    output: str | os.PathLike,
-    *,
-    keep_background: bool = False,
-    resolution: int = 224,
-) -> tuple[Path, TfSlimImport]:
-    """Convert TF-slim weights at ``source`` into an mnapps classification checkpoint.
-
-    The checkpoint's config is a full :class:`mnapps.classification.ClsConfig` recording the
-    settings the weights need (``tf_padding=True``, ReLU6, eps 1e-3, input ``resolution``),
-    so ``tools/classify.py`` and every head rebuild the right model from it.
-    """
-    from mnapps.classification import ClsConfig, ClsModelConfig  # noqa: PLC0415 - avoids a cycle
-    from mnapps.config import to_dict
-    from mnapps.engine.checkpoint import save_checkpoint
-
-    tensors = read_tf_slim_tensors(source)
-    model, info = build_from_tf_slim(tensors, keep_background=keep_background)
-    cfg = ClsConfig(
-        model=ClsModelConfig(
-            width_mult=info.width_mult,
-            activation="relu6",
-            bn_eps=1e-3,
-            tf_padding=True,
-            num_classes=info.num_classes,
-            resolution=resolution,
-        )
-    )
-    payload: dict[str, Any] = {
-        "task": "classification",
-        "head": None,
-        "config": to_dict(cfg),
-        "model": model.state_dict(),
-        "epoch": 0,
-        "metrics": {},
-        "source": f"TF-slim {Path(source).name}",
-    }
-    return save_checkpoint(payload, output), info
