@@ -13,7 +13,7 @@ import torch
 from torchvision.ops import box_iou
 
 from mnapps.config import BackboneConfig
-from mnapps.engine.checkpoint import save_checkpoint
+from mnapps.checkpoint import save_checkpoint
 from mnapps.backbones import MobileNetV1
 from mnapps.heads.ssd import SSDConfig, SSDAnchorGenerator, build_ssd, build_ssdlite, ssd_anchor_specs
 

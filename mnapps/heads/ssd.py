@@ -15,9 +15,13 @@ model resizes to ``size x size`` and standardises to [-1, 1] itself). Train mode
 1..K, 0 is background; N may be 0) and returns ``{"bbox_regression", "classification"}`` losses.
 Eval mode returns ``list[{"boxes": [M, 4] xyxy in original pixels, "labels": [M], "scores": [M]}]``.
 
-Differences from the TF API, on purpose: classification uses torchvision's softmax cross-entropy
-and softmax scores instead of TF's sigmoid; everything else (anchors, extra layers, predictor
-kernel, box coder, matching, 3:1 mining) follows ``ssd_mobilenet_v1_coco.config``.
+Differences from the TF API, on purpose: by default classification uses torchvision's softmax
+cross-entropy and softmax scores instead of TF's sigmoid, and images are stretched to the square
+input by torchvision's bilinear resize; everything else (anchors, extra layers, predictor kernel,
+box coder, matching, 3:1 mining) follows ``ssd_mobilenet_v1_coco.config``. Models imported from
+TensorFlow (:mod:`mnapps.heads.tf_od_api`) set ``score_activation="sigmoid"`` (:class:`SigmoidSSD`)
+and ``preprocess="tf_resize"`` or ``"tf_pad_resize"`` (:class:`TFResizeTransform`) to reproduce
+their source.
 """
 
 from __future__ import annotations
@@ -28,16 +32,18 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Sequence
+from typing import Literal, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.models.detection.ssd import SSD, SSDScoringHead
 from torchvision.models.detection import _utils as det_utils
 from torchvision.models.detection.image_list import ImageList
 from torchvision.models.detection.ssdlite import SSDLiteHead
+from torchvision.ops import boxes as box_ops
 
-from mnapps.backbones import MobileNetV1, build_backbone, make_divisible
+from mnapps.backbones import MobileNetV1, make_divisible, prepare_trunk
 from mnapps.backbones.mobilenet_v1 import ConvBNAct
 from mnapps.config import BackboneConfig
 
@@ -47,6 +53,10 @@ __all__ = [
     "MobileNetV1SSDFeatures",
     "SSDPredictionHead",
     "ssd_anchor_specs",
+    "tf_resize_bilinear",
+    "tf_pad_resize",
+    "TFResizeTransform",
+    "SigmoidSSD",
     "build_ssd",
     "build_ssdlite",
 ]
@@ -81,6 +91,12 @@ class SSDConfig:
         score_threshold, nms_threshold, detections_per_image, topk_candidates: inference
             post-processing (per-class score filter, top-k per class, class-wise NMS).
         predictor_kernel_size: kernel of the box/class predictors (TF: 1 for SSD, 3 for SSDLite).
+        score_activation: ``"softmax"`` over all logits (torchvision) or ``"sigmoid"`` per class
+            (the TF OD API's SSDs; training then uses a per-class sigmoid loss).
+        preprocess: ``"resize"`` stretches images to ``size x size`` with torchvision's
+            transform; ``"tf_resize"`` stretches them with TF's legacy bilinear resize (the TF OD
+            API's ``fixed_shape_resizer``); ``"tf_pad_resize"`` zero-pads bottom/right to a
+            square first (face-api.js).
     """
 
     size: int = 300
@@ -102,6 +118,8 @@ class SSDConfig:
     detections_per_image: int = 100
     topk_candidates: int = 400
     predictor_kernel_size: int = 1
+    score_activation: Literal["softmax", "sigmoid"] = "softmax"
+    preprocess: Literal["resize", "tf_resize", "tf_pad_resize"] = "resize"
 
     def __post_init__(self) -> None:
         if self.size < 32:
@@ -124,6 +142,10 @@ class SSDConfig:
             raise ValueError(f"ssd.box_coder_weights must be positive, got {list(self.box_coder_weights)}")
         if self.predictor_kernel_size not in (1, 3):
             raise ValueError(f"ssd.predictor_kernel_size must be 1 or 3, got {self.predictor_kernel_size}")
+        if self.score_activation not in ("softmax", "sigmoid"):
+            raise ValueError(f"ssd.score_activation must be softmax or sigmoid, got {self.score_activation!r}")
+        if self.preprocess not in ("resize", "tf_resize", "tf_pad_resize"):
+            raise ValueError(f"ssd.preprocess must be resize, tf_resize or tf_pad_resize, got {self.preprocess!r}")
 
     @property
     def num_maps(self) -> int:
@@ -242,7 +264,7 @@ class MobileNetV1SSDFeatures(nn.Module):
     """MobileNetV1 trunk maps plus the SSD extra layers, as an ``OrderedDict`` of 6 maps.
 
     The trunk is held whole as ``self.trunk`` (so its keys are ``trunk.stem.*``,
-    ``trunk.blockN.*`` and :func:`mnapps.engine.checkpoint.load_backbone_weights` finds them);
+    ``trunk.blockN.*`` and :func:`mnapps.checkpoint.load_backbone_weights` finds them);
     only the stages up to the deepest requested one are run.
 
     Attributes:
@@ -346,20 +368,138 @@ class SSDPredictionHead(nn.Module):
 
 
 # ------------------------------------------------------------------------------------------
+# TF's preprocessing and sigmoid scores (models imported from the TF Object Detection API)
+
+
+def _tf_source_coords(in_size: int, out_size: int) -> tuple[Tensor, Tensor, Tensor]:
+    # TF's legacy resize (align_corners=False, half_pixel_centers=False): src = dst * in / out,
+    # neighbours floor(src) and ceil(src) clamped to the image, weight src - floor(src).
+    src = torch.arange(out_size, dtype=torch.float64) * (in_size / out_size)
+    low = src.floor().clamp(min=0)
+    high = src.ceil().clamp(max=in_size - 1)
+    return low.long(), high.long(), src - low
+
+
+def tf_resize_bilinear(images: Tensor, size: tuple[int, int]) -> Tensor:
+    """``tf.image.resize_bilinear(align_corners=False, half_pixel_centers=False)``, exactly.
+
+    ``images: Tensor[..., H, W]`` -> ``Tensor[..., size[0], size[1]]`` of the same dtype,
+    computed in float64: along x within the two source rows, then along y (TF's order).
+    torch's ``interpolate`` has no such mode (its ``align_corners=False`` is half-pixel).
+    """
+    y0, y1, fy = _tf_source_coords(images.shape[-2], size[0])
+    x0, x1, fx = _tf_source_coords(images.shape[-1], size[1])
+    image = images.double()
+    top, bottom = image[..., y0, :], image[..., y1, :]
+    top = top[..., x0] + (top[..., x1] - top[..., x0]) * fx
+    bottom = bottom[..., x0] + (bottom[..., x1] - bottom[..., x0]) * fx
+    return (top + (bottom - top) * fy[:, None]).to(images.dtype)
+
+
+def tf_pad_resize(image: Tensor, size: int) -> tuple[Tensor, int]:
+    """``Tensor[C, H, W]`` zero-padded bottom/right to a square, then :func:`tf_resize_bilinear`.
+
+    Returns the ``[C, size, size]`` image (same range and dtype) and the padded square's side:
+    a box normalised to the network input is ``box * side`` in the photo's pixels.
+    """
+    height, width = image.shape[-2:]
+    side = max(height, width)
+    square = F.pad(image, (0, side - width, 0, side - height))
+    return tf_resize_bilinear(square, (size, size)), side
+
+
+class TFResizeTransform(nn.Module):
+    """TF's input pipeline in the interface of torchvision's ``GeneralizedRCNNTransform``.
+
+    ``images: list[Tensor[3, H, W]]`` in [0, 1] -> ``ImageList`` ``[N, 3, size, size]`` in [-1, 1]:
+    :func:`tf_resize_bilinear` of the image (the TF OD API's ``fixed_shape_resizer``), or with
+    ``pad_to_square`` of its bottom/right zero-padded square (:func:`tf_pad_resize`, face-api.js),
+    then ``2x - 1``, i.e. ``x255 / 127.5 - 1``. Target boxes are scaled into the input, and
+    detections back to the photo's pixels, clipped to what the network saw: the photo, or the
+    padded square (as face-api.js does, so a box may reach into the padding).
+    """
+
+    def __init__(self, size: int, *, pad_to_square: bool) -> None:
+        super().__init__()
+        self.size = size
+        self.pad_to_square = pad_to_square
+
+    def _seen(self, height: int, width: int) -> tuple[int, int]:
+        # The (height, width) of the picture that was resized to size x size.
+        side = max(height, width)
+        return (side, side) if self.pad_to_square else (height, width)
+
+    def forward(self, images: list[Tensor], targets: list[dict[str, Tensor]] | None = None):
+        batch, scales = [], []
+        for image in images:
+            height, width = self._seen(*image.shape[-2:])
+            if self.pad_to_square:
+                resized, _ = tf_pad_resize(image, self.size)
+            else:
+                resized = tf_resize_bilinear(image, (self.size, self.size))
+            batch.append(resized * 2 - 1)
+            scales.append(torch.tensor([self.size / width, self.size / height] * 2))
+        if targets is not None:
+            targets = [{**target, "boxes": target["boxes"] * scale} for target, scale in zip(targets, scales)]
+        return ImageList(torch.stack(batch), [(self.size, self.size)] * len(batch)), targets
+
+    def postprocess(self, result, image_shapes, original_image_sizes):
+        for detections, size in zip(result, original_image_sizes):
+            height, width = self._seen(*size)
+            scale = torch.tensor([width, height] * 2, dtype=detections["boxes"].dtype) / self.size
+            detections["boxes"] = box_ops.clip_boxes_to_image(detections["boxes"] * scale, (height, width))
+        return result
+
+
+class SigmoidSSD(SSD):
+    """torchvision's SSD with the TF OD API's sigmoid classification.
+
+    Scores are ``sigmoid(logit)`` per class (logit 0 is background and never reported);
+    thresholding, top-k, class-wise NMS and the box loss are torchvision's. The classification
+    loss is binary cross-entropy summed over the classes of each anchor against its one-hot
+    label (background included, like TF's ``weighted_sigmoid``), on the positives and the
+    ``neg_to_pos_ratio`` hardest negatives per image, divided by the number of positives.
+    """
+
+    def compute_loss(self, targets, head_outputs, anchors, matched_idxs):
+        losses = super().compute_loss(targets, head_outputs, anchors, matched_idxs)  # its box loss
+        logits = head_outputs["cls_logits"]
+        labels = torch.stack([
+            torch.where(matched >= 0, target["labels"][matched.clamp(min=0)], 0) if target["labels"].numel()
+            else torch.zeros_like(matched)
+            for target, matched in zip(targets, matched_idxs)
+        ])
+        one_hot = F.one_hot(labels, logits.shape[-1]).to(logits.dtype)
+        per_anchor = F.binary_cross_entropy_with_logits(logits, one_hot, reduction="none").sum(-1)
+        positive = labels > 0
+        negative_loss = per_anchor.detach().masked_fill(positive, -math.inf)
+        rank = negative_loss.argsort(dim=1, descending=True).argsort(dim=1)
+        negative = (rank < self.neg_to_pos_ratio * positive.sum(dim=1, keepdim=True)) & ~positive
+        losses["classification"] = (per_anchor[positive].sum() + per_anchor[negative].sum()) / max(1, positive.sum())
+        return losses
+
+    def postprocess_detections(self, head_outputs, image_anchors, image_shapes):
+        detections = []
+        all_scores = torch.sigmoid(head_outputs["cls_logits"])
+        per_image = zip(head_outputs["bbox_regression"], all_scores, image_anchors, image_shapes)
+        for deltas, scores, anchors, shape in per_image:
+            boxes = box_ops.clip_boxes_to_image(self.box_coder.decode_single(deltas, anchors), shape)
+            kept_boxes, kept_scores, kept_labels = [], [], []
+            for label in range(1, scores.shape[-1]):
+                candidates = torch.where(scores[:, label] > self.score_thresh)[0]
+                score = scores[candidates, label]
+                score, order = score.topk(det_utils._topk_min(score, self.topk_candidates, 0))
+                kept_boxes.append(boxes[candidates[order]])
+                kept_scores.append(score)
+                kept_labels.append(torch.full_like(order, label))
+            boxes, scores, labels = torch.cat(kept_boxes), torch.cat(kept_scores), torch.cat(kept_labels)
+            keep = box_ops.batched_nms(boxes, scores, labels, self.nms_thresh)[: self.detections_per_img]
+            detections.append({"boxes": boxes[keep], "scores": scores[keep], "labels": labels[keep]})
+        return detections
+
+
+# ------------------------------------------------------------------------------------------
 # builders
-
-
-def _freeze_trunk_stages(trunk: MobileNetV1, trainable_stages: int | None) -> None:
-    if trainable_stages is None:
-        return
-    names = trunk.stage_names
-    if not 0 <= trainable_stages <= len(names):
-        raise ValueError(
-            f"backbone.trainable_stages must be in [0, {len(names)}] (stages {names[0]}..{names[-1]}), "
-            f"got {trainable_stages}"
-        )
-    for name in names[: len(names) - trainable_stages]:
-        getattr(trunk, name).requires_grad_(False)
 
 
 def build_ssd(
@@ -394,7 +534,7 @@ def build_ssd(
     if not isinstance(num_classes, int) or num_classes < 2:
         raise ValueError(f"num_classes must count background plus at least one class (>= 2), got {num_classes!r}")
     backbone_cfg = backbone_cfg or BackboneConfig()
-    trunk = build_backbone(backbone_cfg, num_classes=0)
+    trunk, load_report = prepare_trunk(backbone_cfg, weights=weights_backbone)
     features = MobileNetV1SSDFeatures(
         trunk,
         cfg,
@@ -415,7 +555,7 @@ def build_ssd(
     else:
         head = SSDPredictionHead(features.out_channels, num_anchors, num_classes, cfg.predictor_kernel_size)
 
-    model = SSD(
+    model = (SigmoidSSD if cfg.score_activation == "sigmoid" else SSD)(
         features,
         anchor_generator,
         (cfg.size, cfg.size),
@@ -433,13 +573,9 @@ def build_ssd(
     # torchvision hard-codes these two; set them from the config.
     model.box_coder = det_utils.BoxCoder(weights=tuple(float(w) for w in cfg.box_coder_weights))
     model.neg_to_pos_ratio = float(cfg.neg_pos_ratio)
-
-    if weights_backbone is not None:
-        from mnapps.engine.checkpoint import load_backbone_weights
-
-        report = load_backbone_weights(model, weights_backbone)
-        model.backbone_load_report = report  # shown by the training tool
-    _freeze_trunk_stages(trunk, backbone_cfg.trainable_stages)
+    if cfg.preprocess != "resize":
+        model.transform = TFResizeTransform(cfg.size, pad_to_square=cfg.preprocess == "tf_pad_resize")
+    model.backbone_load_report = load_report  # what weights_backbone brought; shown by tools
     return model
 
 
