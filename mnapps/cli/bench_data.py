@@ -13,13 +13,17 @@ else generated shapes images), then measures, each figure in a fresh process:
                    the workers, at each --workers count, after the first and after the last
                    of --passes passes of --batches random batches (persistent workers);
   speed            loader images/s (and per worker) with the SSD300 training transforms, and
-                   one SSD300 training step (MobileNetV1 1.0, 91 classes) in images/s.
+                   one SSD300 training step (MobileNetV1 1.0, 91 classes) in images/s;
+  epoch            after the passes, fresh workers read every sample's annotations once (no
+                   pixels): their PSS/USS at its start and end show copy-on-read growth.
 
 It prints the tables, the memory extrapolated to 8 workers from the measured slope, and the
 issue's acceptance checks (first batch <= 5 s at the largest size; summed worker PSS within
 10% between the first and last pass; loader at 2 workers >= the training step). The machine
-must be otherwise quiet for the speeds to mean anything; a 118k run takes several minutes
-(most of it torchvision parsing the JSON once per process) and about 6 GiB of memory at peak.
+must be otherwise quiet for the speeds to mean anything. The default run took 12 minutes on 2
+busy cores (most of it torchvision parsing the JSON once per process) and needs about 7 GiB of
+memory at peak, for torchvision's annotation epoch with 4 workers (--no-annotation-epoch:
+about 4 GiB, the first parse of the 450 MB file).
 """
 
 from __future__ import annotations
@@ -78,6 +82,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--pool", type=Path, metavar="DIR",
                         help=f"folder of JPEGs the entries reuse (default: {_SHARED_POOL} when present, "
                              "else generated shapes images)")
+    parser.add_argument("--no-annotation-epoch", action="store_true",
+                        help="skip the epoch of annotation reads (saves torchvision's copy-on-read memory)")
     parser.add_argument("--no-polygons", action="store_true",
                         help="leave segmentations out of the simulated files (3x smaller, quicker to parse)")
     parser.add_argument("--step-batch", type=int, default=16, help="SSD300 training-step batch (default: 16)")
@@ -129,7 +135,7 @@ def main(argv: list[str] | None = None) -> None:
         settings = ScaleSettings(sizes=tuple(args.sizes), workers=tuple(sorted(set(args.workers))),
                                  impls=tuple(args.impl), batch_size=args.batch_size, batches_per_pass=args.batches,
                                  passes=args.passes, input_size=args.input_size, polygons=not args.no_polygons,
-                                 seed=args.seed)
+                                 annotation_epoch=not args.no_annotation_epoch, seed=args.seed)
     except ValueError as err:
         _fail(str(err))
     if args.step_batch < 1:

@@ -2,15 +2,20 @@
 
 This module owns reading detection data in the COCO format (COCO 2017 itself, users' exports
 from labelling tools, and the embedded synthetic dataset of :mod:`mnapps.data.synthetic_det`)
-with pycocotools, and making real-world files safe to train on:
+and making real-world files safe to train on:
 
+* the annotations live in the compact, cached :class:`mnapps.data.coco_index.CocoIndex`
+  (numpy arrays, no Python object per image), so the first run parses the JSON and later runs
+  start in well under a second even on COCO train, and forked DataLoader workers never copy
+  the parent's pages by touching per-image objects: their memory stays flat across epochs;
 * category ids need not be contiguous (COCO's run 1..90 with gaps): they are mapped, in
   ascending id order, to contiguous labels ``1..K`` (0 is the background, as torchvision
   detectors expect) and back (``label_to_cat_id``), so results files carry the original ids;
 * images without annotations are kept as pure background; ``iscrowd`` boxes are never
   positives (dropped, as torchvision's and detectron2's COCO readers do); boxes are clipped to
   the image and dropped when thinner than ``min_box_size`` pixels (or non-finite). All of that
-  happens once at construction and is counted in :attr:`CocoDetection.box_stats`;
+  happens once at construction (vectorised over all boxes) and is counted in
+  :attr:`CocoDetection.box_stats`;
 * images load through :func:`mnapps.data.image_io.load_rgb` (grayscale, RGBA, 16-bit, EXIF
   orientation); an unreadable image is warned about once, counted, and its sample is ``None``,
   which :func:`collate_fn` drops, so one bad file never stops a long run;
@@ -26,19 +31,19 @@ from __future__ import annotations
 
 import contextlib
 import io
-import json
 import math
+import operator
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
-import torch
 from pycocotools.coco import COCO
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from mnapps.data.coco_index import CocoIndex, blob_string, load_coco_index, load_coco_json
 from mnapps.data.image_io import ImageReadError, load_rgb
 from mnapps.data.transforms import sample_to_tensors
 
@@ -69,118 +74,12 @@ class BoxStats:
         return asdict(self)
 
 
-def load_coco_json(ann_file: str | Path) -> dict[str, Any]:
-    """Read and structurally validate a COCO-format annotation file.
-
-    Args:
-        ann_file: path to the JSON file (``images``, ``categories`` and optionally
-            ``annotations`` lists, as COCO's ``instances_*.json``).
-
-    Returns:
-        The parsed dict, with ``annotations`` set to ``[]`` when the file has none
-        (COCO's ``image_info_test*.json``).
-
-    Raises:
-        FileNotFoundError: the file does not exist.
-        ValueError: not JSON, or a required field is missing / malformed / refers to an unknown
-            image or category; the message names the file, the entry and the fix.
-    """
-    ann_file = Path(ann_file)
-    if not ann_file.is_file():
-        raise FileNotFoundError(
-            f"COCO annotation file {ann_file} not found; pass the path of a COCO-format JSON "
-            "(e.g. annotations/instances_val2017.json) or leave the data options out to use the "
-            "embedded synthetic dataset"
-        )
-    try:
-        with ann_file.open("rb") as f:
-            data = json.load(f)
-    except json.JSONDecodeError as err:
-        raise ValueError(
-            f"{ann_file} is not valid JSON ({err.msg} at line {err.lineno} column {err.colno}); "
-            "the file is probably truncated or not an annotation file: re-download or re-export it"
-        ) from err
-    except UnicodeDecodeError as err:
-        raise ValueError(f"{ann_file} is not a UTF-8 JSON file ({err}); pass the COCO annotation JSON") from err
-    _validate_coco_dict(data, ann_file)
-    return data
-
-
-def _fail(ann_file: Path, where: str, problem: str, fix: str) -> ValueError:
-    return ValueError(f"{ann_file}: {where} {problem}; {fix}")
-
-
-def _validate_coco_dict(data: Any, ann_file: Path) -> None:
-    """Check the fields mnapps and pycocotools rely on; raise ValueError naming the first problem."""
-    if not isinstance(data, dict):
-        raise _fail(ann_file, "the top level", f"is a {type(data).__name__}, not an object",
-                    "a COCO file is an object with 'images', 'annotations' and 'categories' lists")
-    for key in ("images", "categories"):
-        if not isinstance(data.get(key), list):
-            raise _fail(ann_file, f"field {key!r}", "is missing or not a list",
-                        "a COCO detection file needs 'images' and 'categories' lists")
-    annotations = data.setdefault("annotations", [])
-    if not isinstance(annotations, list):
-        raise _fail(ann_file, "field 'annotations'", "is not a list", "export the annotations as a list")
-    if not data["categories"]:
-        raise _fail(ann_file, "field 'categories'", "is empty", "list at least one category {id, name}")
-
-    image_ids: set[int] = set()
-    for i, img in enumerate(data["images"]):
-        if not isinstance(img, dict) or not _is_int(img.get("id")) or not isinstance(img.get("file_name"), str):
-            raise _fail(ann_file, f"images[{i}]", "lacks an integer 'id' or a string 'file_name'",
-                        "every image entry needs both")
-        if img["id"] in image_ids:
-            raise _fail(ann_file, f"images[{i}]", f"repeats image id {img['id']}", "image ids must be unique")
-        for key in ("width", "height"):
-            if key in img and not (_is_number(img[key]) and img[key] > 0):
-                raise _fail(ann_file, f"images[{i}] (id {img['id']})", f"has {key}={img[key]!r}",
-                            "width/height must be positive pixel counts (or be left out)")
-        image_ids.add(img["id"])
-
-    cat_ids: set[int] = set()
-    for i, cat in enumerate(data["categories"]):
-        if not isinstance(cat, dict) or not _is_int(cat.get("id")) or not isinstance(cat.get("name"), str):
-            raise _fail(ann_file, f"categories[{i}]", "lacks an integer 'id' or a string 'name'",
-                        "every category entry needs both")
-        if cat["id"] in cat_ids:
-            raise _fail(ann_file, f"categories[{i}]", f"repeats category id {cat['id']}", "category ids must be unique")
-        cat_ids.add(cat["id"])
-
-    ann_ids: set[int] = set()
-    for i, ann in enumerate(annotations):
-        if not isinstance(ann, dict) or not _is_int(ann.get("id")):
-            raise _fail(ann_file, f"annotations[{i}]", "lacks an integer 'id'",
-                        "pycocotools indexes annotations by id; give each a unique integer id")
-        where = f"annotations[{i}] (id {ann['id']})"
-        if ann["id"] in ann_ids:
-            raise _fail(ann_file, where, "repeats its id", "annotation ids must be unique")
-        ann_ids.add(ann["id"])
-        if ann.get("image_id") not in image_ids:
-            raise _fail(ann_file, where, f"refers to image_id {ann.get('image_id')!r}, which is not in 'images'",
-                        "fix the export or remove the annotation")
-        if ann.get("category_id") not in cat_ids:
-            raise _fail(ann_file, where, f"refers to category_id {ann.get('category_id')!r}, which is not in "
-                        f"'categories' (ids {sorted(cat_ids)})", "fix the export or add the category")
-        bbox = ann.get("bbox")
-        if not (isinstance(bbox, (list, tuple)) and len(bbox) == 4 and all(_is_number(v) for v in bbox)):
-            raise _fail(ann_file, where, f"has bbox={bbox!r}",
-                        "a COCO bbox is [x, y, width, height] in pixels (4 numbers)")
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
 class CocoDetection(Dataset):
     """A COCO-format detection dataset for torchvision-style detectors.
 
     Args:
-        ann_file: COCO-format annotation JSON.
+        ann_file: COCO-format annotation JSON. Its index is cached beside it (or in the user
+            cache) on first use; see :mod:`mnapps.data.coco_index`.
         image_dir: folder the images' ``file_name`` entries are relative to.
         transforms: ``(image uint8[H,W,3], boxes float32[N,4] xyxy pixels, labels int64[N]) ->
             (FloatTensor[3,H',W'] in [0,1], FloatTensor[N',4], Int64Tensor[N'])``, e.g.
@@ -190,7 +89,8 @@ class CocoDetection(Dataset):
             image) are dropped as degenerate.
 
     Attributes:
-        coco: the pycocotools ``COCO`` index of the whole file (ground truth for COCOeval).
+        coco: the pycocotools ``COCO`` index of the whole file (ground truth for COCOeval),
+            built from the JSON on first access and then kept; training never touches it.
         ids: image ids of the samples, in sample order (images without annotations included).
         cat_ids: category ids in ascending order; ``cat_ids[label - 1]`` is the label's id.
         cat_id_to_label / label_to_cat_id: the contiguous-label mapping (labels ``1..K``).
@@ -222,115 +122,188 @@ class CocoDetection(Dataset):
             raise ValueError(f"min_box_size must be a finite number of pixels >= 0, got {min_box_size}")
         self.min_box_size = float(min_box_size)
 
-        data = load_coco_json(self.ann_file)
+        index = load_coco_index(self.ann_file)
         if not self.image_dir.is_dir():
             raise FileNotFoundError(
                 f"image folder {self.image_dir} (for {self.ann_file}) not found; pass the folder that "
                 "holds the files named in the annotation file's 'file_name' entries (e.g. coco/val2017)"
             )
-        self.coco = COCO()
-        self.coco.dataset = data
-        with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress chatter
-            self.coco.createIndex()
+        self._coco: COCO | None = None
 
-        self.cat_ids: list[int] = sorted(self.coco.cats)
+        names = index.category_names()
+        self.cat_ids: list[int] = sorted(names)
         self.cat_id_to_label: dict[int, int] = {cat_id: i + 1 for i, cat_id in enumerate(self.cat_ids)}
         self.label_to_cat_id: dict[int, int] = {label: cat_id for cat_id, label in self.cat_id_to_label.items()}
-        self.class_names: list[str] = ["__background__"] + [self.coco.cats[c]["name"] for c in self.cat_ids]
+        self.class_names: list[str] = ["__background__"] + [names[c] for c in self.cat_ids]
         self.num_classes: int = len(self.class_names)
 
+        # Image id -> position in the index through a sorted copy (no per-image dict to share).
+        self._sorted_order = np.argsort(index.image_ids, kind="stable")
+        self._sorted_ids = index.image_ids[self._sorted_order]
         if image_ids is None:
-            self.ids: list[int] = sorted(self.coco.imgs)
+            self.ids: list[int] = self._sorted_ids.tolist()
         else:
             self.ids = [int(i) for i in image_ids]
-            unknown = [i for i in self.ids if i not in self.coco.imgs]
+            unknown = [i for i in self.ids if not self._known(i)]
             if unknown:
                 raise ValueError(f"image_ids {unknown[:10]}{' ...' if len(unknown) > 10 else ''} "
                                  f"({len(unknown)} in all) are not in {self.ann_file}; pass ids of its 'images'")
+        # Per sample: image id and index position; the image's name and size stay in the index's arrays.
+        self._sample_ids = np.asarray(self.ids, dtype=np.int64).reshape(-1)
+        self._positions = self._sorted_order[np.searchsorted(self._sorted_ids, self._sample_ids)]
+        self._file_names, self._file_name_offsets = index.file_names, index.file_name_offsets
+        self._widths, self._heights = index.widths, index.heights
         self._check_image_dir()
 
         self.box_stats = BoxStats()
-        self._targets: dict[int, tuple[np.ndarray, np.ndarray]] = {}
-        for image_id in self.ids:
-            self._targets[image_id] = self._sanitise_annotations(image_id)
+        self._boxes, self._labels, self._box_offsets = self._sanitise_annotations(index)
         self.unreadable_ids: set[int] = set()
         self._size_warned: set[int] = set()
 
     # ----------------------------------------------------------------------------- construction
+    def _known(self, image_id: int) -> bool:
+        i = int(np.searchsorted(self._sorted_ids, image_id))
+        return i < len(self._sorted_ids) and int(self._sorted_ids[i]) == image_id
+
+    def _position(self, image_id: int) -> int:
+        if not self._known(int(image_id)):
+            raise KeyError(f"image id {image_id} is not in {self.ann_file}")
+        return int(self._sorted_order[np.searchsorted(self._sorted_ids, int(image_id))])
+
+    def _file_name(self, position: int) -> str:
+        return blob_string(self._file_names, self._file_name_offsets, position)
+
     def _check_image_dir(self) -> None:
-        probe = self.ids[:_IMAGE_DIR_PROBE]
-        if probe and not any(self.image_path(image_id).exists() for image_id in probe):
-            first = self.coco.imgs[probe[0]]["file_name"]
+        probe = self._positions[:_IMAGE_DIR_PROBE]
+        if len(probe) and not any((self.image_dir / self._file_name(int(p))).exists() for p in probe):
+            first = self._file_name(int(probe[0]))
             raise FileNotFoundError(
                 f"image folder {self.image_dir} holds none of the first {len(probe)} images listed in "
                 f"{self.ann_file} (e.g. {first!r}); pass the folder those file names are relative to"
             )
 
-    def _sanitise_annotations(self, image_id: int) -> tuple[np.ndarray, np.ndarray]:
-        """Boxes (xyxy, clipped) and labels of one image, dropping crowd and degenerate boxes."""
-        info = self.coco.imgs[image_id]
-        width, height = info.get("width"), info.get("height")
+    def _sanitise_annotations(self, index: CocoIndex) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Boxes (xyxy, clipped) and labels of every sample, dropping crowd and degenerate boxes.
+
+        Vectorised over all annotations of the selected images, with the arithmetic of a
+        per-box reading: float64 ``x + w``, clipping that keeps a coordinate unless it is past
+        the bound, comparisons on the clipped doubles, then float32.
+
+        Returns:
+            ``(boxes float32[K, 4], labels int64[K], offsets int64[len(self) + 1])``; sample ``i``
+            owns rows ``offsets[i]:offsets[i + 1]``.
+        """
+        starts, ends = index.ann_offsets[self._positions], index.ann_offsets[self._positions + 1]
+        counts = ends - starts
+        sample_of_row = np.repeat(np.arange(len(self._positions)), counts)
+        # Row r of the selection is annotation starts[sample] + (r - first row of that sample).
+        first_row = np.zeros(len(counts) + 1, dtype=np.int64)
+        np.cumsum(counts, out=first_row[1:])
+        rows = starts[sample_of_row] + (np.arange(int(first_row[-1])) - first_row[:-1][sample_of_row])
+
+        crowd = index.iscrowd[rows]
+        x, y, w, h = index.bboxes[rows].T
+        box = np.stack([x, y, x + w, y + h], axis=1)
+        finite = np.isfinite(box).all(axis=1)
+        # An unknown width/height clips only at 0 (the bound is +inf).
+        bound_x = np.nan_to_num(self._widths[self._positions][sample_of_row], nan=np.inf)
+        bound_y = np.nan_to_num(self._heights[self._positions][sample_of_row], nan=np.inf)
+        bounds = np.stack([bound_x, bound_y, bound_x, bound_y], axis=1)
+        with np.errstate(invalid="ignore"):
+            clipped = np.where(box < 0.0, 0.0, box)
+            clipped = np.where(bounds < clipped, bounds, clipped)
+            small = ((clipped[:, 2] - clipped[:, 0]) < self.min_box_size) | (
+                (clipped[:, 3] - clipped[:, 1]) < self.min_box_size)
+            changed = (clipped != box).any(axis=1)
+        usable = ~crowd & finite
+        kept = usable & ~small
+
+        kept_per_sample = np.bincount(sample_of_row[kept], minlength=len(self._positions))
         stats = self.box_stats
-        stats.images += 1
-        boxes: list[list[float]] = []
-        labels: list[int] = []
-        for ann in self.coco.imgToAnns.get(image_id, []):
-            stats.annotations += 1
-            if ann.get("iscrowd", 0):
-                stats.crowd += 1  # crowd regions are "ignore" areas, never positives
-                continue
-            x, y, w, h = (float(v) for v in ann["bbox"])
-            box = [x, y, x + w, y + h]
-            if not all(math.isfinite(v) for v in box):
-                stats.degenerate += 1
-                continue
-            clipped = _clip_box(box, width, height)
-            if clipped[2] - clipped[0] < self.min_box_size or clipped[3] - clipped[1] < self.min_box_size:
-                stats.degenerate += 1  # also boxes entirely outside the image
-                continue
-            if clipped != box:
-                stats.clipped += 1
-            boxes.append(clipped)
-            labels.append(self.cat_id_to_label[ann["category_id"]])
-        stats.kept += len(boxes)
-        if not boxes:
-            stats.images_without_boxes += 1
-        return np.asarray(boxes, dtype=np.float32).reshape(-1, 4), np.asarray(labels, dtype=np.int64)
+        stats.images += len(self._positions)
+        stats.annotations += len(rows)
+        stats.crowd += int(crowd.sum())  # crowd regions are "ignore" areas, never positives
+        stats.degenerate += int((~crowd & ~kept).sum())  # also boxes entirely outside the image
+        stats.clipped += int((kept & changed).sum())
+        stats.kept += int(kept.sum())
+        stats.images_without_boxes += int((kept_per_sample == 0).sum())
+
+        # Label = 1 + rank of the category id among the ascending ids (validation saw every id).
+        labels = np.searchsorted(np.sort(index.cat_ids), index.category_ids[rows[kept]]) + 1
+        offsets = np.zeros(len(self._positions) + 1, dtype=np.int64)
+        np.cumsum(kept_per_sample, out=offsets[1:])
+        return clipped[kept].astype(np.float32), labels.astype(np.int64), offsets
 
     # ----------------------------------------------------------------------------- access
+    @property
+    def coco(self) -> COCO:
+        """The pycocotools ``COCO`` of the whole file, parsed from the JSON on first access."""
+        if self._coco is None:
+            coco = COCO()
+            coco.dataset = load_coco_json(self.ann_file)
+            with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress chatter
+                coco.createIndex()
+            self._coco = coco
+        return self._coco
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Workers started by spawn get the arrays, not a COCO object they would never use.
+        state = self.__dict__.copy()
+        state["_coco"] = None
+        return state
+
     def __len__(self) -> int:
-        return len(self.ids)
+        return len(self._sample_ids)
+
+    def _sample(self, index: int) -> int:
+        index = operator.index(index)
+        size = len(self._sample_ids)
+        if not -size <= index < size:
+            raise IndexError(f"sample index {index} out of range for {size} samples")
+        return index % size
 
     def image_path(self, image_id: int) -> Path:
         """Path of an image's file (``image_dir / file_name``)."""
-        return self.image_dir / self.coco.imgs[image_id]["file_name"]
+        return self.image_dir / self._file_name(self._position(image_id))
+
+    def _expected_size(self, position: int) -> tuple[int | float, int | float] | None:
+        width, height = float(self._widths[position]), float(self._heights[position])
+        if math.isnan(width) or math.isnan(height):
+            return None
+        return (int(width) if width.is_integer() else width, int(height) if height.is_integer() else height)
 
     def annotations(self, index: int) -> tuple[np.ndarray, np.ndarray]:
         """Sanitised ``(boxes float32[N,4] xyxy, labels int64[N])`` of sample ``index`` (no image I/O)."""
-        boxes, labels = self._targets[self.ids[index]]
-        return boxes.copy(), labels.copy()
+        i = self._sample(index)
+        start, end = self._box_offsets[i], self._box_offsets[i + 1]
+        return self._boxes[start:end].copy(), self._labels[start:end].copy()
 
     def __getitem__(self, index: int) -> Sample | None:
-        image_id = self.ids[index]
-        info = self.coco.imgs[image_id]
-        path = self.image_path(image_id)
-        expected = (info["width"], info["height"]) if "width" in info and "height" in info else None
+        i = self._sample(index)
+        image_id = int(self._sample_ids[i])
+        position = int(self._positions[i])
+        path = self.image_dir / self._file_name(position)
+        expected = self._expected_size(position)
         try:
-            image = load_rgb(path, expected_size=expected)
+            image = self._load_image(path, expected)
         except ImageReadError as err:
             if image_id not in self.unreadable_ids:
                 self.unreadable_ids.add(image_id)
                 warnings.warn(f"skipping unreadable image (id {image_id}): {err}", RuntimeWarning, stacklevel=2)
             return None
-        boxes, labels = self._targets[image_id]
+        boxes, labels = self.annotations(i)
         height, width = image.shape[:2]
         if expected != (width, height):  # sizes unknown in the file, or wrong
             boxes, labels = self._fit_to_real_size(image_id, path, expected, boxes, labels, width, height)
         if self.transforms is None:
             image_t, boxes_t, labels_t = sample_to_tensors(image, boxes, labels)
         else:
-            image_t, boxes_t, labels_t = self.transforms(image, boxes.copy(), labels.copy())
-        return image_t, {"boxes": boxes_t, "labels": labels_t, "image_id": int(image_id)}
+            image_t, boxes_t, labels_t = self.transforms(image, boxes, labels)
+        return image_t, {"boxes": boxes_t, "labels": labels_t, "image_id": image_id}
+
+    def _load_image(self, path: Path, expected: tuple[int | float, int | float] | None) -> np.ndarray:
+        """Decode one image (the one step a subclass may replace, e.g. to measure without pixels)."""
+        return load_rgb(path, expected_size=expected)
 
     def _fit_to_real_size(
         self, image_id: int, path: Path, expected: tuple[int, int] | None, boxes: np.ndarray, labels: np.ndarray,
@@ -375,14 +348,6 @@ class CocoDetection(Dataset):
     def __repr__(self) -> str:
         return (f"CocoDetection(ann_file={str(self.ann_file)!r}, image_dir={str(self.image_dir)!r}, "
                 f"images={len(self)}, classes={self.num_classes - 1})")
-
-
-def _clip_box(box: Sequence[float], width: float | None, height: float | None) -> list[float]:
-    """Clip xyxy to ``[0, width] x [0, height]`` (only at 0 when the size is unknown)."""
-    x1, y1, x2, y2 = box
-    x_max = math.inf if width is None else float(width)
-    y_max = math.inf if height is None else float(height)
-    return [min(max(x1, 0.0), x_max), min(max(y1, 0.0), y_max), min(max(x2, 0.0), x_max), min(max(y2, 0.0), y_max)]
 
 
 def collate_fn(batch: Sequence[Sample | None]) -> tuple[list[Tensor], list[dict[str, Any]], int]:

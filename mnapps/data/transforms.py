@@ -14,6 +14,10 @@ Boxes are handled by albumentations (``pascal_voc`` = xyxy pixels) with the labe
 along; boxes left with under ``min_visibility`` of their area, or under ``min_box_size`` pixels
 wide or tall, are dropped, so no degenerate box ever reaches a box coder.
 
+Memory: in a DataLoader worker, the first augmented sample sets glibc's mmap threshold to a
+fixed 1 MiB, so that the large temporary images of the SSD recipe are returned to the system
+when freed and a worker's memory stays flat from one pass to the next.
+
 Randomness: every call draws one seed from torch's default generator and drives all the
 albumentations transforms from it, so ``torch.manual_seed`` makes augmentation reproducible,
 DataLoader workers (which torch seeds differently) never repeat each other, and a resumed run
@@ -25,6 +29,7 @@ Transform contract: ``(image uint8[H,W,3] RGB, boxes float32[N,4] xyxy pixels, l
 
 from __future__ import annotations
 
+import ctypes
 import os
 import random
 from typing import Any, Sequence
@@ -40,6 +45,7 @@ import torch
 from albumentations.core.transforms_interface import DualTransform
 from albumentations.core.type_definitions import Targets
 from torch import Tensor
+from torch.utils.data import get_worker_info
 
 __all__ = [
     "DetTransform",
@@ -57,6 +63,29 @@ MEAN_RGB_UINT8 = (124, 116, 104)
 #: SSD's crop options: ``None`` keeps the whole image, ``0.0`` is an unconstrained random patch,
 #: the others require some kept object to overlap the patch with at least that IoU (paper 2.2).
 SSD_MIN_IOUS: tuple[float | None, ...] = (None, 0.0, 0.1, 0.3, 0.5, 0.7, 0.9)
+
+
+# glibc's mallopt parameter number and the size from which buffers go straight to the OS.
+_M_MMAP_THRESHOLD = -3
+_LARGE_BUFFER_BYTES = 1 << 20
+_allocator_tuned = False
+
+
+def _return_large_buffers_to_os() -> None:
+    """In this process, allocate buffers of 1 MiB and more with mmap and unmap them when freed.
+
+    glibc raises its mmap threshold to the largest block freed so far (up to 32 MiB), after
+    which zoom-out canvases (up to 16x the image) come from the heap and stay there: a
+    DataLoader worker's memory then follows the largest canvas it has drawn, pass after pass,
+    instead of its live data. A fixed threshold (which also stops the adjustment) keeps it flat.
+    Without glibc (macOS, Windows, musl) this does nothing.
+    """
+    global _allocator_tuned
+    _allocator_tuned = True
+    try:
+        ctypes.CDLL(None).mallopt(_M_MMAP_THRESHOLD, _LARGE_BUFFER_BYTES)
+    except (OSError, AttributeError, TypeError):
+        pass
 
 
 def sample_to_tensors(image: np.ndarray, boxes: np.ndarray, labels: np.ndarray) -> tuple[Tensor, Tensor, Tensor]:
@@ -124,6 +153,12 @@ class ZoomOut(DualTransform):
     ) -> np.ndarray:
         canvas_w, canvas_h = canvas_size
         left, top = offset
+        if img.dtype == np.uint8 and img.ndim == 3 and img.shape[2] == 3:
+            # OpenCV writes the border in one pass; filling the whole canvas with numpy first
+            # (a broadcast per pixel over up to 16x the image) was the slowest step of the
+            # SSD recipe. Same pixels either way.
+            return cv2.copyMakeBorder(img, top, canvas_h - top - img.shape[0], left, canvas_w - left - img.shape[1],
+                                      cv2.BORDER_CONSTANT, value=self.fill[:3])
         fill = np.asarray(self.fill[: img.shape[2]] if img.ndim == 3 else self.fill[0], dtype=img.dtype)
         canvas = np.empty((canvas_h, canvas_w) + img.shape[2:], dtype=img.dtype)
         canvas[...] = fill
@@ -286,6 +321,8 @@ class DetTransform:
             raise ValueError(f"got {len(boxes)} boxes but {len(labels)} labels")
         if self.compose is None:
             return sample_to_tensors(image, boxes, labels)
+        if not _allocator_tuned and get_worker_info() is not None:
+            _return_large_buffers_to_os()  # once per DataLoader worker, at its first sample
         if self.stochastic:
             # One shared generator pair for all transforms (Compose's own seeding would give every
             # transform the same stream, correlating e.g. flip with colour jitter).
