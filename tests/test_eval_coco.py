@@ -457,3 +457,18 @@ def test_tool_checkpoint_mode(shared_data: Path, tmp_path: Path, capsys):
     assert set(COCO_METRIC_NAMES) <= set(written) and written["checkpoint"] == str(checkpoint)
     assert set(written["per_class_AP"]) <= set(dataset.class_names[1:])
     assert all(0.0 <= ap <= 1.0 for ap in written["per_class_AP"].values())
+
+
+def test_ground_truth_without_area_uses_the_box_area(tmp_path):
+    """Exporters often omit "area"; COCOeval raised KeyError: 'area'. Box area w*h is COCO's rule for boxes."""
+    gt = {
+        "images": [{"id": 1, "width": 100, "height": 100, "file_name": "a.jpg"}],
+        "categories": [{"id": 1, "name": "thing"}],
+        "annotations": [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [10, 10, 20, 40], "iscrowd": 0}],
+    }
+    path = tmp_path / "gt.json"
+    path.write_text(json.dumps(gt))
+    perfect = [{"image_id": 1, "category_id": 1, "bbox": [10, 10, 20, 40], "score": 0.9}]
+    metrics, _, _ = evaluate_results(path, perfect)
+    # 20 x 40 = 800 px^2 is "small" (< 32^2): the box counts in APs, not APm.
+    assert metrics["AP"] == pytest.approx(1.0) and metrics["APs"] == pytest.approx(1.0) and metrics["APm"] == -1.0

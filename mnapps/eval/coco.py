@@ -174,17 +174,21 @@ def _without_bad_gt_boxes(gt: COCO, img_ids: Iterable[int] | None) -> tuple[COCO
     """Ground truth without boxes that are non-finite, malformed or of non-positive size.
 
     pycocotools counts a NaN overlap as a match, so one NaN ground-truth box makes random
-    detections "correct" and inflates AP. Returns a filtered copy (the caller's ``COCO`` is
+    detections "correct" and inflates AP. Annotations without ``area`` (optional in many
+    exporters, required by COCOeval's area ranges) get the box area. Returns a filtered copy (the caller's ``COCO`` is
     left as it is) and how many such boxes fall on the evaluated images (all images when
     ``img_ids`` is None).
     """
     annotations = gt.dataset.get("annotations", [])
     bad = [ann for ann in annotations if not _valid_gt_box(ann)]
-    if not bad:
+    no_area = any("area" not in ann for ann in annotations)
+    if not bad and not no_area:
         return gt, 0
     bad_ids = {id(ann) for ann in bad}
+    kept = [ann if "area" in ann else {**ann, "area": float(ann["bbox"][2]) * float(ann["bbox"][3])}
+            for ann in annotations if id(ann) not in bad_ids]  # COCOeval's area ranges need "area"
     filtered = COCO()
-    filtered.dataset = {**gt.dataset, "annotations": [ann for ann in annotations if id(ann) not in bad_ids]}
+    filtered.dataset = {**gt.dataset, "annotations": kept}
     with contextlib.redirect_stdout(io.StringIO()):
         filtered.createIndex()
     wanted = None if img_ids is None else {int(i) for i in img_ids}
