@@ -200,11 +200,8 @@ def write_coco_simulation(
         polygons: write a polygon ``segmentation`` per object (and RLE counts for crowd
             regions) as COCO does; False leaves segmentations out (a 3x smaller file).
 
-    Returns:
-        A :class:`SimulatedCoco` with the counts actually written.
-
-    Raises:
-        ValueError: ``num_images < 1`` or an empty pool.
+    Returns a :class:`SimulatedCoco` with the counts actually written; raises ValueError for
+    ``num_images < 1`` or an empty pool.
     """
     if isinstance(num_images, bool) or not isinstance(num_images, int) or num_images < 1:
         raise ValueError(f"num_images must be an int >= 1, got {num_images!r}")
@@ -223,34 +220,14 @@ def write_coco_simulation(
 
     # Boxes per image: none for ~1% of the images, else 1 + negative binomial (a long tail like
     # COCO's, where a crowded street scene has dozens) with the overall mean of COCO train.
-    non_empty_mean = _BOXES_PER_IMAGE / (1.0 - _EMPTY_FRACTION)
-    shape = 1.5
-    counts = 1 + rng.negative_binomial(shape, shape / (shape + non_empty_mean - 1.0), num_images)
-    counts = np.minimum(counts, 100)
-    counts[rng.random(num_images) < _EMPTY_FRACTION] = 0
+    counts = _sample_box_counts(rng, num_images)
     total = int(counts.sum())
     image_of_ann = np.repeat(np.arange(num_images), counts)
     width, height = pool_w[pool_of_image[image_of_ann]], pool_h[pool_of_image[image_of_ann]]
 
-    # Area by COCO's size classes, aspect ratio log-normal around square; then fit the image.
-    shares = np.array([c[0] for c in _SIZE_CLASSES])
-    size_class = rng.choice(len(_SIZE_CLASSES), total, p=shares / shares.sum())
-    low = np.array([c[1] for c in _SIZE_CLASSES])[size_class]
-    high = np.array([c[2] or np.inf for c in _SIZE_CLASSES])[size_class]
-    high = np.minimum(high, 0.9 * width * height)
-    area = np.exp(rng.uniform(np.log(low), np.log(np.maximum(high, low * 1.01))))
-    aspect = np.exp(rng.normal(0.0, 0.5, total))
-    w = np.minimum(np.sqrt(area * aspect), width)
-    h = np.minimum(area / w, height)
-    x = rng.uniform(0.0, 1.0, total) * (width - w)
-    y = rng.uniform(0.0, 1.0, total) * (height - h)
-    x, y, w, h = (np.round(v, 2) for v in (x, y, w, h))
-    w, h = np.maximum(w, 0.01), np.maximum(h, 0.01)
+    size_class, (x, y, w, h) = _sample_boxes(rng, total, width, height)
     crowd = rng.random(total) < _CROWD_FRACTION
-    categories = np.array([c[0] for c in COCO_2017_CATEGORIES])
-    weights = np.full(len(categories), (1.0 - _PERSON_FRACTION) / (len(categories) - 1))
-    weights[0] = _PERSON_FRACTION
-    category = categories[rng.choice(len(categories), total, p=weights)]
+    category = _sample_categories(rng, total)
     vertices = np.array(_POLYGON_VERTICES)[size_class]
     # COCO lists annotations by category, images in no order within one: an image's boxes are
     # scattered over the file, as they are in a parsed COCO object's memory.
@@ -265,10 +242,7 @@ def write_coco_simulation(
         f.write('], "annotations": [')
         _write_annotations(f, rng, ann_order, image_ids[image_of_ann], category, crowd, (x, y, w, h), vertices,
                            (width, height), polygons)
-        f.write('], "categories": [')
-        f.write(", ".join(json.dumps({"supercategory": "", "id": cid, "name": name})
-                          for cid, name in COCO_2017_CATEGORIES))
-        f.write("]}")
+        f.write('], "categories": [' + _categories_json() + "]}")
     box_area = w * h
     size_shares = tuple(float(v) for v in (np.mean(box_area < 32.0**2),
                                            np.mean((box_area >= 32.0**2) & (box_area < 96.0**2)),
@@ -284,6 +258,48 @@ def write_coco_simulation(
         json_bytes=ann_file.stat().st_size,
         write_s=time.perf_counter() - start,
     )
+
+
+def _sample_box_counts(rng: np.random.Generator, num_images: int) -> np.ndarray:
+    non_empty_mean = _BOXES_PER_IMAGE / (1.0 - _EMPTY_FRACTION)
+    shape = 1.5
+    counts = 1 + rng.negative_binomial(shape, shape / (shape + non_empty_mean - 1.0), num_images)
+    counts = np.minimum(counts, 100)
+    counts[rng.random(num_images) < _EMPTY_FRACTION] = 0
+    return counts
+
+
+def _sample_boxes(rng: np.random.Generator, total: int, width: np.ndarray, height: np.ndarray):
+    """Boxes by COCO's size classes, aspect ratio log-normal around square, fitted to the image.
+
+    Returns:
+        ``(size_class[total], (x, y, w, h))`` in pixels, rounded to 0.01 as COCO's files are.
+    """
+    shares = np.array([c[0] for c in _SIZE_CLASSES])
+    size_class = rng.choice(len(_SIZE_CLASSES), total, p=shares / shares.sum())
+    low = np.array([c[1] for c in _SIZE_CLASSES])[size_class]
+    high = np.array([c[2] or np.inf for c in _SIZE_CLASSES])[size_class]
+    high = np.minimum(high, 0.9 * width * height)
+    area = np.exp(rng.uniform(np.log(low), np.log(np.maximum(high, low * 1.01))))
+    aspect = np.exp(rng.normal(0.0, 0.5, total))
+    w = np.minimum(np.sqrt(area * aspect), width)
+    h = np.minimum(area / w, height)
+    x = rng.uniform(0.0, 1.0, total) * (width - w)
+    y = rng.uniform(0.0, 1.0, total) * (height - h)
+    x, y, w, h = (np.round(v, 2) for v in (x, y, w, h))
+    return size_class, (x, y, np.maximum(w, 0.01), np.maximum(h, 0.01))
+
+
+def _sample_categories(rng: np.random.Generator, total: int) -> np.ndarray:
+    """COCO category ids: "person" with its share of COCO train, the other 79 evenly."""
+    categories = np.array([c[0] for c in COCO_2017_CATEGORIES])
+    weights = np.full(len(categories), (1.0 - _PERSON_FRACTION) / (len(categories) - 1))
+    weights[0] = _PERSON_FRACTION
+    return categories[rng.choice(len(categories), total, p=weights)]
+
+
+def _categories_json() -> str:
+    return ", ".join(json.dumps({"supercategory": "", "id": cid, "name": name}) for cid, name in COCO_2017_CATEGORIES)
 
 
 def _write_images(f, ids: np.ndarray, pool_index: np.ndarray, pool: Sequence[tuple[str, int, int]]) -> None:
@@ -937,6 +953,14 @@ def format_report(result: dict[str, Any]) -> str:
                 f"{_mib(a['workers_pss']) + ' / ' + _mib(b['workers_pss']):>18} {_pct(_growth(run)):>7} "
                 f"{_mib(a['workers_uss']) + ' / ' + _mib(b['workers_uss']):>18} {run['images_per_s']:>6.1f} "
                 f"{per_worker:>12.1f}")
+    _report_epochs(result, lines)
+    rows = summarise(result)
+    _report_growth(rows, lines)
+    _report_step_and_acceptance(result, rows, lines)
+    return "\n".join(lines)
+
+
+def _report_epochs(result: dict[str, Any], lines: list[str]) -> None:
     epochs = [(entry, run) for entry in result["sizes"] for run in entry["loaders"] if run.get("annotation_epoch")]
     if epochs:
         lines.append("")
@@ -951,8 +975,10 @@ def format_report(result: dict[str, Any]) -> str:
                          f"{e['seconds']:>7.1f} {_mib(a['workers_pss']) + ' / ' + _mib(b['workers_pss']):>22} "
                          f"{_mib(a['workers_uss']) + ' / ' + _mib(b['workers_uss']):>22} "
                          f"{_mib((b['workers_uss'] - a['workers_uss']) / run['workers']):>22}")
+
+
+def _report_growth(rows: list[dict[str, Any]], lines: list[str]) -> None:
     lines.append("")
-    rows = summarise(result)
     for title, key, slope, at8 in (
         ("after the last pass", "total_pss", "pss_per_worker", "total_pss_8_workers"),
         ("after one epoch of annotation reads (0 workers: after the last pass)", "epoch_total_pss",
@@ -971,6 +997,9 @@ def format_report(result: dict[str, Any]) -> str:
                          + f" {_mib(r.get(slope)):>10} {_mib(r.get(at8)):>10}")
         lines.append("")
     lines.pop()
+
+
+def _report_step_and_acceptance(result: dict[str, Any], rows: list[dict[str, Any]], lines: list[str]) -> None:
     step = result.get("step")
     if step:
         lines.append("")
@@ -993,7 +1022,6 @@ def format_report(result: dict[str, Any]) -> str:
         lines.append("  also: workers' USS growth over one epoch of annotation reads, per worker: " + ", ".join(
             f"{r['impl']} {_mib(r['epoch_uss_growth'][w] / w)} MiB ({w} workers)"
             for r in largest for w in sorted(r["epoch_uss_growth"])))
-    return "\n".join(lines)
 
 
 def plot_report(result: dict[str, Any], path: str | Path) -> Path:
