@@ -213,6 +213,56 @@ def test_split_ssd_pipeline_equals_torchvision_eval(lite):
         assert torch.allclose(ref["scores"], out["scores"], atol=1e-5)
 
 
+@pytest.mark.parametrize("preprocess", ["tf_resize", "tf_pad_resize"])
+def test_split_ssd_pipeline_reproduces_tf_preprocessing_and_sigmoid_scores(preprocess):
+    torch.manual_seed(0)
+    cfg = SSDConfig(size=96, score_activation="sigmoid", preprocess=preprocess, score_threshold=0.05)
+    model = build_ssd(cfg, num_classes=3, backbone_cfg=BackboneConfig(width_mult=0.25, tf_padding=True))
+    settle_batchnorm(model.backbone, lambda: torch.rand(4, 3, 96, 96) * 2 - 1)
+    with torch.no_grad():
+        for conv in model.head.classification_head.module_list:
+            conv.bias.normal_(0, 2.0)  # spread the sigmoid scores over [0, 1]
+    model.eval()
+    images = _images()
+    network, params = split_ssd(model)
+    assert (params.preprocess, params.score_activation, params.size) == (preprocess, "sigmoid", (96, 96))
+    assert SSDPostprocessParams.from_json(params.to_json()) == params
+    with torch.no_grad():
+        expected = model(images)
+        batch, sizes = preprocess_images(images, params.size, params.preprocess)
+        got = postprocess_ssd(*network(batch), params, sizes)
+    # The graph input is the model's own resize of each photo, before its 2x - 1.
+    resized, _ = model.transform(images)
+    assert torch.allclose(batch * 2 - 1, resized.tensors, atol=1e-6)
+    for image, ref, out in zip(images, expected, got):
+        assert len(ref["boxes"]) > 0
+        assert torch.equal(ref["labels"], out["labels"]) and (ref["labels"] >= 1).all()
+        assert torch.allclose(ref["boxes"], out["boxes"], atol=1e-3)
+        assert torch.allclose(ref["scores"], out["scores"], atol=1e-5)
+        # Sigmoid scores, and boxes inside the picture the network saw (the padded square or the photo).
+        height, width = image.shape[-2:]
+        side = (max(height, width),) * 2 if preprocess == "tf_pad_resize" else (height, width)
+        assert out["boxes"][:, 2].max() <= side[1] and out["boxes"][:, 3].max() <= side[0]
+    # Softmax scores of the same logits would differ: the activation is really used.
+    softmax = postprocess_ssd(*network(batch), SSDPostprocessParams(**{**params.__dict__, "score_activation": "softmax"}), sizes)
+    assert not torch.allclose(softmax[0]["scores"][:5], got[0]["scores"][:5])
+
+
+def test_postprocess_tf_pad_resize_maps_boxes_to_the_padded_square_by_hand():
+    # A 96 input seen from a 200 (h) x 100 (w) photo padded to 200 x 200: x and y both * 200/96;
+    # a box reaching into the padding is kept there, clipped to the square (x up to 200).
+    params = SSDPostprocessParams(size=(96, 96), score_thresh=0.3, score_activation="sigmoid",
+                                  preprocess="tf_pad_resize")
+    anchors = torch.tensor([[24.0, 48.0, 72.0, 96.0], [0.0, 0.0, 10.0, 10.0]])
+    logits = torch.tensor([[[0.0, 2.0], [0.0, -3.0]]])  # sigmoid: 0.881 and 0.047 (dropped)
+    result = postprocess_ssd(torch.zeros(1, 2, 4), logits, anchors, params, original_sizes=[(200, 100)])[0]
+    assert result["labels"].tolist() == [1]
+    assert result["scores"].tolist() == pytest.approx([1 / (1 + math.exp(-2.0))], abs=1e-6)
+    assert torch.allclose(result["boxes"], torch.tensor([[50.0, 100.0, 150.0, 200.0]]), atol=1e-4)
+    with pytest.raises(ValueError, match="preprocess must be one of"):
+        SSDPostprocessParams(size=(96, 96), preprocess="letterbox")
+
+
 def test_onnx_ssd_detections_match_torchvision(ssd, tmp_path):
     network, params = split_ssd(ssd)
     path = export_onnx(

@@ -422,6 +422,7 @@ def test_faceapi_anchors_equal_the_files(faceapi):
     ours = normalized_anchors(imported.model, 512).numpy()
     index = source_anchor_index(imported.ssd, imported.interpolated_anchor)
     assert ours.shape == stored.shape == (5118, 4)
+    print(f"\nanchors vs Output/extra_dim: max abs error {np.abs(ours - stored[index]).max():.2e}")  # pytest -s
     assert np.abs(ours - stored[index]).max() < 1e-5
     assert sorted(index.tolist()) == list(range(5118))
 
@@ -445,6 +446,7 @@ def test_faceapi_every_anchor_matches_on_its_exact_input(faceapi, name):
     index = source_anchor_index(imported.ssd, imported.interpolated_anchor)
     box_error = np.abs(boxes[0].numpy() - reference[f"boxes_{name}"][index]).max()
     score_error = np.abs(scores[0, :, 1].numpy() - reference[f"scores_{name}"][index]).max()
+    print(f"\n{name}: 5118 anchors, max abs error boxes {box_error:.2e}, scores {score_error:.2e}")  # pytest -s
     assert box_error < 1e-4 and score_error < 1e-4, (box_error, score_error)
     # mnapps' own preprocessing of the photo gives that input.
     photo = load_rgb(folder.parent / detections[name]["photo"], apply_exif=False)
@@ -466,6 +468,7 @@ def test_faceapi_final_detections_on_15_photos(faceapi):
         want = torch.tensor(entry["detections"], dtype=torch.float64).reshape(-1, 5)
         assert len(found["boxes"]) == len(want), name
         if not len(want):
+            print(f"\n{name}: no face, none found")  # pytest -s
             continue
         want_boxes = torch.cat([want[:, 1:3], want[:, 1:3] + want[:, 3:5]], dim=1)  # xywh -> xyxy
         iou = box_iou(found["boxes"].double(), want_boxes)
@@ -473,5 +476,7 @@ def test_faceapi_final_detections_on_15_photos(faceapi):
         assert best.indices.unique().numel() == len(want), name  # one detection per reference face
         assert best.values.min() >= 0.98, (name, best.values.min().item())
         score_error = (found["scores"][best.indices].double() - want[:, 0]).abs().max()
+        print(f"\n{name}: {len(want)} face(s), worst IoU {best.values.min():.4f}, worst score error "
+              f"{score_error:.4f}")  # pytest -s
         assert score_error <= 0.01, (name, score_error.item())
         assert (found["labels"] == 1).all()

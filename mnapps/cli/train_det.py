@@ -4,8 +4,13 @@ With no arguments it trains SSD on the embedded shapes dataset (generated and ca
 use) with the head's default config and prints COCOeval's summary of the validation split.
 Every epoch it writes OUTPUT_DIR/last.pt (and best.pt at the best validation AP); at the end
 OUTPUT_DIR/metrics.json and the resolved OUTPUT_DIR/config.yaml. An OUTPUT_DIR that already holds
-checkpoints is refused unless --resume (continue it) or --overwrite (start over) is given. Works
-under torchrun:
+checkpoints is refused unless --resume (continue it) or --overwrite (start over) is given.
+
+--weights CKPT fine-tunes a whole detector (a train_det checkpoint, or a TF OD API SSD made by
+tools/import_weights.py --kind ssd): its model settings replace the config's model section
+(--set model.* still applies), every tensor that fits is loaded, and when the data has another
+number of classes the class predictors are re-initialised (one printed line names their shapes).
+Works under torchrun:
   torchrun --nproc_per_node 2 tools/train_det.py --config configs/ssd_mnv1_a100_r300_coco.yaml ...
 """
 
@@ -19,7 +24,7 @@ from mnapps.config import CONFIG_DIR, ConfigError, load_config
 from mnapps.engine.distributed import resolve_device
 from mnapps.engine.loop import NonFiniteLossError
 from mnapps.heads import HEADS, head_spec
-from mnapps.tasks.detection import DetConfig, train_detector
+from mnapps.tasks.detection import DetConfig, fine_tune_config, train_detector
 
 EXAMPLES = """examples:
   python tools/train_det.py --head ssd                 # embedded shapes dataset, a few minutes on a CPU
@@ -29,6 +34,8 @@ EXAMPLES = """examples:
       --weights-backbone runs/weights/mobilenet_v1_1.0_224_imagenet.pt --device cuda
   python tools/train_det.py --head ssd --resume          # continue runs/<config>/last.pt
   python tools/train_det.py --head ssd --overwrite       # start runs/<config> over
+  python tools/train_det.py --weights runs/weights/faceapi_ssd.pt --train-ann faces/train.json \
+      --train-images faces/train --val-ann faces/val.json --val-images faces/val --output-dir runs/faces_ft
   python tools/train_det.py --head ssd --set train.lr=0.05 --set model.backbone.width_mult=0.25
 """
 
@@ -56,6 +63,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--weights-backbone", "--backbone-weights", type=Path, metavar="PATH",
                         help="mnapps checkpoint whose MobileNetV1 trunk initialises the model (e.g. ImageNet); "
                         "default model.backbone.weights")
+    parser.add_argument("--weights", type=Path, metavar="PATH",
+                        help="mnapps detection checkpoint to fine-tune (its model settings are used; class "
+                        "predictors are re-initialised when the class count differs)")
     parser.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override any config key, e.g. train.lr=0.01 or model.ssd.size=256 (repeatable)")
@@ -80,6 +90,8 @@ def resolve_config(args: argparse.Namespace) -> tuple[DetConfig, Path | None]:
         if value is not None:
             overrides.append(f"{key}={value!r}" if isinstance(value, str) else f"{key}={value}")
     overrides += args.set
+    if args.weights is not None:
+        return fine_tune_config(args.weights, config_path, overrides), config_path
     return load_config(config_path, DetConfig, overrides), config_path
 
 
@@ -96,6 +108,7 @@ def main(argv: list[str] | None = None) -> int:
             weights_backbone=args.weights_backbone,
             device=args.device,
             overwrite=args.overwrite,
+            weights=args.weights,
         )
     except (ValueError, ConfigError, FileNotFoundError, NonFiniteLossError) as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -5,8 +5,10 @@ backbone and head, generate anchors, and decode + NMS. Only the second is worth 
 an ONNX graph (NMS and data-dependent shapes export badly and run no faster there), and the
 anchors are constant for a fixed input size. This module owns :class:`SSDNetwork` (the
 standardisation + backbone + head, returning raw outputs and the constant anchors) and
-:func:`split_ssd`, which also reads every post-processing setting off the model into an
-:class:`mnapps.export.postprocess.SSDPostprocessParams`. ``preprocess_images`` ->
+:func:`split_ssd`, which also reads every pre- and post-processing setting off the model into
+an :class:`mnapps.export.postprocess.SSDPostprocessParams` (the resize its transform does -
+torchvision's, or TF's for models imported from the TF Object Detection API - and softmax or
+sigmoid scores). ``preprocess_images`` ->
 ``SSDNetwork`` -> ``postprocess_ssd`` reproduces ``model.eval()(images)`` (tested).
 """
 
@@ -19,6 +21,8 @@ from torch import Tensor, nn
 from torchvision.models.detection.image_list import ImageList
 from torchvision.models.detection.ssd import SSD
 
+from mnapps.heads.ssd import SigmoidSSD, TFResizeTransform
+
 from .postprocess import SSDPostprocessParams
 
 __all__ = ["SSDNetwork", "split_ssd", "ssd_input_size"]
@@ -26,6 +30,8 @@ __all__ = ["SSDNetwork", "split_ssd", "ssd_input_size"]
 
 def ssd_input_size(model: SSD) -> tuple[int, int]:
     """The ``(height, width)`` a torchvision SSD resizes every image to."""
+    if isinstance(model.transform, TFResizeTransform):
+        return int(model.transform.size), int(model.transform.size)
     fixed = getattr(model.transform, "fixed_size", None)
     if fixed is None:
         raise ValueError(
@@ -83,7 +89,8 @@ class SSDNetwork(nn.Module):
 
 def split_ssd(model: SSD, class_names: tuple[str, ...] = ()) -> tuple[SSDNetwork, SSDPostprocessParams]:
     """``(network, params)`` such that ``postprocess_ssd(*network(batch), params, sizes)``
-    equals ``model.eval()(images)`` for ``batch, sizes = preprocess_images(images, params.size)``.
+    equals ``model.eval()(images)`` for ``batch, sizes = preprocess_images(images, params.size,
+    params.preprocess)``.
     """
     network = SSDNetwork(model)
     coder = model.box_coder
@@ -98,5 +105,7 @@ def split_ssd(model: SSD, class_names: tuple[str, ...] = ()) -> tuple[SSDNetwork
         image_mean=tuple(float(v) for v in model.transform.image_mean),
         image_std=tuple(float(v) for v in model.transform.image_std),
         class_names=tuple(class_names),
+        preprocess=getattr(model.transform, "preprocess", "resize"),
+        score_activation="sigmoid" if isinstance(model, SigmoidSSD) else "softmax",
     )
     return network, params

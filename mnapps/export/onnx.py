@@ -267,8 +267,9 @@ class OrtSSD:
     """An exported SSD run end to end: preprocess -> ONNX Runtime -> shared post-processing.
 
     ``detector(images)`` takes a list of ``Tensor[3, H, W]`` in [0, 1] and returns the same
-    ``list[{"boxes", "scores", "labels"}]`` as the PyTorch model in eval mode. The
-    post-processing settings come from the file's ``mnapps.ssd_postprocess`` metadata.
+    ``list[{"boxes", "scores", "labels"}]`` as the PyTorch model in eval mode. The pre- and
+    post-processing settings (resize, score activation, thresholds) come from the file's
+    ``mnapps.ssd_postprocess`` metadata.
     """
 
     def __init__(self, path_or_session: str | os.PathLike | Any, **session_kwargs: Any) -> None:
@@ -289,7 +290,7 @@ class OrtSSD:
         return regression, logits, anchors
 
     def __call__(self, images: Sequence[Tensor]) -> list[dict[str, Tensor]]:
-        batch, sizes = preprocess_images(images, self.params.size)
+        batch, sizes = preprocess_images(images, self.params.size, self.params.preprocess)
         return postprocess_ssd(*self.raw(batch), self.params, sizes)
 
 

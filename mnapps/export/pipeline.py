@@ -195,9 +195,9 @@ def _read_images(paths: Sequence[Path], desc: str) -> list[Tensor]:
 # checkpoint -> spec
 
 
-def _resize_to(size: tuple[int, int]) -> Callable[[Tensor], Tensor]:
+def _resize_to(size: tuple[int, int], preprocess: str = "resize") -> Callable[[Tensor], Tensor]:
     def convert(image: Tensor) -> Tensor:
-        return preprocess_images([image], size)[0][0]
+        return preprocess_images([image], size, preprocess)[0][0]
 
     return convert
 
@@ -235,11 +235,28 @@ def _classification_spec(checkpoint: dict[str, Any] | Path) -> ExportSpec:
     )
 
 
-def _detection_spec(checkpoint: dict[str, Any] | Path, source: str) -> ExportSpec:
+# How each SSD preprocess mode turns a photo into the graph input (for the file's metadata).
+_RESIZE_WORDS = {
+    "resize": "resized (bilinear) from the photo",
+    "tf_resize": "resized from the photo with TF's legacy bilinear resize (align_corners=False, "
+    "half_pixel_centers=False)",
+    "tf_pad_resize": "the photo zero-padded bottom/right to a square, then TF's legacy bilinear resize",
+}
+
+
+def _detection_spec(checkpoint: dict[str, Any] | Path, source: str, imported_from: str | None = None) -> ExportSpec:
     model, cfg = load_detector(checkpoint)
     head = cfg.model.head
 
     def split_files(split: str) -> list[Path]:
+        if imported_from is not None:
+            # An imported detector has no training data of its own; the shapes set would be
+            # nothing like what it sees.
+            option = "--images" if split == "parity" else "--calib-images"
+            raise ValueError(
+                f"{source} was imported ({imported_from}) and names no data of its own: pass {option} "
+                f"with photos like those it will see"
+            )
         dataset = build_eval_dataset(cfg) if split == "parity" else build_train_dataset(cfg)
         folder = Path(dataset.image_dir)
         return [folder / info["file_name"] for info in dataset.coco.loadImgs(dataset.ids)]
@@ -270,6 +287,7 @@ def _detection_spec(checkpoint: dict[str, Any] | Path, source: str) -> ExportSpe
         raise ValueError(f"{source}: exporting the {head!r} head is not supported")
     network, params = split_ssd(model, tuple(cfg.model.class_names))
     size = params.size
+    words = _RESIZE_WORDS[params.preprocess]
 
     return ExportSpec(
         task="detection",
@@ -281,11 +299,11 @@ def _detection_spec(checkpoint: dict[str, Any] | Path, source: str) -> ExportSpe
         metadata={
             "task": "detection",
             "head": head,
-            "input": f"images [N, 3, {size[0]}, {size[1]}] RGB in [0, 1], resized (bilinear) from the photo",
+            "input": f"images [N, 3, {size[0]}, {size[1]}] RGB in [0, 1], {words}",
             "ssd_postprocess": params.to_json(),
             "category_ids": list(cfg.model.category_ids),
         },
-        to_input=_resize_to(size),
+        to_input=_resize_to(size, params.preprocess),
         config=cfg,
         default_images=defaults,
         graph="ssd",
@@ -342,7 +360,7 @@ def load_export_spec(checkpoint: str | os.PathLike | dict[str, Any]) -> ExportSp
     if task == "classification":
         return _classification_spec(target)
     if task == "detection":
-        return _detection_spec(target, source)
+        return _detection_spec(target, source, data.get("source"))
     if task == "face":
         return _face_spec(target, data.get("config") or {})
     raise ValueError(

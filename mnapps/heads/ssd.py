@@ -380,6 +380,31 @@ def _tf_source_coords(in_size: int, out_size: int) -> tuple[Tensor, Tensor, Tens
     return low.long(), high.long(), src - low
 
 
+def _tf_resize(images: Tensor, size: tuple[int, int], seen: tuple[int, int]) -> Tensor:
+    """TF's legacy resize of the ``seen`` (height, width) picture whose top-left part is ``images``.
+
+    Rows and columns of ``seen`` beyond ``images`` are zeros (the bottom/right padding), read
+    without building the padded picture. Only the source rows and columns that the output
+    samples are gathered (in the input dtype, then float64), so a large photo costs little.
+    """
+    height, width = images.shape[-2:]
+    y0, y1, fy = _tf_source_coords(seen[0], size[0])
+    x0, x1, fx = _tf_source_coords(seen[1], size[1])
+
+    top_rows, bottom_rows = images[..., y0.clamp(max=height - 1), :], images[..., y1.clamp(max=height - 1), :]
+
+    def gather(picked_rows: Tensor, rows: Tensor, cols: Tensor) -> Tensor:
+        picked = picked_rows[..., cols.clamp(max=width - 1)].double()
+        if seen == (height, width):
+            return picked
+        return picked * ((rows < height)[:, None] & (cols < width)[None, :])  # zeros in the padding
+
+    top_left, bottom_left = gather(top_rows, y0, x0), gather(bottom_rows, y1, x0)
+    top = top_left + (gather(top_rows, y0, x1) - top_left) * fx
+    bottom = bottom_left + (gather(bottom_rows, y1, x1) - bottom_left) * fx
+    return (top + (bottom - top) * fy[:, None]).to(images.dtype)
+
+
 def tf_resize_bilinear(images: Tensor, size: tuple[int, int]) -> Tensor:
     """``tf.image.resize_bilinear(align_corners=False, half_pixel_centers=False)``, exactly.
 
@@ -387,13 +412,7 @@ def tf_resize_bilinear(images: Tensor, size: tuple[int, int]) -> Tensor:
     computed in float64: along x within the two source rows, then along y (TF's order).
     torch's ``interpolate`` has no such mode (its ``align_corners=False`` is half-pixel).
     """
-    y0, y1, fy = _tf_source_coords(images.shape[-2], size[0])
-    x0, x1, fx = _tf_source_coords(images.shape[-1], size[1])
-    image = images.double()
-    top, bottom = image[..., y0, :], image[..., y1, :]
-    top = top[..., x0] + (top[..., x1] - top[..., x0]) * fx
-    bottom = bottom[..., x0] + (bottom[..., x1] - bottom[..., x0]) * fx
-    return (top + (bottom - top) * fy[:, None]).to(images.dtype)
+    return _tf_resize(images, tuple(size), tuple(images.shape[-2:]))
 
 
 def tf_pad_resize(image: Tensor, size: int) -> tuple[Tensor, int]:
@@ -402,10 +421,8 @@ def tf_pad_resize(image: Tensor, size: int) -> tuple[Tensor, int]:
     Returns the ``[C, size, size]`` image (same range and dtype) and the padded square's side:
     a box normalised to the network input is ``box * side`` in the photo's pixels.
     """
-    height, width = image.shape[-2:]
-    side = max(height, width)
-    square = F.pad(image, (0, side - width, 0, side - height))
-    return tf_resize_bilinear(square, (size, size)), side
+    side = max(image.shape[-2:])
+    return _tf_resize(image, (size, size), (side, side)), side
 
 
 class TFResizeTransform(nn.Module):
@@ -419,10 +436,20 @@ class TFResizeTransform(nn.Module):
     padded square (as face-api.js does, so a box may reach into the padding).
     """
 
+    # 2x - 1 written as torchvision's (x - mean) / std, for code that reads a transform's
+    # standardisation (the ONNX export puts it inside the graph).
+    image_mean = (0.5, 0.5, 0.5)
+    image_std = (0.5, 0.5, 0.5)
+
     def __init__(self, size: int, *, pad_to_square: bool) -> None:
         super().__init__()
         self.size = size
         self.pad_to_square = pad_to_square
+
+    @property
+    def preprocess(self) -> str:
+        """The ``SSDConfig.preprocess`` value this transform implements."""
+        return "tf_pad_resize" if self.pad_to_square else "tf_resize"
 
     def _seen(self, height: int, width: int) -> tuple[int, int]:
         # The (height, width) of the picture that was resized to size x size.

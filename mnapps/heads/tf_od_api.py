@@ -18,11 +18,14 @@ fine-tuned from it, face-api.js's face detector) and :func:`mnapps.heads.ssd.bui
 * the source's inference, recorded in the config for :func:`~mnapps.heads.ssd.build_ssd` to
   install: ``preprocess`` (TF's legacy bilinear resize to the square input, x/127.5 - 1; after
   zero-padding bottom/right to a square for face-api.js) and ``score_activation="sigmoid"``;
-* :func:`decode_all_anchors`: every anchor's decoded box and scores, to compare with the source.
+* :func:`decode_all_anchors`: every anchor's decoded box and scores, to compare with the source;
+* :func:`keep_first_classes`: drop trailing classes a model never reports (face-api.js's third
+  logit), exactly, since sigmoid scores are per class.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import re
@@ -55,6 +58,7 @@ __all__ = [
     "decode_all_anchors",
     "normalized_anchors",
     "import_tf_od_api_ssd",
+    "keep_first_classes",
 ]
 
 BN_EPS = 1e-3  # TF-slim's and the TF OD API's batch-norm epsilon
@@ -84,7 +88,8 @@ class TFImportedSSD:
 
     ``build_ssd(ssd, num_classes=num_classes, backbone_cfg=backbone)`` rebuilds the same
     model, into which ``model.state_dict()`` loads. ``layout``, ``interpolated_anchor`` (already
-    absorbed into the weights) and ``skipped`` (tensors that are not weights) are for reports.
+    absorbed into the weights) and ``skipped`` (tensors that are not weights) are for reports;
+    ``class_names`` (foreground, in logit order) is filled by whoever names the classes.
     """
 
     model: SSD
@@ -94,6 +99,7 @@ class TFImportedSSD:
     layout: Literal["tf_od_api", "faceapi"]
     interpolated_anchor: InterpolatedAnchor
     skipped: list[str] = field(default_factory=list)
+    class_names: tuple[str, ...] = ()
 
 
 # ------------------------------------------------------------------------------------------
@@ -407,3 +413,29 @@ def import_tf_od_api_ssd(
         raise ValueError(f"{where}: the TF tensors do not fit the SSD they describe: {problems[:4]}")
     model.load_state_dict(state, strict=False)  # num_batches_tracked keeps its default
     return TFImportedSSD(model.eval(), ssd_cfg, backbone_cfg, num_classes, layout, interpolated_anchor, skipped)
+
+
+def keep_first_classes(imported: TFImportedSSD, keep: int) -> TFImportedSSD:
+    """The same detector with only background and its first ``keep`` foreground classes.
+
+    Exact for sigmoid scores (each class's score depends on its own logit only): the kept
+    classes' scores and boxes are unchanged, the dropped classes are never reported. Each class
+    predictor's output channels are ``anchor * num_classes + class``; the others are dropped.
+
+    Raises:
+        ValueError: softmax scores (dropping a class would change the others), or ``keep``
+            not in ``1 .. num_classes - 1``.
+    """
+    if imported.ssd.score_activation != "sigmoid":
+        raise ValueError("classes can be dropped exactly only from a model with sigmoid scores")
+    if not 1 <= keep <= imported.num_classes - 1:
+        raise ValueError(f"keep must be 1..{imported.num_classes - 1} foreground classes, got {keep}")
+    state = imported.model.state_dict()
+    for i, anchors in enumerate(imported.model.anchor_generator.num_anchors_per_location()):
+        index = torch.tensor([a * imported.num_classes + c for a in range(anchors) for c in range(keep + 1)])
+        for part in ("weight", "bias"):
+            key = f"head.classification_head.module_list.{i}.{part}"
+            state[key] = state[key][index].clone()
+    model = build_ssd(imported.ssd, num_classes=keep + 1, backbone_cfg=imported.backbone)
+    model.load_state_dict(state)
+    return dataclasses.replace(imported, model=model.eval(), num_classes=keep + 1)

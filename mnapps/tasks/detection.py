@@ -11,6 +11,14 @@ function that calls ``model(images, targets)``, COCO evaluation every epoch with
 What the data decides (number of classes, class names, the dataset's category ids) is written
 into ``cfg.model`` before training, so a checkpoint alone rebuilds the model, names its classes
 and maps its labels back to the original COCO category ids.
+
+It also owns detector checkpoints that were not trained here:
+:func:`import_tf_od_api_ssd_checkpoint` turns TF Object Detection API ``ssd_mobilenet_v1``
+weights (:mod:`mnapps.heads.tf_od_api`) into one, and fine-tuning from a whole detector
+checkpoint (:func:`fine_tune_config`, :func:`load_detector_weights`, ``train_detector(weights=)``)
+keeps every tensor that fits and re-initialises the class predictors when the class count
+changes. :func:`box_detector` wraps a loaded detector as the ``image -> (boxes, scores)``
+callable that the SSD face cropper (:mod:`mnapps.data.box_crops`) takes.
 """
 
 from __future__ import annotations
@@ -19,6 +27,7 @@ import dataclasses
 import os
 import time
 import warnings
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Literal, Sequence
@@ -29,8 +38,19 @@ from PIL import Image, ImageDraw, ImageFont
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from mnapps.checkpoint import load_checkpoint
-from mnapps.config import OMIT_IF_NONE, BackboneConfig, ConfigError, TrainConfig, from_dict, load_config, save_config
+from mnapps.checkpoint import load_checkpoint, save_checkpoint
+from mnapps.config import (
+    OMIT_IF_NONE,
+    BackboneConfig,
+    ConfigError,
+    TrainConfig,
+    apply_overrides,
+    from_dict,
+    load_config,
+    read_yaml,
+    save_config,
+    to_dict,
+)
 from mnapps.data.coco import CocoDetection, collate_fn, load_coco_json
 from mnapps.data.image_io import ImageReadError, load_rgb
 from mnapps.data.synthetic_det import ensure_shapes_detection
@@ -41,6 +61,7 @@ from mnapps.eval.coco import evaluate_detector, format_per_class_table, write_me
 from mnapps.heads import HEADS, head_spec
 from mnapps.heads.faster_rcnn import FasterRCNNConfig
 from mnapps.heads.ssd import SSDConfig
+from mnapps.heads.tf_od_api import InterpolatedAnchor, TFImportedSSD, import_tf_od_api_ssd, keep_first_classes
 
 __all__ = [
     "DetModelConfig",
@@ -56,6 +77,10 @@ __all__ = [
     "detection_loss_fn",
     "draw_detections",
     "image_ids_for",
+    "import_tf_od_api_ssd_checkpoint",
+    "fine_tune_config",
+    "load_detector_weights",
+    "box_detector",
 ]
 
 HeadName = Literal[tuple(HEADS)]  # type: ignore[valid-type]
@@ -336,6 +361,7 @@ def train_detector(
     weights_backbone: str | os.PathLike | None = None,
     device: str | torch.device | None = None,
     overwrite: bool = False,
+    weights: str | os.PathLike | None = None,
 ) -> dict[str, Any]:
     """Train the configured detector, evaluating with COCOeval after every epoch.
 
@@ -352,6 +378,11 @@ def train_detector(
         weights_backbone: an mnapps checkpoint whose MobileNetV1 trunk initialises the model
             (e.g. the imported ImageNet weights); default ``model.backbone.weights``; ignored
             when resuming.
+        weights: a whole mnapps detection checkpoint to fine-tune (e.g. an imported TF OD API
+            SSD); ``cfg.model`` must describe its architecture (:func:`fine_tune_config`).
+            Every tensor that fits is loaded; the class predictors are re-initialised when the
+            data has another class count (:func:`load_detector_weights`). Ignored when resuming;
+            not together with ``weights_backbone``.
         device: ``cpu``, ``cuda``, ``cuda:N`` or None (CUDA when available).
         overwrite: start over in an ``output_dir`` that already holds checkpoints (without it,
             and without ``resume``, such a folder is refused before any work).
@@ -365,7 +396,14 @@ def train_detector(
         ValueError: a bad config or data (named), an empty validation set, or a run folder
             that holds checkpoints (see :func:`mnapps.engine.loop.check_run_folder`).
     """
-    return run_distributed(_train_detector, device, cfg, output_dir, resume, weights_backbone, overwrite=overwrite)
+    if weights is not None and weights_backbone is not None:
+        raise ValueError(
+            "give --weights (a whole detector to fine-tune) or --weights-backbone (a trunk to start from), not both"
+        )
+    return run_distributed(
+        _train_detector, device, cfg, output_dir, resume, weights_backbone or weights, overwrite=overwrite,
+        whole=weights is not None,
+    )
 
 
 def _prepare_data(cfg: DetConfig, info: DistInfo) -> tuple[DetConfig, CocoDetection, CocoDetection]:
@@ -411,6 +449,7 @@ def _train_detector(
     weights_backbone: str | os.PathLike | None,
     *,
     overwrite: bool,
+    whole: bool,
     info: DistInfo,
 ) -> dict[str, Any]:
     started = time.perf_counter()
@@ -422,7 +461,8 @@ def _train_detector(
     # The model's initial weights depend only on the seed, not on what ran before.
     seed_everything(cfg.train.seed)
     weights = None if resume else (weights_backbone or cfg.model.backbone.weights)
-    model = build_model(cfg, cfg.model.num_classes, weights_backbone=weights)
+    model = build_model(cfg, cfg.model.num_classes, weights_backbone=None if whole else weights)
+    loaded = load_detector_weights(model, weights, cfg.model.num_classes) if whole and weights is not None else []
     if info.is_main:
         save_config(cfg, output_dir / "config.yaml")
         print(
@@ -432,6 +472,8 @@ def _train_detector(
         )
         if getattr(model, "backbone_load_report", None) is not None:
             print(f"backbone: {model.backbone_load_report}")
+        for line in loaded:
+            print(f"weights: {line}")
 
     counter = _BatchCounter()
     last_eval: dict[str, Any] = {}
@@ -678,3 +720,208 @@ def image_ids_for(paths: Sequence[Path], ann_file: str | os.PathLike | None = No
     if all(p.stem.isdigit() for p in paths) and len({int(p.stem) for p in paths}) == len(paths):
         return [int(p.stem) for p in paths]
     return list(range(1, len(paths) + 1))
+
+
+# ------------------------------------------------------------------------------------------
+# detectors from elsewhere: TF OD API import, fine-tuning a whole detector, plain callables
+
+# Parameters whose shape follows the class count: re-initialised when fine-tuning changes it.
+CLASS_PREDICTOR_PREFIXES = ("head.classification_head.", "roi_heads.box_predictor.")
+
+
+def _imported_class_names(imported: TFImportedSSD, class_names: Sequence[str] | None) -> tuple[str, ...]:
+    """The foreground class names to keep, checked against the logits (fewer keep the first ones)."""
+    if class_names is None:
+        # face-api.js reports only logit 1 (its face score); any other source keeps every class.
+        if imported.layout == "faceapi":
+            return ("face",)
+        return tuple(f"class_{i}" for i in range(1, imported.num_classes))
+    names = tuple(str(name).strip() for name in class_names)
+    if not names or not all(names) or len(names) > imported.num_classes - 1:
+        raise ValueError(
+            f"the model has {imported.num_classes - 1} foreground classes ({imported.num_classes} logits per "
+            f"anchor, the first is background) but the class names given are {list(names)}; pass 1 to "
+            f"{imported.num_classes - 1} non-empty names (fewer keep only the first classes)"
+        )
+    return names
+
+
+def import_tf_od_api_ssd_checkpoint(
+    source: str | os.PathLike,
+    output: str | os.PathLike,
+    *,
+    size: int | None = None,
+    interpolated_anchor: InterpolatedAnchor | None = None,
+    class_names: Sequence[str] | None = None,
+    score_threshold: float | None = None,
+    nms_threshold: float | None = None,
+) -> tuple[Path, TFImportedSSD]:
+    """Convert TF Object Detection API ``ssd_mobilenet_v1`` weights into an mnapps detection checkpoint.
+
+    The checkpoint (``task="detection"``, ``head="ssd"``) records a full :class:`DetConfig`:
+    the backbone settings the weights need (TF padding, ReLU6, BN eps 1e-3), input size,
+    anchors, ``preprocess``, sigmoid scores, class names and count, so ``load_detector`` (and
+    ``infer_det``, ``eval_det``, ``export``, ``train_det --weights``) rebuild the source model.
+
+    Args:
+        source: a TF.js weights folder (or its manifest), an ``.npz`` of TF names, or a TF
+            checkpoint prefix (see :func:`mnapps.heads.tf_od_api.import_tf_od_api_ssd`).
+        output: the ``.pt`` to write (atomically).
+        size: input side; default the file's own (TF.js), else 300.
+        interpolated_anchor: the source's anchor order; default read from the file's anchors
+            when it has them, else ``"last"`` (the TF OD API since 2018).
+        class_names: the foreground classes, in logit order. Fewer names than classes keep only
+            the first ones (exact: scores are per-class sigmoids, see
+            :func:`mnapps.heads.tf_od_api.keep_first_classes`). Default: ``face`` alone for
+            face-api.js's layout (it reports only that logit), ``class_1, ...`` (all) otherwise.
+        score_threshold, nms_threshold: inference settings to record; default the SSD's
+            (0.01) and, for NMS, 0.5 for face-api.js's layout (its own) or 0.6 (the TF OD API's).
+
+    Returns:
+        ``(path, info)``: ``info`` is the import (:class:`~mnapps.heads.tf_od_api.TFImportedSSD`)
+        with the recorded ``ssd`` settings and ``class_names``.
+
+    Raises:
+        FileNotFoundError: no such source.
+        ValueError: an unreadable source, tensors that do not describe an ``ssd_mobilenet_v1``,
+            or class names that do not match the logits (each message names the fix).
+    """
+    try:
+        imported = import_tf_od_api_ssd(source, size=size, interpolated_anchor=interpolated_anchor)
+    except (OSError, EOFError, zipfile.BadZipFile) as exc:
+        if isinstance(exc, FileNotFoundError):
+            raise
+        raise ValueError(f"{source} could not be read as TF weights ({type(exc).__name__}: {exc})") from None
+    names = _imported_class_names(imported, class_names)
+    if len(names) < imported.num_classes - 1:
+        imported = keep_first_classes(imported, len(names))
+    changes: dict[str, float] = {"nms_threshold": 0.5 if imported.layout == "faceapi" else 0.6}
+    if score_threshold is not None:
+        changes["score_threshold"] = score_threshold
+    if nms_threshold is not None:
+        changes["nms_threshold"] = nms_threshold
+    ssd_cfg = dataclasses.replace(imported.ssd, **changes)
+    model_cfg = DetModelConfig(
+        head="ssd", backbone=imported.backbone, ssd=ssd_cfg, num_classes=imported.num_classes,
+        class_names=("__background__",) + names,
+    )
+    payload: dict[str, Any] = {
+        "task": "detection",
+        "head": "ssd",
+        "config": to_dict(DetConfig(model=model_cfg)),
+        "model": imported.model.state_dict(),
+        "epoch": 0,
+        "metrics": {},
+        "source": f"TF OD API SSD {Path(source).name} ({imported.layout} layout)",
+    }
+    return save_checkpoint(payload, output), dataclasses.replace(imported, ssd=ssd_cfg, class_names=names)
+
+
+def fine_tune_config(
+    weights: str | os.PathLike, config: str | os.PathLike | None, overrides: Sequence[str] = ()
+) -> DetConfig:
+    """The config to fine-tune a whole detector checkpoint with.
+
+    The model section is the checkpoint's (its architecture: head, backbone, head settings),
+    with the classes left for the training data to decide; ``data`` and ``train`` come from
+    ``config`` (None: defaults); ``overrides`` (``key=value``, ``model.*`` included) apply last.
+
+    Raises:
+        ValueError: not a detection checkpoint, or ``overrides`` change the head.
+    """
+    data = load_checkpoint(weights)
+    stored = data.get("config")
+    if data.get("task") != "detection" or not isinstance(stored, dict) or not isinstance(stored.get("model"), dict):
+        raise ValueError(
+            f"--weights {weights} is not an mnapps detection checkpoint (task={data.get('task')!r}); pass a detector "
+            f"(train_det's best.pt, or tools/import_weights.py --kind ssd), or use --weights-backbone for a trunk"
+        )
+    model = {k: v for k, v in stored["model"].items() if k not in ("num_classes", "class_names", "category_ids")}
+    base = read_yaml(config) if config is not None else {}
+    merged = apply_overrides({**base, "model": model}, overrides)
+    try:
+        cfg = from_dict(DetConfig, merged)
+    except ConfigError as exc:
+        raise ConfigError(f"{config or 'defaults'} with the model of {weights}: {exc}") from None
+    if cfg.model.head != model.get("head", "ssd"):
+        raise ValueError(
+            f"--weights {weights} holds a {model.get('head', 'ssd')!r} detector but the head asked for is "
+            f"{cfg.model.head!r}; drop --head (the checkpoint decides the architecture)"
+        )
+    return cfg
+
+
+def _class_count(data: dict[str, Any]) -> Any:
+    model = (data.get("config") or {}).get("model") or {}
+    return model.get("num_classes", "?")
+
+
+def load_detector_weights(
+    model: nn.Module, weights: str | os.PathLike | dict[str, Any], num_classes: int | None = None
+) -> list[str]:
+    """Load a whole detector checkpoint into ``model``: every tensor that fits.
+
+    Class-predictor tensors (:data:`CLASS_PREDICTOR_PREFIXES`) whose shape differs because
+    the class count differs keep ``model``'s fresh initialisation; box predictors, extra
+    layers and the trunk must fit. ``num_classes`` (the model's, background included) is only
+    for the report.
+
+    Returns:
+        Report lines: what was loaded and, when it happened, one line naming the
+        re-initialised class predictors with both shapes.
+
+    Raises:
+        ValueError: not a detection checkpoint, or other tensors missing or of another shape
+            (the architectures differ).
+    """
+    source = str(weights) if not isinstance(weights, dict) else "the given checkpoint"
+    data = weights if isinstance(weights, dict) else load_checkpoint(weights)
+    if data.get("task") != "detection" or not isinstance(data.get("model"), dict):
+        raise ValueError(f"{source} is not an mnapps detection checkpoint (task={data.get('task')!r})")
+    stored, own = data["model"], model.state_dict()
+    fitting, reinitialised, problems = {}, [], []
+    for key, value in own.items():
+        if key not in stored:
+            problems.append(f"{key} missing")
+        elif stored[key].shape == value.shape:
+            fitting[key] = stored[key]
+        elif key.startswith(CLASS_PREDICTOR_PREFIXES):
+            reinitialised.append(f"{key} {list(stored[key].shape)} -> {list(value.shape)}")
+        else:
+            problems.append(f"{key} {list(stored[key].shape)} vs {list(value.shape)}")
+    problems += [f"{key} not in the model" for key in stored if key not in own]
+    if problems:
+        raise ValueError(
+            f"{source} does not fit the configured {type(model).__name__}: {'; '.join(problems[:4])}"
+            f"{' ...' if len(problems) > 4 else ''}; fine-tune with the checkpoint's own model settings"
+        )
+    model.load_state_dict(fitting, strict=False)
+    lines = [f"loaded {len(fitting)} of {len(own)} tensors from {source}"]
+    if reinitialised:
+        kernels = [entry for entry in reinitialised if entry.split(" ")[0].endswith(".weight")]
+        others = len(reinitialised) - len(kernels)
+        lines.append(
+            f"class predictors re-initialised ({_class_count(data)} classes in the checkpoint, "
+            f"{num_classes or '?'} in the data, background included): {', '.join(kernels)}"
+            + (f" (and {others} bias tensor(s))" if others else "")
+        )
+    return lines
+
+
+def box_detector(model: nn.Module, *, label: int = 1, device: str | torch.device = "cpu"):
+    """``detect(image uint8[H, W, 3]) -> (boxes float32[N, 4] xyxy pixels, scores float32[N])``.
+
+    The detections of class ``label`` (face-api.js's face: 1) that ``model`` (eval mode, on
+    ``device``) returns for the photo, best first; the callable that
+    :class:`mnapps.data.box_crops.BoxFaceAligner` takes.
+    """
+    model.eval()
+
+    @torch.inference_mode()
+    def detect(image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        tensor = sample_to_tensors(image, _NO_BOXES, _NO_LABELS)[0].to(device)
+        found = model([tensor])[0]
+        keep = found["labels"] == label
+        return found["boxes"][keep].float().cpu().numpy(), found["scores"][keep].float().cpu().numpy()
+
+    return detect
