@@ -169,7 +169,7 @@ def _set_background_bias(model: nn.Module, images: list[Tensor], target: int) ->
     (anchor, class) pairs per image pass ``model.score_thresh``; returns the shift."""
     network, params = split_ssd(model)
     with torch.inference_mode():
-        batch, _ = preprocess_images(images, params.size)
+        batch, _ = preprocess_images(images, params.size, params.preprocess)
         _, logits, _ = network(batch)
     logits = logits.double()
 

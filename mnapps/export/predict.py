@@ -131,7 +131,7 @@ class SSDPredictor:
         return self.network(batch)
 
     def __call__(self, images: Sequence[Tensor]) -> list[dict[str, Tensor]]:
-        batch, sizes = preprocess_images(images, self.params.size)
+        batch, sizes = preprocess_images(images, self.params.size, self.params.preprocess)
         with torch.inference_mode():
             regression, logits, anchors = self.raw(batch)
             detections = postprocess_ssd(regression.cpu(), logits.cpu(), anchors.cpu(), self.params, sizes)
