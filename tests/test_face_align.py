@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from mnapps.data.align import NO_FACE_REPORT, UNREADABLE_REPORT, FaceAligner, align_folder
+from mnapps.data.align import NO_FACE_REPORT, UNREADABLE_REPORT, FaceAligner, align_folder, crop_names
 
 
 def _no_face_image(size=(200, 150)) -> Image.Image:
@@ -132,21 +132,69 @@ def test_teacher_distance_matrix_of_facenet_pytorch_ci(shared_data):
 def test_teacher_on_deepface_pairs(shared_data, tmp_path):
     """The real teacher with MTCNN crops verifies deepface's 300 pairs at >= 0.99."""
     from mnapps.distill.teacher import build_teacher
-    from mnapps.eval.face import embed_files, pair_distances, read_pairs, resolve_pairs, verification_metrics
+    from mnapps.eval.face import read_pairs
+    from mnapps.tasks.face import align_pair_images, evaluate_face_verification
 
     deepface = shared_data / "faces" / "deepface"
     pairs = read_pairs(deepface / "master.csv")
     # Align only the 25 photos the pairs use (the other photos are irrelevant here).
-    used = sorted({p for pair in resolve_pairs(pairs, deepface) for p in pair})
-    report = align_folder(deepface, tmp_path / "aligned", files=used, progress=False)
-    assert report.no_face == [] and report.aligned == len(used) == 25
-    resolved = resolve_pairs(pairs, tmp_path / "aligned")
-    files = sorted({p for pair in resolved for p in pair})
-    position = {f: i for i, f in enumerate(files)}
+    report = align_pair_images(pairs, deepface, tmp_path / "aligned")
+    assert report.startswith("25 images: 25 aligned now") and "0 without a face" in report
     teacher = build_teacher(weights=shared_data / "facenet_casia" / "20180408-102900-casia-webface-features.pt")
-    embeddings = embed_files(teacher, files, desc=None)
-    distances = pair_distances(embeddings, [(position[a], position[b]) for a, b in resolved])
-    result = verification_metrics(distances, pairs.issame, threshold=1.1)
+    verification = evaluate_face_verification(pairs, tmp_path / "aligned", {"teacher": teacher}, threshold=1.1)
+    result = verification.results["teacher"]
+    assert not verification.spreads["teacher"]["collapsed"]
     assert result["accuracy"] >= 0.99
     assert result["accuracy_at_threshold"] >= 0.99
     assert result["auc"] > 0.99
+
+
+class _CentreCrop:
+    """A stand-in aligner for naming tests: every image "has" one face, its centre 16x16 pixels."""
+
+    def detect(self, image, *, keep_all=False):
+        from mnapps.data.align import DetectedFace
+
+        image = np.asarray(image)
+        h, w = image.shape[:2]
+        crop = image[h // 2 - 8: h // 2 + 8, w // 2 - 8: w // 2 + 8]
+        return [DetectedFace(crop.copy(), (w / 2 - 8, h / 2 - 8, w / 2 + 8, h / 2 + 8), 1.0, np.zeros((5, 2)))]
+
+
+def test_photos_sharing_a_stem_keep_both_crops_and_pairs_find_each(tmp_path):
+    from mnapps.eval.face import read_pairs, resolve_pairs
+
+    src = tmp_path / "src"
+    src.mkdir()
+    Image.new("RGB", (40, 40), (255, 0, 0)).save(src / "x.jpg", quality=100)
+    Image.new("RGB", (40, 40), (0, 0, 255)).save(src / "x.png")
+    Image.new("RGB", (40, 40), (0, 255, 0)).save(src / "y.jpg", quality=100)
+    assert crop_names(["x.jpg", "x.png", "y.jpg", "a/x.jpg"]) == {
+        "x.jpg": "x.jpg.png", "x.png": "x.png.png", "y.jpg": "y.png", "a/x.jpg": "a/x.png"}
+    report = align_folder(src, tmp_path / "dst", aligner=_CentreCrop(), progress=False)
+    assert report.aligned == 3 and report.skipped_done == 0  # before: "1 already done", one photo lost
+    assert report.shared_stems == ["x.jpg", "x.png"] and "keep it" in str(report)
+    assert sorted(p.name for p in (tmp_path / "dst").iterdir()) == ["x.jpg.png", "x.png.png", "y.png"]
+    pairs = tmp_path / "pairs.csv"
+    pairs.write_text("file_x,file_y,Decision\nx.jpg,y.jpg,No\nx.png,y.jpg,No\n")
+    resolved = resolve_pairs(read_pairs(pairs, n_folds=2), tmp_path / "dst")
+    colours = [np.asarray(Image.open(first))[0, 0].tolist() for first, _ in resolved]
+    assert colours[0][0] > 200 and colours[0][2] < 50  # x.jpg -> the red crop
+    assert colours[1][2] > 200 and colours[1][0] < 50  # x.png -> the blue crop
+    assert align_folder(src, tmp_path / "dst", aligner=_CentreCrop(), progress=False).skipped_done == 3
+
+
+def test_align_faces_tool_refuses_a_file_as_destination_and_a_bad_device(tmp_path, capsys):
+    from mnapps.cli.align_faces import main
+
+    src = tmp_path / "src"
+    src.mkdir()
+    _no_face_image().save(src / "wall.png")
+    (tmp_path / "taken").write_text("keep me")
+    assert main([str(src), str(tmp_path / "taken")]) == 2
+    assert "is an existing file" in capsys.readouterr().err and (tmp_path / "taken").read_text() == "keep me"
+    assert main([str(src), str(tmp_path / "dst"), "--device", "cuda:9"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err
+    assert main([str(src), str(src / "crops")]) == 2
+    assert "must not be inside the source folder" in capsys.readouterr().err

@@ -1,9 +1,12 @@
 """Face distillation: losses by hand, the frozen teacher's contract, the student head, teacher
-caches, configs, the stats rows, and a short real distillation run that must transfer."""
+caches, configs, the few-face recipe's pieces (mixed views, repeats, strong augmentation, pair
+agreement), the stats rows, the mechanics of a short run, and the collapse guard on the real
+teacher."""
 
 from __future__ import annotations
 
 import json
+import math
 import urllib.error
 
 import numpy as np
@@ -21,7 +24,7 @@ from mnapps.distill.teacher import (
     cache_teacher_embeddings,
     recalibrate_batchnorm,
 )
-from mnapps.heads.face_embedding import FaceModelConfig, build_face_embedder, load_face_embedder
+from mnapps.heads.face_embedding import FaceModelConfig, build_face_embedder
 
 
 # ---------------------------------------------------------------------------- losses
@@ -188,7 +191,7 @@ def test_student_applies_minus_one_one_standardisation():
 
 def test_student_loads_backbone_weights_from_any_checkpoint(tmp_path):
     from mnapps.backbones import MobileNetV1
-    from mnapps.engine.checkpoint import save_checkpoint
+    from mnapps.checkpoint import save_checkpoint
 
     classifier = MobileNetV1(0.25, 10)
     save_checkpoint({"task": "classification", "model": classifier.state_dict(), "config": {}}, tmp_path / "cls.pt")
@@ -252,7 +255,7 @@ def test_face_folder_and_teacher_cache_reuse(tmp_path):
 
 
 def test_distill_config_keeps_face_defaults_for_partial_sections(tmp_path):
-    from mnapps.distill.train import load_distill_config
+    from mnapps.tasks.face import load_distill_config
 
     path = tmp_path / "face.yaml"
     path.write_text("train:\n  epochs: 3\nmodel:\n  backbone:\n    width_mult: 0.5\n")
@@ -323,33 +326,141 @@ def _flat_images(root, count, seed, size=160):
         Image.fromarray(image.astype(np.uint8)).save(root / f"{i:03d}.png")
 
 
-@pytest.mark.slow
-def test_distillation_transfers_to_held_out_images(tmp_path):
-    """A seeded random InceptionResnetV1 (BN statistics re-estimated, so its embeddings differ
-    per image; run at 96 pixels to keep the test short) distilled for a short run on generated
-    images: the held-out cosine must rise far above the untrained student's and clearly above
-    the best constant prediction's (i.e. the student learnt image-dependent targets)."""
-    from mnapps.distill.train import FaceDataConfig, FaceDistillConfig, TeacherConfig, distill_face
+def _smoke_config(tmp_path, **data):
+    """A seconds-long distillation: random teacher at 96 pixels, MobileNetV1-0.25 student at 64."""
+    from mnapps.tasks.face import FaceDataConfig, FaceDistillConfig, TeacherConfig
 
-    _flat_images(tmp_path / "train", 96, seed=0, size=96)
-    _flat_images(tmp_path / "val", 32, seed=1, size=96)
-    cfg = FaceDistillConfig(
+    return FaceDistillConfig(
         model=FaceModelConfig(backbone=BackboneConfig(width_mult=0.25, bn_momentum=0.1), input_size=64),
-        teacher=TeacherConfig(name="random", seed=0, input_size=96),
-        data=FaceDataConfig(roots=[str(tmp_path / "train")], val_root=str(tmp_path / "val"), image_size=96,
-                            augment=False),
-        train=TrainConfig(epochs=40, batch_size=16, optimizer="adamw", lr=3e-3, weight_decay=1e-4,
-                          num_workers=0, channels_last=False, eval_every=40, log_every=50),
+        teacher=TeacherConfig(name="random", seed=0, input_size=96, calibration_images=32),
+        data=FaceDataConfig(roots=[str(tmp_path / "train")], val_root=str(tmp_path / "val"), image_size=64,
+                            eval_batch_size=32, **data),
+        train=TrainConfig(epochs=2, batch_size=8, optimizer="adamw", lr=3e-3, weight_decay=1e-4,
+                          num_workers=0, channels_last=False, log_every=50),
     )
+
+
+def test_distillation_mechanics_run_resume_refusal_and_summary(tmp_path):
+    """The mechanics, not quality: a short run writes what it promises and reports throughput,
+    spread and the reference points; a second run into the same folder is refused before any
+    data work unless --overwrite; a mixed-view run needs the online teacher."""
+    from mnapps.config import replace
+    from mnapps.distill.warm_start import WarmStartConfig
+    from mnapps.engine.loop import RunFolderError
+    from mnapps.tasks.face import distill_face, load_face_embedder
+
+    _flat_images(tmp_path / "train", 16, seed=0, size=64)
+    _flat_images(tmp_path / "val", 8, seed=1, size=64)
+    cfg = _smoke_config(tmp_path)
     summary = distill_face(cfg, output_dir=tmp_path / "run", device="cpu")
-    assert abs(summary["start_cosine"]) < 0.1
-    assert summary["constant_baseline_cosine"] < 0.3
-    assert summary["final_cosine"] > summary["start_cosine"] + 0.3
-    assert summary["final_cosine"] > summary["constant_baseline_cosine"] + 0.15
     saved = json.loads((tmp_path / "run" / "distill_summary.json").read_text())
     assert saved["final_cosine"] == pytest.approx(summary["final_cosine"])
+    assert summary["train_images"] == 16 and summary["val_images"] == 8
+    assert -1.0 <= summary["constant_baseline_cosine"] <= 1.0 and summary["throughput"]["targets"] == "cached"
+    assert summary["throughput"]["images_per_s"] > 0 and summary["throughput"]["teacher_share"] == 0.0
+    assert 1.0 <= summary["final_spread"]["effective_rank"] <= 8.0
+    # NaN when every held-out pair has the same cosine (a tiny untrained student may): no geometry to compare.
+    assert math.isnan(summary["final_pair_agreement"]) or -1.0 <= summary["final_pair_agreement"] <= 1.0
     model, checkpoint = load_face_embedder(tmp_path / "run" / "last.pt")
-    assert checkpoint["task"] == "face" and checkpoint["epoch"] == 40 and not model.training
+    assert checkpoint["task"] == "face" and checkpoint["epoch"] == 2 and not model.training
+    before = (tmp_path / "run" / "best.pt").read_bytes()
+    with pytest.raises(RunFolderError, match="--resume to continue it, --overwrite to start over"):
+        distill_face(cfg, output_dir=tmp_path / "run", device="cpu")
+    assert (tmp_path / "run" / "best.pt").read_bytes() == before
+    with pytest.raises(ValueError, match="data.mix_prob=0.5 needs data.cache_teacher=false"):
+        distill_face(_smoke_config(tmp_path, mix_prob=0.5), output_dir=tmp_path / "mixed", device="cpu")
+    online = _smoke_config(tmp_path, mix_prob=0.5, cache_teacher=False, augment_strength="strong",
+                           random_erasing=0.5, repeats=2)
+    online = replace(online, warm_start=WarmStartConfig(views=24, ridge=1.0))
+    summary = distill_face(online, output_dir=tmp_path / "run", device="cpu", overwrite=True)
+    assert summary["views_per_epoch"] == 32 and summary["throughput"]["targets"] == "online teacher"
+    assert summary["warm_start"]["views"] == 24 and -1.0 <= summary["warm_start"]["cosine"] <= 1.0
+    assert 0.0 < summary["throughput"]["teacher_share"] < 1.0
+
+
+def test_backbone_weights_come_from_the_config_or_the_flag(tmp_path):
+    """model.backbone.weights (the one config key) starts the student; --weights-backbone and its
+    alias --backbone-weights override it; a resumed run ignores both."""
+    from mnapps.backbones import MobileNetV1
+    from mnapps.checkpoint import save_checkpoint
+    from mnapps.cli.distill_face import parse_args
+    from mnapps.config import replace
+    from mnapps.tasks.face import distill_face, load_face_embedder
+
+    assert parse_args(["--backbone-weights", "a.pt"]).weights_backbone == "a.pt"
+    assert parse_args(["--weights-backbone", "a.pt"]).weights_backbone == "a.pt"
+    torch.manual_seed(3)
+    source = MobileNetV1(0.25, 0)
+    save_checkpoint({"task": "classification", "model": source.state_dict(), "config": {}}, tmp_path / "trunk.pt")
+    _flat_images(tmp_path / "train", 16, seed=0, size=64)
+    _flat_images(tmp_path / "val", 8, seed=1, size=64)
+    cfg = _smoke_config(tmp_path)
+    cfg = replace(cfg, model=replace(cfg.model, backbone=replace(cfg.model.backbone, weights=str(tmp_path / "trunk.pt"),
+                                                                 trainable_stages=0)))
+    cfg = replace(cfg, train=replace(cfg.train, epochs=1))
+    distill_face(cfg, output_dir=tmp_path / "run", device="cpu")
+    student, _ = load_face_embedder(tmp_path / "run" / "last.pt")
+    # trainable_stages=0 froze the whole trunk, so it still holds the loaded weights.
+    assert torch.equal(student.backbone.block13.pointwise.conv.weight, source.block13.pointwise.conv.weight)
+    with pytest.raises(FileNotFoundError):
+        distill_face(cfg, output_dir=tmp_path / "other", device="cpu", weights_backbone=tmp_path / "missing.pt")
+
+
+def test_mix_faces_by_hand():
+    from mnapps.distill.views import mix_faces
+
+    images = torch.stack([torch.zeros(3, 8, 8), torch.ones(3, 8, 8)])
+    assert mix_faces(images, prob=0.0) is images
+    torch.manual_seed(0)
+    mixed = mix_faces(images, prob=1.0, alpha=1.0, cutmix_share=0.0)
+    # mixup of a black and a white image: each becomes a uniform grey lam*own + (1-lam)*other.
+    for i in range(2):
+        assert mixed[i].unique().numel() == 1
+    lam0 = 1.0 - float(mixed[0, 0, 0, 0])  # image 0 is black: its value is (1 - lam) * 1
+    assert 0.0 <= lam0 <= 1.0 and torch.equal(images, torch.stack([torch.zeros(3, 8, 8), torch.ones(3, 8, 8)]))
+    torch.manual_seed(1)
+    cut = mix_faces(images, prob=1.0, alpha=1.0, cutmix_share=1.0)
+    # cutmix: only 0s and 1s; the black image got a white box (a rectangle), and vice versa.
+    assert set(cut.unique().tolist()) <= {0.0, 1.0}
+    box = cut[0, 0] == 1.0
+    rows, cols = box.any(1).nonzero().flatten(), box.any(0).nonzero().flatten()
+    if box.any():
+        assert box[rows.min():rows.max() + 1, cols.min():cols.max() + 1].all()
+    with pytest.raises(ValueError, match="alpha"):
+        mix_faces(images, prob=0.5, alpha=0.0)
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        mix_faces(images, prob=1.5)
+
+
+def test_pair_agreement_by_hand():
+    from mnapps.tasks.face import pair_agreement
+
+    teacher = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
+    # Pairwise cosines of the teacher: (0,1) 0, (0,2) 0.707, (1,2) 0.707.
+    assert pair_agreement(teacher * 3.0, teacher) == pytest.approx(1.0)  # same geometry, other lengths
+    stretched = torch.tensor([[1.0, 0.0], [-1.0, 0.0], [0.0, 1.0]])  # cosines -1, 0, 0: other values
+    # Centred: teacher (-0.471, 0.236, 0.236), student (-0.667, 0.333, 0.333): perfectly correlated.
+    assert pair_agreement(stretched, teacher) == pytest.approx(1.0)
+    other = torch.tensor([[1.0, 0.0], [1.0, 0.1], [0.0, 1.0]])  # cosines 0.995, 0, 0.0995
+    expected = np.corrcoef([0.995037, 0.0, 0.099504], [0.0, 0.707107, 0.707107])[0, 1]
+    assert pair_agreement(other, teacher) == pytest.approx(expected, abs=1e-5)
+    assert np.isnan(pair_agreement(teacher[:2], teacher[:2]))
+
+
+def test_repeated_faces_and_strong_augmentation(tmp_path):
+    from mnapps.data.faces import FaceFolder, RepeatedFaces, build_face_transforms
+
+    _write_faces(tmp_path / "faces", count=3, size=40)
+    folder = FaceFolder(tmp_path / "faces", transform=build_face_transforms(True, 32, strength="strong", erasing=1.0))
+    repeated = RepeatedFaces(folder, 4)
+    assert len(repeated) == 12 and [repeated[k][1] for k in (0, 3, 5, 11)] == [0, 0, 2, 2]
+    torch.manual_seed(0)
+    first, second = repeated[0][0], repeated[3][0]
+    assert first.shape == (3, 32, 32) and not torch.equal(first, second)  # fresh views of one crop
+    with pytest.raises(ValueError, match="repeats must be >= 1"):
+        RepeatedFaces(folder, 0)
+    with pytest.raises(ValueError, match="strength"):
+        build_face_transforms(True, 32, strength="extreme")
 
 
 @pytest.mark.slow
@@ -377,3 +488,99 @@ def test_calibration_scope_decides_how_stable_the_random_teacher_is(tmp_path):
         shifted = teacher(torch.roll(images, shifts=2, dims=3))
         stability[scope] = float(F.cosine_similarity(embeddings, shifted).mean())
     assert stability["embedding"] > 0.85 and stability["all"] < 0.8, stability
+
+
+# ---------------------------------------------------------------------------- collapse guard
+
+
+def test_collapse_guard_catches_generated_faces_with_the_real_teacher(shared_data, tmp_path, capsys):
+    """The case the guard exists for: distilling the real CASIA-WebFace teacher on generated faces.
+
+    To the real teacher every generated face looks alike (its best constant prediction already
+    scores a held-out cosine of ~0.8), so the student learns one answer and maps real faces to
+    one point: verification at AUC 0.5 that a loss curve does not show. The distillation run
+    and the evaluation must both say so, loudly; the teacher on the same real faces must not
+    trip the guard."""
+    from mnapps.data.image_io import list_images
+    from mnapps.data.synthetic_faces import ensure_synthetic_faces
+    from mnapps.eval.face import collapse_warning, embed_faces, embedding_spread
+    from mnapps.tasks.face import FaceDataConfig, FaceDistillConfig, TeacherConfig, distill_face, load_face_embedder
+
+    weights = shared_data / "facenet_casia" / "20180408-102900-casia-webface-features.pt"
+    paths = ensure_synthetic_faces(tmp_path / "generated", train_identities=8, val_identities=1, images_per_identity=4)
+    cfg = FaceDistillConfig(
+        model=FaceModelConfig(backbone=BackboneConfig(width_mult=0.25, bn_momentum=0.1), input_size=64),
+        teacher=TeacherConfig(weights=str(weights)),
+        data=FaceDataConfig(roots=[str(paths.train)], val_root=str(paths.val), augment=False),
+        train=TrainConfig(epochs=5, batch_size=8, optimizer="adamw", lr=2e-3, weight_decay=1e-4, warmup_epochs=0,
+                          num_workers=0, channels_last=False, log_every=50),
+    )
+    summary = distill_face(cfg, output_dir=tmp_path / "run", device="cpu")
+    assert summary["constant_baseline_cosine"] > 0.7  # the teacher hardly tells generated faces apart
+    assert summary["collapsed"] and summary["final_spread"]["mean_pairwise_cosine"] > 0.99
+    assert "COLLAPSED" in capsys.readouterr().err
+    real_faces = list_images(shared_data / "facenet_test_images" / "test_images_aligned")
+    student, _ = load_face_embedder(tmp_path / "run" / "last.pt")
+    spread = embedding_spread(embed_faces(student, real_faces))
+    assert spread["collapsed"] and spread["effective_rank"] < 1.1 and "COLLAPSED" in collapse_warning("student", spread)
+    teacher = build_teacher(weights=weights)
+    teacher_spread = embedding_spread(embed_faces(teacher, real_faces))
+    assert not teacher_spread["collapsed"] and teacher_spread["effective_rank"] > 3
+
+
+def test_distill_face_tool_errors_are_one_line_and_benchmark_prints(tmp_path, capsys):
+    from mnapps.checkpoint import save_checkpoint
+    from mnapps.cli.distill_face import main
+    from mnapps.config import save_config
+
+    _flat_images(tmp_path / "train", 8, seed=0, size=64)
+    _flat_images(tmp_path / "val", 4, seed=1, size=64)
+    config = save_config(_smoke_config(tmp_path), tmp_path / "face.yaml")
+    (tmp_path / "file").write_text("keep me")
+    assert main(["--config", str(config), "--output-dir", str(tmp_path / "file")]) == 2
+    assert "is an existing file" in capsys.readouterr().err and (tmp_path / "file").read_text() == "keep me"
+    assert main(["--config", str(config), "--device", "cuda:5", "--output-dir", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "device" in err
+    (tmp_path / "old").mkdir()
+    save_checkpoint({"task": "face", "model": {}, "config": {}}, tmp_path / "old" / "best.pt")
+    assert main(["--config", str(config), "--output-dir", str(tmp_path / "old")]) == 2
+    assert "--resume to continue it, --overwrite to start over" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["--config", str(config), "--resume", "--overwrite"])
+    capsys.readouterr()
+    assert main(["--config", str(config), "--benchmark-steps", "1", "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert "teacher embeddings cached" in out and "teacher in the step" in out and "% of it" in out
+
+
+def test_ridge_warm_start_solves_the_embedding_layer_in_closed_form():
+    """The student's Linear+BatchNorm must compute x_std @ W with W the ridge solution worked out
+    here independently (numpy, normal equations), in eval mode and, with frozen_embedding_bn,
+    in train mode too."""
+    from mnapps.distill.warm_start import ridge_embedding_init
+
+    torch.manual_seed(0)
+    cfg = FaceModelConfig(backbone=BackboneConfig(width_mult=0.25, frozen_bn=True), input_size=32,
+                          embedding_dim=6, frozen_embedding_bn=True)
+    student = build_face_embedder(cfg)
+    mixing = torch.randn(3, 6)
+
+    def teacher(images):
+        return torch.nn.functional.normalize(images.mean((2, 3)) @ mixing, dim=1)
+
+    views = torch.rand(40, 3, 32, 32)
+    report = ridge_embedding_init(student, teacher, [views[:16], views[16:]], max_views=40, ridge=0.5)
+    assert report["views"] == 40 and -1.0 <= report["fit_cosine"] <= 1.0
+    with torch.no_grad():
+        x = student.backbone(views * 2 - 1).double().numpy()
+    t = teacher(views).double().numpy()
+    xs = (x - x.mean(0)) / (x.std(0, ddof=1) + 1e-6)
+    w = np.linalg.solve(xs.T @ xs + 0.5 * 40 * np.eye(xs.shape[1]), xs.T @ t)
+    expected = torch.nn.functional.normalize(torch.from_numpy(xs @ w).float(), dim=1)
+    student.eval()
+    torch.testing.assert_close(student(views), expected, atol=1e-4, rtol=1e-4)
+    student.train()  # frozen trunk BN + frozen embedding BN: training mode computes the same
+    torch.testing.assert_close(student(views), expected, atol=1e-4, rtol=1e-4)
+    with pytest.raises(ValueError, match="ridge must be > 0"):
+        ridge_embedding_init(student, teacher, [views], max_views=4, ridge=0.0)

@@ -1,5 +1,6 @@
-"""Face verification: pair-list parsing (LFW and CSV), pair resolution errors, and the metrics
-against cases worked out by hand."""
+"""Face verification: pair-list parsing (LFW and CSV), pair resolution errors, the metrics
+against cases worked out by hand, the collapse guard, the one embedding loop, and eval_face /
+embed_faces as a user who makes mistakes would run them."""
 
 from __future__ import annotations
 
@@ -8,10 +9,15 @@ import math
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from mnapps.eval.face import (
+    COLLAPSE_COSINE,
     accuracy_at_threshold,
+    collapse_warning,
+    embed_faces,
+    embedding_spread,
     equal_error_rate,
     format_verification_table,
     kfold_accuracy,
@@ -185,3 +191,182 @@ def test_shared_pair_files(shared_data):
     result = tar_at_far(np.linspace(0, 1, 300), deepface.issame, 1e-3)
     assert result[0] is None and "262" in result[1]
     assert math.isclose(len(resolve_pairs(deepface, shared_data / "faces" / "deepface")), 300)
+
+
+def test_majority_answer_is_reported_beside_kfold_accuracy():
+    # 3 same, 5 different: always answering "different" is right 5/8 of the time.
+    distances = np.array([0.1, 0.2, 0.3, 0.9, 1.0, 1.1, 1.2, 1.3])
+    same = np.array([True, True, True, False, False, False, False, False])
+    result = verification_metrics(distances, same, n_folds=2)
+    assert result["majority_answer"] == "different" and result["majority_accuracy"] == pytest.approx(5 / 8)
+    flipped = verification_metrics(distances, ~same, n_folds=2)
+    assert flipped["majority_answer"] == "same" and flipped["majority_accuracy"] == pytest.approx(5 / 8)
+    table = format_verification_table({"student": result})
+    assert "accuracy of always answering 'different'" in table and "0.6250" in table
+
+
+def test_embedding_spread_by_hand_and_collapse_warning():
+    # Four orthogonal unit vectors: every pairwise cosine 0, four equal singular values ->
+    # effective rank exp(log 4) = 4.
+    spread = embedding_spread(torch.eye(4, 6))
+    assert spread["mean_pairwise_cosine"] == pytest.approx(0.0, abs=1e-7)
+    assert spread["effective_rank"] == pytest.approx(4.0, rel=1e-6) and not spread["collapsed"]
+    assert collapse_warning("student", spread) is None
+    # Every row the same direction (different lengths): cosine 1, one singular value -> rank 1.
+    collapsed = embedding_spread(torch.tensor([[1.0, 2.0], [2.0, 4.0], [3.0, 6.0]]))
+    assert collapsed["mean_pairwise_cosine"] == pytest.approx(1.0) and collapsed["effective_rank"] == pytest.approx(1.0)
+    assert collapsed["collapsed"] and "COLLAPSED" in collapse_warning("student", collapsed)
+    # Two directions at cosine 0.96 > COLLAPSE_COSINE: collapsed by the cosine rule alone.
+    angle = np.arccos(0.96)
+    near = torch.tensor([[1.0, 0.0], [np.cos(angle), np.sin(angle)]], dtype=torch.float32)
+    assert 0.96 > COLLAPSE_COSINE and embedding_spread(near)["collapsed"]
+    # NaN rows (unreadable images) are left out; one row left says nothing.
+    lonely = embedding_spread(torch.tensor([[1.0, 0.0], [float("nan"), 0.0]]))
+    assert lonely["count"] == 1 and not lonely["collapsed"]
+
+
+def test_resolve_pairs_reads_escaping_names_and_says_so_once(tmp_path):
+    images, outside = tmp_path / "images", tmp_path / "elsewhere"
+    _touch_image(images / "a.png")
+    _touch_image(outside / "b.png")
+    path = tmp_path / "pairs.csv"
+    path.write_text(f"file_x,file_y,Decision\na.png,../elsewhere/b.jpg,Yes\na.png,{outside / 'b.png'},No\n")
+    with pytest.warns(UserWarning, match=r"2 image reference\(s\) are absolute or climb out") as caught:
+        resolved = resolve_pairs(read_pairs(path, n_folds=2), images)
+    assert len([w for w in caught if issubclass(w.category, UserWarning)]) == 1  # once, with the count
+    assert [b for _, b in resolved] == [outside / "b.png", outside / "b.png"]  # still read
+
+
+def _write_png(path, colour, size=40):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (size, size), colour).save(path)
+
+
+class _MeanColour(torch.nn.Module):
+    """Embeds an image as its (unnormalised) mean colour: distinct colours, distinct embeddings."""
+
+    def forward(self, images):
+        return images.mean(dim=(2, 3))
+
+
+def test_embed_faces_one_loop_for_files_and_folders(tmp_path):
+    from mnapps.data.faces import FaceFolder
+
+    _write_png(tmp_path / "red.png", (255, 0, 0))
+    _write_png(tmp_path / "green.png", (0, 255, 0))
+    (tmp_path / "broken.png").write_bytes(b"not a png")
+    files = [tmp_path / "red.png", tmp_path / "green.png"]
+    out = embed_faces(_MeanColour(), files, image_size=32, batch_size=1)
+    assert torch.allclose(out, torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]]), atol=1e-6)
+    folder = FaceFolder(tmp_path, image_size=32)  # broken.png, green.png, red.png (sorted)
+    with pytest.raises(ValueError, match=r"cannot read 1 face image\(s\): .*broken.png"):
+        embed_faces(_MeanColour(), folder)
+    with pytest.warns(RuntimeWarning, match="broken.png"):
+        rows = embed_faces(_MeanColour(), folder, unreadable="nan")
+    assert torch.isnan(rows[0]).all() and torch.allclose(rows[2], torch.tensor([1.0, 0.0, 0.0]), atol=1e-6)
+    # flip TTA: a left-red/right-blue image and its mirror embed alike; the sum is renormalised.
+    half = np.zeros((32, 32, 3), np.uint8)
+    half[:, :16, 0], half[:, 16:, 2] = 255, 255
+    Image.fromarray(half).save(tmp_path / "half.png")
+    tta = embed_faces(_MeanColour(), [tmp_path / "half.png"], image_size=32, flip_tta=True)
+    assert torch.allclose(tta, torch.tensor([[2 ** -0.5, 0.0, 2 ** -0.5]]), atol=1e-5)
+
+
+# ---------------------------------------------------------------------------- tools, as a user would run them
+
+
+@pytest.fixture()
+def small_trunk_checkpoint(tmp_path):
+    """A real mnapps classification checkpoint (MobileNetV1-0.25, seeded): a --trunk baseline."""
+    from mnapps.checkpoint import save_checkpoint
+    from mnapps.config import BackboneConfig, to_dict
+    from mnapps.tasks.classification import ClsConfig, ClsModelConfig, build_classifier
+
+    torch.manual_seed(0)
+    cfg = ClsConfig(model=ClsModelConfig(backbone=BackboneConfig(width_mult=0.25), num_classes=3))
+    model = build_classifier(cfg.model, 3)
+    path = tmp_path / "trunk.pt"
+    save_checkpoint({"task": "classification", "config": to_dict(cfg), "model": model.state_dict()}, path)
+    return path, model
+
+
+def _pair_folder(tmp_path):
+    images = tmp_path / "crops"
+    rng = np.random.default_rng(0)
+    for name in ("a", "b", "c", "d"):
+        images.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 255, (48, 48, 3), dtype=np.uint8)).save(images / f"{name}.png")
+    pairs = tmp_path / "pairs.csv"
+    pairs.write_text("file_x,file_y,Decision\na.png,b.png,Yes\nc.png,d.png,Yes\na.png,c.png,No\nb.png,d.png,No\n")
+    return pairs, images
+
+
+def test_trunk_baseline_is_the_checkpoints_pooled_features(tmp_path, small_trunk_checkpoint):
+    from mnapps.tasks.face import evaluate_face_verification, load_trunk_embedder
+
+    path, classifier = small_trunk_checkpoint
+    trunk = load_trunk_embedder(path, input_size=48)
+    images = torch.rand(2, 3, 48, 48)
+    classifier.eval()
+    # The classifier's own feature map, averaged and normalised: what the baseline must return.
+    expected = torch.nn.functional.normalize(classifier.forward_features(images * 2 - 1).mean((2, 3)), dim=1)
+    assert torch.allclose(trunk(images), expected, atol=1e-5)
+    pairs, folder = _pair_folder(tmp_path)
+    result = evaluate_face_verification(read_pairs(pairs, n_folds=2), folder, {"trunk": trunk}, image_size=48)
+    assert result.results["trunk"]["pairs"] == 4 and len(result.files) == 4
+    assert result.spreads["trunk"]["count"] == 4 and result.agreement is None
+
+
+def _run_eval_face(argv, capsys):
+    from mnapps.cli.eval_face import main
+
+    code = main([str(a) for a in argv] + ["--folds", "2"])  # four pairs: two folds
+    return code, capsys.readouterr()
+
+
+def test_eval_face_corrupt_image_is_one_line_error(tmp_path, capsys, small_trunk_checkpoint):
+    pairs, images = _pair_folder(tmp_path)
+    (images / "c.png").write_bytes(b"\x89PNG truncated")
+    code, out = _run_eval_face(["--pairs", pairs, "--images", images, "--trunk", small_trunk_checkpoint[0],
+                                "--out", tmp_path / "out", "--device", "cpu"], capsys)
+    assert code == 2 and "Traceback" not in out.err
+    errors = [line for line in out.err.replace("\r", "\n").splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and errors[0].startswith("error: cannot read 1 face image(s)") and "c.png" in errors[0]
+    assert not (tmp_path / "out" / "metrics.json").exists()
+
+
+def test_eval_face_refuses_bad_out_and_device(tmp_path, capsys, small_trunk_checkpoint):
+    pairs, images = _pair_folder(tmp_path)
+    trunk = small_trunk_checkpoint[0]
+    (tmp_path / "taken.txt").write_text("keep me")
+    code, out = _run_eval_face(["--pairs", pairs, "--images", images, "--trunk", trunk, "--out", tmp_path / "taken.txt"], capsys)
+    assert code == 2 and "is an existing file" in out.err and (tmp_path / "taken.txt").read_text() == "keep me"
+    code, out = _run_eval_face(["--pairs", pairs, "--images", images, "--trunk", trunk, "--out", images / "eval"], capsys)
+    assert code == 2 and "is, or is inside, the input" in out.err and not (images / "eval").exists()
+    code, out = _run_eval_face(["--pairs", pairs, "--images", images, "--trunk", trunk, "--device", "tpu"], capsys)
+    assert code == 2 and out.err.count("\n") == 1 and "device" in out.err
+    code, out = _run_eval_face(["--pairs", pairs, "--images", images, "--trunk", trunk, "--out", tmp_path / "ok",
+                                "--device", "cpu"], capsys)
+    assert code == 0 and "accuracy of always answering 'different'" in out.out and "spread: effective rank" in out.out
+    saved = json.loads((tmp_path / "ok" / "metrics.json").read_text())
+    assert set(saved["models"]) == {"trunk"} and saved["spread"]["trunk"]["count"] == 4
+
+
+def test_embed_faces_tool_never_writes_into_its_input(tmp_path, capsys, small_trunk_checkpoint):
+    from mnapps.cli.embed_faces import main
+    from mnapps.checkpoint import save_checkpoint
+    from mnapps.config import BackboneConfig, to_dict
+    from mnapps.heads.face_embedding import FaceModelConfig, build_face_embedder
+
+    _, images = _pair_folder(tmp_path)
+    cfg = FaceModelConfig(backbone=BackboneConfig(width_mult=0.25), input_size=48)
+    student = tmp_path / "student.pt"
+    save_checkpoint({"task": "face", "config": {"model": to_dict(cfg)}, "model": build_face_embedder(cfg).state_dict()},
+                    student)
+    assert main([str(images), "--checkpoint", str(student), "--out", str(images / "emb.npz")]) == 2
+    assert "is, or is inside, the input" in capsys.readouterr().err and not (images / "emb.npz").exists()
+    assert main([str(images), "--checkpoint", str(student), "--out", str(tmp_path / "emb.npz"), "--device", "cuda:7"]) == 2
+    assert "device" in capsys.readouterr().err
+    assert main([str(images), "--checkpoint", str(student), "--out", str(tmp_path / "emb.npz"), "--device", "cpu"]) == 0
+    saved = np.load(tmp_path / "emb.npz")
+    assert saved["embeddings"].shape == (4, 512) and saved["files"].tolist() == ["a.png", "b.png", "c.png", "d.png"]

@@ -93,8 +93,8 @@ def _report(summary: dict) -> str:
     smoke = ("\n(a random teacher: this run checks the mechanics and measures no face quality; compare the cosine "
              "with the best constant prediction's, not with any target)" if summary["teacher"].startswith("random")
              else "")
-    share = (f", teacher {100 * throughput['teacher_share']:.0f}% of it"
-             if throughput["targets"] != "cached" else ", teacher embeddings cached")
+    targets = ("targets: cached teacher embeddings" if throughput["targets"] == "cached"
+               else f"teacher in the step: {100 * throughput['teacher_share']:.0f}% of it")
     return (
         f"held-out mean student-teacher cosine: {summary['final_cosine']:.4f} (best {summary['best_cosine']:.4f}; "
         f"untrained student {summary.get('start_cosine', math.nan):.4f}, best constant prediction "
@@ -104,7 +104,7 @@ def _report(summary: dict) -> str:
         f"(teacher {summary.get('teacher_val_spread_cosine', math.nan):.4f}), effective rank "
         f"{summary['final_spread']['effective_rank']:.2f}\n"
         f"throughput: {throughput['images_per_s']:.1f} images/s per training step "
-        f"({throughput['targets']}{share}); checkpoint {summary['best_checkpoint']}{smoke}"
+        f"({targets}); checkpoint {summary['best_checkpoint']}{smoke}"
     )
 
 

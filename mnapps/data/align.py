@@ -35,7 +35,9 @@ from tqdm.auto import tqdm
 from .faces import list_images
 from .image_io import ImageReadError, load_rgb
 
-__all__ = ["FaceAligner", "DetectedFace", "AlignReport", "align_folder", "NO_FACE_REPORT", "UNREADABLE_REPORT"]
+__all__ = [
+    "FaceAligner", "DetectedFace", "AlignReport", "align_folder", "crop_names", "NO_FACE_REPORT", "UNREADABLE_REPORT",
+]
 
 #: Report files written into the destination folder by :func:`align_folder`.
 NO_FACE_REPORT = "no_face.txt"
@@ -178,17 +180,66 @@ class AlignReport:
     no_face: list[str] = field(default_factory=list)  # relative paths, all runs together
     unreadable: list[str] = field(default_factory=list)
     total: int = 0
+    # Photos sharing a folder and a stem with another (x.jpg, x.png): their crops keep the
+    # extension (x.jpg.png, x.png.png) so neither overwrites the other.
+    shared_stems: list[str] = field(default_factory=list)
 
     def __str__(self) -> str:
-        return (f"{self.total} images: {self.aligned} aligned now ({self.faces_written} face crops), "
+        text = (f"{self.total} images: {self.aligned} aligned now ({self.faces_written} face crops), "
                 f"{self.skipped_done} already done, {len(self.no_face)} without a face, "
                 f"{len(self.unreadable)} unreadable")
+        if self.shared_stems:
+            example = self.shared_stems[0]
+            text += (f"; {len(self.shared_stems)} photos share a name with another apart from the extension, "
+                     f"so their crops keep it (e.g. {example} -> {example}.png)")
+        return text
+
+
+def crop_names(relatives: Sequence[str]) -> dict[str, str]:
+    """Relative photo path -> relative crop path: ``a/b.jpg`` -> ``a/b.png``, or ``a/b.jpg.png``
+    when another photo in the same folder is also called ``b`` (``a/b.png``, ``a/b.jpeg``)."""
+    stems: dict[str, int] = {}
+    for relative in relatives:
+        stem = Path(relative).with_suffix("").as_posix()
+        stems[stem] = stems.get(stem, 0) + 1
+    names = {}
+    for relative in relatives:
+        stem = Path(relative).with_suffix("").as_posix()
+        names[relative] = f"{relative}.png" if stems[stem] > 1 else f"{stem}.png"
+    return names
 
 
 def _read_report(path: Path) -> list[str]:
     if not path.is_file():
         return []
     return [line.split("\t", 1)[0] for line in path.read_text().splitlines() if line and not line.startswith("#")]
+
+
+def _write_crops(faces: Sequence[DetectedFace], target: Path) -> None:
+    """The main crop at ``target``, extra faces beside it as ``NAME_1.png``, ``NAME_2.png``, ..."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # Extra faces first, the main crop last (atomically): its existence marks the image as done.
+    stem = target.name[: -len(".png")]
+    for k, face in enumerate(faces[1:], start=1):
+        Image.fromarray(face.crop).save(target.with_name(f"{stem}_{k}.png"))
+    tmp = target.with_name(f".{target.name}.tmp.png")
+    Image.fromarray(faces[0].crop).save(tmp)
+    os.replace(tmp, target)
+
+
+def _prepare_files(src: Path, files: Sequence[str | os.PathLike] | None) -> tuple[list[Path], list[Path]]:
+    """(every image under ``src``, the ones to align), checking that the latter lie inside ``src``."""
+    everything = list_images(src)
+    if files is None:
+        chosen = everything
+    else:
+        chosen = sorted({Path(os.path.abspath(f)) for f in files})
+        outside = [f for f in chosen if not f.is_relative_to(src)]
+        if outside:
+            raise ValueError(f"{outside[0]} is not inside the source folder {src}")
+    if not chosen:
+        raise ValueError(f"no images found under {src}")
+    return everything, chosen
 
 
 def align_folder(
@@ -206,7 +257,9 @@ def align_folder(
     Args:
         src: a folder of photos (identity sub-folders optional, searched recursively).
         dst: output folder; ``a/b.jpg`` becomes ``dst/a/b.png`` (with ``keep_all`` the extra
-            faces of one photo become ``b_1.png``, ``b_2.png``, ...).
+            faces of one photo become ``b_1.png``, ``b_2.png``, ...); when ``a/b.jpg`` and
+            ``a/b.png`` are both there, their crops are ``b.jpg.png`` and ``b.png.png``
+            (:func:`crop_names`), which pair lists naming either still find.
         aligner: the :class:`FaceAligner` (default settings when None).
         keep_all: write every face found, not only the selected one.
         resume: skip images whose crop exists or that an earlier run reported; False redoes all.
@@ -226,15 +279,7 @@ def align_folder(
         raise ValueError(f"the destination {dst} must not be inside the source folder {src}")
     # Absolute but not symlink-resolved: a folder of symlinks keeps its own relative names.
     src, dst = Path(os.path.abspath(src)), Path(os.path.abspath(dst))
-    if files is None:
-        files = list_images(src)
-    else:
-        files = sorted({Path(os.path.abspath(f)) for f in files})
-        outside = [f for f in files if not f.is_relative_to(src)]
-        if outside:
-            raise ValueError(f"{outside[0]} is not inside the source folder {src}")
-    if not files:
-        raise ValueError(f"no images found under {src}")
+    everything, files = _prepare_files(src, files)
     aligner = aligner or FaceAligner()
     dst.mkdir(parents=True, exist_ok=True)
     no_face_path, unreadable_path = dst / NO_FACE_REPORT, dst / UNREADABLE_REPORT
@@ -244,11 +289,14 @@ def align_folder(
     no_face = _read_report(no_face_path)
     unreadable = _read_report(unreadable_path)
     done = set(no_face) | set(unreadable)
+    # Names over the whole folder, so aligning a subset (eval_face --align) names crops the same way.
+    names = crop_names([path.relative_to(src).as_posix() for path in everything])
     report = AlignReport(total=len(files))
+    report.shared_stems = sorted(r for r, name in names.items() if name == f"{r}.png")
     bar = tqdm(files, desc=f"aligning {src.name}", unit="img", disable=not progress)
     for path in bar:
         relative = path.relative_to(src).as_posix()
-        target = dst / Path(relative).with_suffix(".png")
+        target = dst / names.get(relative, Path(relative).with_suffix(".png").as_posix())
         if resume and (relative in done or target.is_file()):
             report.skipped_done += 1
             continue
@@ -266,13 +314,7 @@ def align_folder(
             with no_face_path.open("a") as handle:
                 handle.write(f"{relative}\n")
             continue
-        target.parent.mkdir(parents=True, exist_ok=True)
-        # Extra faces first, the main crop last: its existence marks the image as done.
-        for k, face in enumerate(faces[1:], start=1):
-            Image.fromarray(face.crop).save(target.with_name(f"{target.stem}_{k}.png"))
-        tmp = target.with_name(f".{target.name}.tmp.png")
-        Image.fromarray(faces[0].crop).save(tmp)
-        os.replace(tmp, target)
+        _write_crops(faces, target)
         report.aligned += 1
         report.faces_written += len(faces)
         bar.set_postfix(no_face=len(no_face), refresh=False)

@@ -6,9 +6,11 @@ This module owns how aligned face crops on disk become tensors:
   order); identity sub-folders are optional (distillation needs no labels), and when present
   the folder path is kept as the item's identity. ``ds[i]`` is ``(image, i)``: the index lets
   a training step look up the teacher's cached embedding of that very file.
-* :func:`build_face_transforms` is the augmentation for distillation (flip, small affine
-  jitter, colour jitter, rare grayscale/blur: the variations between two photos of one
-  person) and the plain resize for evaluation; both give ``FloatTensor[3, S, S]`` in [0, 1].
+* :func:`build_face_transforms` is the augmentation for distillation (``light``: the
+  variations between two photos of one person; ``strong``: far-reaching views for a teacher
+  that embeds each view itself; optional random erasing) and the plain resize for
+  evaluation; all give ``FloatTensor[3, S, S]`` in [0, 1]. :class:`RepeatedFaces` shows each
+  crop several times per epoch.
 * :func:`face_collate` stacks a batch and drops unreadable images (reported by count, as the
   detection collate does); :func:`split_holdout` makes a deterministic held-out split.
 
@@ -30,39 +32,18 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from .image_io import ImageReadError, load_rgb
+from .image_io import IMAGE_EXTENSIONS, ImageReadError, list_images, load_rgb
 
 __all__ = [
-    "IMAGE_EXTENSIONS",
-    "list_images",
     "FaceTransform",
     "build_face_transforms",
     "FaceFolder",
+    "RepeatedFaces",
+    "AUGMENT_STRENGTHS",
     "face_collate",
     "split_holdout",
     "image_to_tensor",
 ]
-
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
-
-
-def list_images(root: str | Path) -> list[Path]:
-    """Every image file under ``root`` (recursively, hidden entries skipped), sorted.
-
-    Raises:
-        FileNotFoundError: ``root`` is not a folder.
-    """
-    root = Path(root)
-    if not root.is_dir():
-        raise FileNotFoundError(f"image folder {root} does not exist or is not a folder")
-    found = []
-    for path in root.rglob("*"):
-        relative = path.relative_to(root)
-        if any(part.startswith(".") for part in relative.parts):
-            continue
-        if path.suffix.lower() in IMAGE_EXTENSIONS and path.is_file():
-            found.append(path)
-    return sorted(found)
 
 
 def image_to_tensor(image: np.ndarray) -> Tensor:
@@ -108,28 +89,64 @@ class FaceTransform:
         return f"FaceTransform(size={self.image_size}, augment=[{names}])"
 
 
-def build_face_transforms(train: bool, image_size: int = 160) -> FaceTransform:
+#: Augmentation strengths of :func:`build_face_transforms`.
+AUGMENT_STRENGTHS = ("light", "strong")
+
+
+def build_face_transforms(
+    train: bool, image_size: int = 160, *, strength: str = "light", erasing: float = 0.0
+) -> FaceTransform:
     """The face-crop pipeline.
 
     Args:
         train: augmentation for distillation (True) or a plain resize (False).
         image_size: side of the square output (the teacher's 160 by default).
+        strength: ``"light"``: what separates two photos of one person, safe when the
+            teacher's embedding of the *un-augmented* crop is the target (cache): flip,
+            shift/scale/rotation of a few percent/degrees, colour jitter, rare grayscale and
+            blur. ``"strong"``: for a teacher that embeds each view itself, so a view may move
+            far from the crop it came from: larger affine moves and a perspective warp,
+            stronger colour jitter, frequent grayscale, blur, noise, JPEG artefacts and
+            low-resolution copies (the photometric and geometric variety of Beyer et al.
+            2022's "function matching"; the list follows what face-recognition training
+            uses to cover pose, lighting and capture quality).
+        erasing: probability of random erasing (Zhong et al. 2020): one to three rectangles
+            filled with noise, so the student cannot rely on any one part of the face.
 
-    Training augmentation stays within what separates two photos of one person, because a
-    teacher embedding of the un-augmented crop may serve as the target: horizontal flip,
-    shift/scale/rotation of a few percent/degrees, brightness/contrast/saturation/hue jitter,
-    rare grayscale and blur.
+    Raises:
+        ValueError: an unknown ``strength`` or ``erasing`` outside [0, 1].
     """
+    if strength not in AUGMENT_STRENGTHS:
+        raise ValueError(f"face augmentation strength must be one of {list(AUGMENT_STRENGTHS)}, got {strength!r}")
+    if not 0.0 <= erasing <= 1.0:
+        raise ValueError(f"random erasing probability must be in [0, 1], got {erasing}")
     if not train:
         return FaceTransform(image_size)
-    augment = [
-        A.HorizontalFlip(p=0.5),
-        A.Affine(scale=(0.92, 1.08), translate_percent=(-0.04, 0.04), rotate=(-8, 8),
-                 border_mode=cv2.BORDER_REFLECT_101, p=0.7),
-        A.ColorJitter(brightness=0.3, contrast=0.3, saturation=0.3, hue=0.03, p=0.8),
-        A.ToGray(p=0.05),
-        A.GaussianBlur(blur_limit=(3, 5), p=0.1),
-    ]
+    if strength == "light":
+        augment = [
+            A.HorizontalFlip(p=0.5),
+            A.Affine(scale=(0.92, 1.08), translate_percent=(-0.04, 0.04), rotate=(-8, 8),
+                     border_mode=cv2.BORDER_REFLECT_101, p=0.7),
+            A.ColorJitter(brightness=0.3, contrast=0.3, saturation=0.3, hue=0.03, p=0.8),
+            A.ToGray(p=0.05),
+            A.GaussianBlur(blur_limit=(3, 5), p=0.1),
+        ]
+    else:
+        augment = [
+            A.HorizontalFlip(p=0.5),
+            A.Affine(scale=(0.8, 1.2), translate_percent=(-0.1, 0.1), rotate=(-20, 20), shear=(-8, 8),
+                     border_mode=cv2.BORDER_REFLECT_101, p=0.9),
+            A.Perspective(scale=(0.02, 0.08), p=0.3),
+            A.ColorJitter(brightness=0.5, contrast=0.5, saturation=0.6, hue=0.08, p=0.9),
+            A.ToGray(p=0.2),
+            A.OneOf([A.GaussianBlur(blur_limit=(3, 7)), A.MotionBlur(blur_limit=(3, 7))], p=0.25),
+            A.GaussNoise(std_range=(0.02, 0.08), p=0.2),
+            A.ImageCompression(quality_range=(30, 90), p=0.3),
+            A.Downscale(scale_range=(0.3, 0.7), p=0.2),
+        ]
+    if erasing > 0:
+        augment.append(A.CoarseDropout(num_holes_range=(1, 3), hole_height_range=(0.1, 0.4),
+                                       hole_width_range=(0.1, 0.4), fill="random_uniform", p=erasing))
     return FaceTransform(image_size, augment)
 
 
@@ -225,6 +242,27 @@ class FaceFolder(Dataset):
         twin.keys = [self.keys[i] for i in indices]
         twin.identities = [self.identities[i] for i in indices]
         return twin
+
+
+class RepeatedFaces(Dataset):
+    """Every item of a :class:`FaceFolder` ``repeats`` times per pass, each a fresh augmented view.
+
+    With a few dozen crops an epoch is one or two steps; repeating makes an epoch long enough
+    for per-epoch evaluation and checkpoints to cost little. Item ``k`` is the folder's item
+    ``k % len(folder)``, whose own index (not ``k``) comes back, so cached targets still match.
+    """
+
+    def __init__(self, folder: "FaceFolder", repeats: int) -> None:
+        if repeats < 1:
+            raise ValueError(f"data.repeats must be >= 1, got {repeats}")
+        self.folder = folder
+        self.repeats = int(repeats)
+
+    def __len__(self) -> int:
+        return len(self.folder) * self.repeats
+
+    def __getitem__(self, index: int) -> tuple[Tensor, int] | None:
+        return self.folder[index % len(self.folder)]
 
 
 def face_collate(batch: Sequence[tuple[Tensor, int] | None]) -> tuple[Tensor, Tensor, int]:

@@ -39,6 +39,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from mnapps.data.faces import face_collate
+
 __all__ = [
     "PRETRAINED_TEACHERS",
     "TEACHER_INPUT_SIZE",
@@ -331,8 +333,6 @@ def cache_teacher_embeddings(
         ``np.memmap`` float32 ``[len(dataset), D]`` opened read-only; rows of unreadable images
         are NaN (the training loader skips those images anyway).
     """
-    from mnapps.data.faces import face_collate  # local: data imports nothing from distill
-
     path = Path(path)
     if len(keys) != len(dataset):
         raise ValueError(f"cache keys ({len(keys)}) must match the dataset length ({len(dataset)})")

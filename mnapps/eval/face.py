@@ -14,9 +14,15 @@ This module owns how a face embedder is scored on a verification benchmark:
   rate, and TAR at given FARs **only where the number of different-person pairs can resolve that
   FAR** (measuring FAR = f needs at least 1/f of them: LFW's 3000 allow 1e-3 but not 1e-4);
   otherwise it says so instead of printing a number.
-* :func:`embed_files` embeds images in batches, optionally with horizontal-flip test-time
+* :func:`embed_faces` is the one embedding loop of the face code (distillation's held-out
+  scoring, evaluation, ``embed_faces``), optionally with horizontal-flip test-time
   augmentation (the normalised sum of the embeddings of the image and its mirror, as
-  insightface does); :func:`plot_roc` writes the ROC curves as a PNG (matplotlib Agg).
+  insightface does); :func:`embedding_spread` and :func:`collapse_warning` are the collapse
+  guard (mean pairwise cosine and effective rank of a set of embeddings);
+  :func:`plot_roc` writes the ROC curves as a PNG (matplotlib Agg).
+* Baselines beside every figure: the result of :func:`verification_metrics` carries the
+  accuracy of always giving the more common answer, which a k-fold accuracy on an
+  unbalanced pair list (deepface: 262 of 300 pairs "different") must clear to mean anything.
 
 Convention: a pair is predicted "same" when its distance is strictly below the threshold.
 """
@@ -26,10 +32,10 @@ from __future__ import annotations
 import csv
 import math
 import os
-import re
-from dataclasses import dataclass, field
+import warnings
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Literal, Sequence
 
 import numpy as np
 import torch
@@ -51,7 +57,12 @@ __all__ = [
     "equal_error_rate",
     "tar_at_far",
     "verification_metrics",
-    "embed_files",
+    "embed_faces",
+    "embedding_spread",
+    "collapse_warning",
+    "is_collapsed",
+    "COLLAPSE_COSINE",
+    "COLLAPSE_RANK",
     "pair_distances",
     "plot_roc",
     "format_verification_table",
@@ -205,11 +216,32 @@ def _index_images(image_dir: Path) -> dict[str, Path]:
     return index
 
 
+def _strip_image_suffix(ref: str) -> str:
+    return Path(ref).with_suffix("").as_posix() if Path(ref).suffix.lower() in IMAGE_EXTENSIONS else ref
+
+
+def _outside_reference(ref: str, image_dir: Path) -> Path | None:
+    """The file an absolute or ``..``-climbing reference names (with or without its extension), or None."""
+    candidate = Path(os.path.normpath(ref if Path(ref).is_absolute() else image_dir / ref))
+    if candidate.is_file():
+        return candidate
+    if candidate.parent.is_dir():  # an aligned copy of a photo: same stem, another extension
+        stem = _strip_image_suffix(candidate.name)
+        for extension in IMAGE_EXTENSIONS:
+            if (candidate.parent / (stem + extension)).is_file():
+                return candidate.parent / (stem + extension)
+    return None
+
+
 def resolve_pairs(pairs: PairList, image_dir: str | os.PathLike) -> list[tuple[Path, Path]]:
     """Map every pair onto two image files under ``image_dir``.
 
     A reference matches a file by its relative path, or by its relative path without the
-    extension (so ``img20.jpg`` and LFW's ``name/name_0004`` find aligned ``.png`` crops).
+    extension (so ``img20.jpg`` and LFW's ``name/name_0004`` find aligned ``.png`` crops, and
+    ``x.jpg`` finds the crop ``x.jpg.png`` that :func:`mnapps.data.align.align_folder` writes
+    when ``x.jpg`` and ``x.png`` share a folder). A reference that is absolute or climbs out of
+    ``image_dir`` with ``..`` is still read (some tools write absolute paths), and one
+    :class:`UserWarning` says how many there were.
 
     Raises:
         FileNotFoundError: ``image_dir`` is not a folder.
@@ -221,20 +253,28 @@ def resolve_pairs(pairs: PairList, image_dir: str | os.PathLike) -> list[tuple[P
     no_face = set()
     report = image_dir / "no_face.txt"
     if report.is_file():
-        no_face = {Path(line.split("\t")[0]).with_suffix("").as_posix() for line in report.read_text().splitlines() if line}
-    resolved = []
+        no_face = {_strip_image_suffix(line.split("\t")[0]) for line in report.read_text().splitlines() if line}
+    resolved, outside = [], []
     for pair in pairs.pairs:
         found = []
         for ref in (pair.first, pair.second):
-            path = index.get(ref) or index.get(Path(ref).with_suffix("").as_posix()
-                                                 if Path(ref).suffix.lower() in IMAGE_EXTENSIONS else ref)
+            escapes = Path(ref).is_absolute() or ".." in Path(ref).parts
+            path = _outside_reference(ref, image_dir) if escapes else index.get(ref) or index.get(_strip_image_suffix(ref))
             if path is None:
-                stem = Path(ref).with_suffix("").as_posix() if Path(ref).suffix.lower() in IMAGE_EXTENSIONS else ref
-                hint = (f"; the alignment step found no face in it (listed in {report})" if stem in no_face
+                hint = (f"; the alignment step found no face in it (listed in {report})"
+                        if _strip_image_suffix(ref) in no_face
                         else f" (looked for {ref!r} with any of {', '.join(IMAGE_EXTENSIONS[:4])}, ...)")
                 raise ValueError(f"{pairs.path} line {pair.line}: {pair.text!r}: no image for {ref!r} in {image_dir}{hint}")
+            if escapes:
+                outside.append(ref)
             found.append(path)
         resolved.append((found[0], found[1]))
+    if outside:
+        warnings.warn(
+            f"{pairs.path}: {len(outside)} image reference(s) are absolute or climb out of {image_dir} with '..' "
+            f"(first: {outside[0]!r}); they were read from where they point",
+            UserWarning, stacklevel=2,
+        )
     return resolved
 
 
@@ -370,7 +410,9 @@ def verification_metrics(
 
     Returns:
         A JSON-ready dict: ``pairs``, ``same_pairs``, ``different_pairs``, ``accuracy``,
-        ``accuracy_std``, ``fold_accuracies``, ``fold_thresholds``, ``auc``, ``eer``,
+        ``accuracy_std``, ``fold_accuracies``, ``fold_thresholds``, ``majority_answer`` and
+        ``majority_accuracy`` (the accuracy of always giving the more common answer: the floor a
+        k-fold accuracy must clear on an unbalanced set), ``auc``, ``eer``,
         ``eer_threshold``, ``tar_at_far`` (``{"1e-03": value or None}``), ``tar_at_far_notes``,
         and ``accuracy_at_threshold`` when ``threshold`` is given.
     """
@@ -386,6 +428,8 @@ def verification_metrics(
         "accuracy_std": folds["std"],
         "fold_accuracies": folds["folds"],
         "fold_thresholds": folds["thresholds"],
+        "majority_answer": "same" if issame.sum() * 2 > issame.size else "different",
+        "majority_accuracy": float(max(issame.sum(), (~issame).sum()) / issame.size),
         "auc": roc_auc(far, tar),
         "eer": eer,
         "eer_threshold": eer_threshold,
@@ -406,57 +450,139 @@ def verification_metrics(
 # embeddings
 
 
+def _as_face_folder(images: FaceFolder | Sequence[str | os.PathLike], image_size: int) -> FaceFolder:
+    if isinstance(images, FaceFolder):
+        return images
+    if not images:
+        raise ValueError("no image files to embed")
+    paths = [Path(f).absolute() for f in images]
+    return FaceFolder([paths[0].parent], image_size=image_size, files=paths)
+
+
 @torch.no_grad()
-def embed_files(
+def embed_faces(
     model: nn.Module,
-    files: Sequence[str | os.PathLike],
+    images: FaceFolder | Sequence[str | os.PathLike],
     *,
     image_size: int = 160,
     batch_size: int = 64,
     device: str | torch.device = "cpu",
     flip_tta: bool = False,
+    unreadable: Literal["raise", "nan"] = "raise",
     num_workers: int = 0,
-    desc: str | None = "embedding",
+    desc: str | None = None,
 ) -> Tensor:
-    """Embed image files (face crops) with ``model`` (``[0,1]`` images -> ``[N, D]`` embeddings).
+    """Embed face crops with ``model``: the one embedding loop of distillation, evaluation and tools.
 
     Args:
-        model: a face embedder or :class:`mnapps.distill.teacher.FacenetTeacher`.
-        files: image paths; each is resized to ``image_size`` square.
-        flip_tta: embed each image and its horizontal mirror and return the normalised sum.
+        model: a face embedder, :class:`mnapps.distill.teacher.FacenetTeacher`, or any module
+            mapping ``[N, 3, S, S]`` images in [0, 1] to ``[N, D]``; its train/eval mode is
+            restored afterwards.
+        images: a :class:`~mnapps.data.faces.FaceFolder` (its own transform applies) or image
+            paths (each resized to ``image_size`` square).
+        flip_tta: embed each image and its horizontal mirror and use the normalised sum (as
+            insightface does).
+        unreadable: ``"raise"`` a ValueError naming the unreadable files, or leave their rows NaN.
         desc: progress-bar label (None hides the bar).
 
     Returns:
-        ``FloatTensor[len(files), D]`` on the CPU, rows L2-normalised.
+        ``FloatTensor[len(images), D]`` on the CPU, rows L2-normalised (NaN rows for unreadable
+        images with ``unreadable="nan"``).
 
     Raises:
-        ValueError: a file cannot be read (its path is in the message).
+        ValueError: no images, an unreadable image (with ``"raise"``), or no readable image at all.
     """
-    if not files:
-        raise ValueError("no image files to embed")
-    paths = [Path(f).absolute() for f in files]
-    dataset = FaceFolder([paths[0].parent], image_size=image_size, files=paths)
+    dataset = _as_face_folder(images, image_size)
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False,
                                          num_workers=num_workers, collate_fn=face_collate)
     was_training = model.training
     model.eval()
-    chunks = []
+    out: Tensor | None = None
+    seen: list[Tensor] = []
     try:
-        for batch_number, (images, indices, skipped) in enumerate(
-            tqdm(loader, desc=desc, unit="batch", leave=False, disable=desc is None)
-        ):
-            if skipped:
-                expected = range(batch_number * batch_size, min((batch_number + 1) * batch_size, len(dataset)))
-                bad = [str(dataset.files[i]) for i in expected if i not in set(indices.tolist())]
-                raise ValueError(f"cannot read face image(s) {', '.join(bad)}")
-            images = images.to(device)
-            embeddings = model(images).float()
-            if flip_tta:
-                embeddings = embeddings + model(torch.flip(images, dims=[3])).float()
-            chunks.append(F.normalize(embeddings, dim=1).cpu())
+        with warnings.catch_warnings():
+            if unreadable == "raise":  # FaceFolder warns per file; the error below names them all
+                warnings.simplefilter("ignore", RuntimeWarning)
+            for images_batch, indices, _ in tqdm(loader, desc=desc, unit="batch", leave=False, disable=desc is None):
+                if images_batch.shape[0] == 0:
+                    continue
+                images_batch = images_batch.to(device)
+                embeddings = model(images_batch).float()
+                if flip_tta:
+                    embeddings = embeddings + model(torch.flip(images_batch, dims=[3])).float()
+                embeddings = F.normalize(embeddings, dim=1).cpu()
+                if out is None:
+                    out = torch.full((len(dataset), embeddings.shape[1]), float("nan"))
+                out[indices] = embeddings
+                seen.append(indices)
     finally:
         model.train(was_training)
-    return torch.cat(chunks)
+    done = set(torch.cat(seen).tolist()) if seen else set()
+    bad = [str(dataset.files[i]) for i in range(len(dataset)) if i not in done]
+    if out is None:
+        raise ValueError(f"none of the {len(dataset)} face images could be read (first: {bad[0]})")
+    if bad and unreadable == "raise":
+        more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
+        raise ValueError(f"cannot read {len(bad)} face image(s): {', '.join(bad[:3])}{more}")
+    return out
+
+
+#: A mean pairwise cosine above this, or an effective rank below :data:`COLLAPSE_RANK`, is collapse.
+COLLAPSE_COSINE = 0.95
+COLLAPSE_RANK = 2.0
+
+
+def embedding_spread(embeddings: Tensor) -> dict[str, float | bool]:
+    """How spread out a set of embeddings is: the collapse guard of distillation and evaluation.
+
+    A student that maps every face to (nearly) one point scores AUC 0.5 with every pair at
+    distance ~0, and a loss or a mean student-teacher cosine can hide it. Two figures show it:
+
+    * ``mean_pairwise_cosine``: mean cosine between distinct rows (1.0 when all coincide);
+    * ``effective_rank``: ``exp`` of the entropy of the normalised singular values of the
+      (uncentred) matrix (Roy & Vetterli, 2007): 1.0 for one direction, up to ``min(N, D)``.
+
+    Args:
+        embeddings: ``[N, D]``; rows with NaN (unreadable images) are left out.
+
+    Returns:
+        ``{"count", "mean_pairwise_cosine", "effective_rank", "collapsed"}``; ``collapsed`` is
+        True when the cosine exceeds :data:`COLLAPSE_COSINE` or the rank is below
+        :data:`COLLAPSE_RANK`. With fewer than two rows the figures are NaN and nothing is collapsed.
+    """
+    rows = embeddings.detach().float().cpu()
+    rows = rows[~torch.isnan(rows).any(1)]
+    n = rows.shape[0]
+    if n < 2:
+        return {"count": n, "mean_pairwise_cosine": math.nan, "effective_rank": math.nan, "collapsed": False}
+    unit = F.normalize(rows, dim=1)
+    cosines = unit @ unit.T
+    mean_cosine = float((cosines.sum() - cosines.diagonal().sum()) / (n * (n - 1)))
+    singular = torch.linalg.svdvals(unit.double())
+    p = singular / singular.sum()
+    p = p[p > 0]
+    rank = float(torch.exp(-(p * p.log()).sum()))
+    return {"count": n, "mean_pairwise_cosine": mean_cosine, "effective_rank": rank,
+            "collapsed": is_collapsed(mean_cosine, rank)}
+
+
+def is_collapsed(mean_pairwise_cosine: float, effective_rank: float) -> bool:
+    """The collapse rule of :func:`embedding_spread` (NaN figures are not collapse)."""
+    return bool(mean_pairwise_cosine > COLLAPSE_COSINE or effective_rank < COLLAPSE_RANK)
+
+
+def collapse_warning(label: str, spread: dict[str, float | bool]) -> str | None:
+    """A loud multi-line warning when :func:`embedding_spread` says ``collapsed``, else None."""
+    if not spread["collapsed"]:
+        return None
+    bar = "!" * 78
+    return (
+        f"{bar}\nWARNING: the {label}'s embeddings have COLLAPSED: over {spread['count']} images the mean "
+        f"pairwise cosine is {spread['mean_pairwise_cosine']:.4f} (> {COLLAPSE_COSINE} means nearly one point) and "
+        f"the effective rank {spread['effective_rank']:.2f} (< {COLLAPSE_RANK:g} means one direction).\n"
+        f"Its verification figures measure nothing. Typical cause: training images unlike the evaluation "
+        f"images (e.g. generated faces), so the student learnt one answer for everything.\n{bar}"
+    )
 
 
 def pair_distances(embeddings: Tensor, index_pairs: Sequence[tuple[int, int]]) -> np.ndarray:
@@ -492,8 +618,13 @@ def plot_roc(curves: dict[str, tuple[np.ndarray, np.ndarray]], path: str | os.Pa
     return path
 
 
-def format_verification_table(results: dict[str, dict], *, agreement: float | None = None) -> str:
-    """A side-by-side text table of :func:`verification_metrics` results (one column per model)."""
+def format_verification_table(
+    results: dict[str, dict], *, agreement: float | None = None, spreads: dict[str, dict] | None = None
+) -> str:
+    """A side-by-side text table of :func:`verification_metrics` results (one column per model).
+
+    ``spreads`` (label -> :func:`embedding_spread`) adds the collapse guard's two rows;
+    ``agreement`` the mean student-teacher cosine under the first column."""
     labels = list(results)
     first = results[labels[0]]
     rows: list[tuple[str, list[str]]] = [
@@ -501,6 +632,8 @@ def format_verification_table(results: dict[str, dict], *, agreement: float | No
         (f"accuracy, {len(first['fold_accuracies'])}-fold (mean ± std)",
          [f"{r['accuracy']:.4f} ± {r['accuracy_std']:.4f}" for r in results.values()]),
     ]
+    rows.append((f"accuracy of always answering {first['majority_answer']!r}",
+                 [f"{r['majority_accuracy']:.4f}" for r in results.values()]))
     if "accuracy_at_threshold" in first:
         rows.append((f"accuracy at distance < {first['threshold']:g}",
                      [f"{r['accuracy_at_threshold']:.4f}" for r in results.values()]))
@@ -516,6 +649,11 @@ def format_verification_table(results: dict[str, dict], *, agreement: float | No
             notes.append(f"TAR @ FAR={key}: {first['tar_at_far_notes'][key]}")
         else:
             rows.append((f"TAR @ FAR={key}", ["n/a" if v is None else f"{v:.4f}" for v in values]))
+    if spreads:
+        rows.append(("spread: mean pairwise cosine",
+                     [f"{spreads[k]['mean_pairwise_cosine']:.4f}" if k in spreads else "" for k in labels]))
+        rows.append(("spread: effective rank",
+                     [f"{spreads[k]['effective_rank']:.2f}" if k in spreads else "" for k in labels]))
     if agreement is not None:
         rows.append(("mean student-teacher cosine", [f"{agreement:.4f}"] + [""] * (len(labels) - 1)))
     width = max(len(name) for name, _ in rows) + 2

@@ -13,17 +13,14 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mnapps.backbones import MobileNetV1, build_backbone
-from mnapps.config import BackboneConfig, ConfigError, from_dict
+from mnapps.backbones import MobileNetV1, prepare_trunk
+from mnapps.config import BackboneConfig
 
-__all__ = ["FaceModelConfig", "FaceEmbedder", "build_face_embedder", "load_face_embedder"]
+__all__ = ["FaceModelConfig", "FaceEmbedder", "PooledTrunkEmbedder", "build_face_embedder"]
 
 
 @dataclass(frozen=True)
@@ -35,12 +32,17 @@ class FaceModelConfig:
         input_size: side the trunk runs at (the paper: 160 or 128).
         embedding_dim: output dimension; must equal the teacher's (512 for FaceNet).
         dropout: dropout on the pooled features before the embedding layer.
+        frozen_embedding_bn: the embedding BatchNorm normalises with its running statistics in
+            training too and never updates them (its scale and shift still train). For a layer
+            solved in closed form on clean crops (``warm_start``): batches of augmented or mixed
+            views would otherwise pull its statistics away from what real faces need.
     """
 
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
     input_size: int = 160
     embedding_dim: int = 512
     dropout: float = 0.0
+    frozen_embedding_bn: bool = False
 
 
 class FaceEmbedder(nn.Module):
@@ -51,15 +53,18 @@ class FaceEmbedder(nn.Module):
             pooled (and, with its ``dropout`` argument, dropped-out) features ``[N, C]``.
         embedding_dim: output dimension (the teacher's: 512).
         input_size: side the trunk runs at; other inputs are resized (bilinear, antialiased).
+        frozen_embedding_bn: normalise with the running statistics in training too (see
+            :class:`FaceModelConfig`).
 
     Forward:
         ``images: Tensor[N, 3, H, W]`` RGB in [0, 1] -> ``Tensor[N, embedding_dim]`` with unit
         L2 norm. Children: ``backbone`` (trunk keys ``backbone.stem.*``, ``backbone.blockN.*``,
-        so :func:`mnapps.engine.checkpoint.load_backbone_weights` fills it), ``embedding``,
+        so :func:`mnapps.backbones.load_backbone_weights` fills it), ``embedding``,
         ``bn``.
     """
 
-    def __init__(self, trunk: MobileNetV1, *, embedding_dim: int = 512, input_size: int = 160) -> None:
+    def __init__(self, trunk: MobileNetV1, *, embedding_dim: int = 512, input_size: int = 160,
+                 frozen_embedding_bn: bool = False) -> None:
         super().__init__()
         if trunk.num_classes != 0:
             raise ValueError(f"the face trunk must be built with num_classes=0, got {trunk.num_classes}")
@@ -73,6 +78,7 @@ class FaceEmbedder(nn.Module):
         # No bias: the BatchNorm right after it has its own shift (as in FaceNet's bottleneck).
         self.embedding = nn.Linear(trunk.num_features, embedding_dim, bias=False)
         self.bn = nn.BatchNorm1d(embedding_dim, eps=1e-3)
+        self.frozen_embedding_bn = bool(frozen_embedding_bn)
         nn.init.xavier_uniform_(self.embedding.weight)
 
     def forward(self, images: Tensor) -> Tensor:
@@ -82,7 +88,43 @@ class FaceEmbedder(nn.Module):
             images = F.interpolate(images, size=(self.input_size, self.input_size), mode="bilinear",
                                    align_corners=False, antialias=True)
         features = self.backbone(images * 2.0 - 1.0)  # MobileNet standardisation: [0, 1] -> [-1, 1]
-        return F.normalize(self.bn(self.embedding(features)), dim=1)
+        z = self.embedding(features)
+        if self.frozen_embedding_bn:
+            bn = self.bn
+            z = F.batch_norm(z, bn.running_mean, bn.running_var, bn.weight, bn.bias, False, 0.0, bn.eps)
+        else:
+            z = self.bn(z)
+        return F.normalize(z, dim=1)
+
+
+class PooledTrunkEmbedder(nn.Module):
+    """A trunk's L2-normalised pooled features used as a face embedding: the no-distillation baseline.
+
+    What a MobileNetV1 trunk (e.g. the ImageNet one a student starts from) already tells apart
+    before any distillation; evaluation scores it beside student and teacher so a student's
+    figure has a floor to be read against.
+
+    Args:
+        trunk: a :class:`MobileNetV1` built with ``num_classes=0``.
+        input_size: side the trunk runs at; other inputs are resized (bilinear, antialiased).
+
+    Forward:
+        ``images: Tensor[N, 3, H, W]`` RGB in [0, 1] -> ``Tensor[N, C]`` unit rows (``C`` the
+        trunk's ``num_features``), with the same [-1, 1] standardisation as :class:`FaceEmbedder`.
+    """
+
+    def __init__(self, trunk: MobileNetV1, *, input_size: int = 160) -> None:
+        super().__init__()
+        if trunk.num_classes != 0:
+            raise ValueError(f"the trunk must be built with num_classes=0, got {trunk.num_classes}")
+        self.backbone = trunk
+        self.input_size = int(input_size)
+
+    def forward(self, images: Tensor) -> Tensor:
+        if images.shape[-2:] != (self.input_size, self.input_size):
+            images = F.interpolate(images, size=(self.input_size, self.input_size), mode="bilinear",
+                                   align_corners=False, antialias=True)
+        return F.normalize(self.backbone(images * 2.0 - 1.0), dim=1)
 
 
 def build_face_embedder(
@@ -100,42 +142,10 @@ def build_face_embedder(
     """
     if cfg.dropout < 0 or cfg.dropout >= 1:
         raise ValueError(f"model.dropout must be in [0, 1), got {cfg.dropout}")
-    trunk = build_backbone(cfg.backbone, num_classes=0)
+    trunk, load_report = prepare_trunk(cfg.backbone, weights=weights_backbone)
     if cfg.dropout > 0:
         trunk.dropout = nn.Dropout(cfg.dropout)
-    model = FaceEmbedder(trunk, embedding_dim=cfg.embedding_dim, input_size=cfg.input_size)
-    if weights_backbone is not None:
-        from mnapps.engine.checkpoint import load_backbone_weights
-
-        report = load_backbone_weights(model, weights_backbone)
-        if report.missing or report.shape_mismatch:
-            raise ValueError(f"backbone weights {weights_backbone} do not fit the face student: {report}")
+    model = FaceEmbedder(trunk, embedding_dim=cfg.embedding_dim, input_size=cfg.input_size,
+                         frozen_embedding_bn=cfg.frozen_embedding_bn)
+    model.backbone_load_report = load_report  # what weights_backbone brought; shown by tools
     return model
-
-
-def load_face_embedder(path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[FaceEmbedder, dict[str, Any]]:
-    """Rebuild a trained student from its checkpoint (``best.pt``/``last.pt`` of distillation).
-
-    Returns:
-        ``(model in eval mode on device, checkpoint dict)``.
-
-    Raises:
-        FileNotFoundError: no such file.
-        ValueError: the checkpoint is not a face-embedding checkpoint.
-    """
-    from mnapps.engine.checkpoint import load_checkpoint
-
-    checkpoint = load_checkpoint(path)
-    config = checkpoint.get("config") or {}
-    if checkpoint.get("task") != "face" or "model" not in config:
-        raise ValueError(
-            f"{path} is not a face-embedding checkpoint (task={checkpoint.get('task')!r}); "
-            f"pass the best.pt/last.pt written by tools/distill_face.py"
-        )
-    try:
-        model_cfg = from_dict(FaceModelConfig, config["model"], "model")
-    except ConfigError as exc:
-        raise ValueError(f"{path}: its model config does not fit this version of mnapps: {exc}") from None
-    model = build_face_embedder(model_cfg)
-    model.load_state_dict(checkpoint["model"])
-    return model.to(device).eval(), checkpoint

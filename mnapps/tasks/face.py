@@ -92,6 +92,7 @@ __all__ = [
     "load_face_embedder",
     "load_trunk_embedder",
     "pair_agreement",
+    "align_pair_images",
     "evaluate_face_verification",
     "VerificationResult",
     "benchmark_distill_step",
@@ -357,17 +358,18 @@ def _make_loss_fn(cfg: FaceDistillConfig, teacher: FacenetTeacher, train_targets
 
 def _warm_start(cfg: FaceDistillConfig, data: FaceDistillData, student: FaceEmbedder, teacher: FacenetTeacher,
                 device: torch.device) -> dict[str, float]:
-    """Solve the student's embedding layer on the clean crops and then training views (seeded)."""
-    batch_size = cfg.data.eval_batch_size
+    """Solve the student's embedding layer on the clean crops, then augmented views of them (seeded)."""
+    batch_size, warm = cfg.data.eval_batch_size, cfg.warm_start
+    augment = build_face_transforms(True, cfg.data.image_size, strength=warm.augment_strength)
 
     def batches():
         plain = torch.utils.data.DataLoader(data.train_plain, batch_size=batch_size, collate_fn=face_collate)
         yield from (images for images, _, _ in plain)
-        views = torch.utils.data.DataLoader(data.train, batch_size=batch_size, shuffle=True, collate_fn=face_collate)
+        views = torch.utils.data.DataLoader(data.train_plain.with_transform(augment), batch_size=batch_size,
+                                            shuffle=True, collate_fn=face_collate)
         while True:
             for images, _, _ in views:
-                yield mix_faces(images, prob=cfg.data.mix_prob, alpha=cfg.data.mix_alpha,
-                                cutmix_share=cfg.data.cutmix_share)
+                yield mix_faces(images, prob=warm.mix_prob, alpha=cfg.data.mix_alpha, cutmix_share=cfg.data.cutmix_share)
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.train.seed)
@@ -492,7 +494,7 @@ def _distill_face(
         checkpoint_meta={"task": "face", "head": "face_embedding", "config": to_dict(cfg)},
         resume=resume, device=device, batch_size_fn=lambda batch: int(batch[0].shape[0]), overwrite=overwrite,
     )
-    summary.update(_final_summary(result, clock, train_targets is not None))
+    summary.update(_final_summary(result, clock, train_targets is not None, len(data.val)))
     if info.is_main:
         (output_dir / "distill_summary.json").write_text(json.dumps(summary, indent=2))
         warning = collapse_warning("student", summary["final_spread"]) if summary["collapsed"] else None
@@ -502,10 +504,10 @@ def _distill_face(
     return summary
 
 
-def _final_summary(result: dict[str, Any], clock: _TeacherClock, cached: bool) -> dict[str, Any]:
+def _final_summary(result: dict[str, Any], clock: _TeacherClock, cached: bool, val_images: int) -> dict[str, Any]:
     """Held-out figures of the last evaluation, collapse verdict and step throughput."""
     last = result["last_metrics"]
-    spread = {"count": -1, "mean_pairwise_cosine": last.get("spread_cosine", math.nan),
+    spread = {"count": val_images, "mean_pairwise_cosine": last.get("spread_cosine", math.nan),
               "effective_rank": last.get("effective_rank", math.nan)}
     spread["collapsed"] = is_collapsed(spread["mean_pairwise_cosine"], spread["effective_rank"])
     epochs = [h["train"] for h in result["history"][-result["epochs_run"]:]] if result["epochs_run"] else []
