@@ -1,4 +1,4 @@
-"""Detect and crop the face of every photo under SRC into DST with MTCNN (resumable).
+"""Detect and crop the face of every photo under SRC into DST with MTCNN or an SSD (resumable).
 
 The layout is mirrored (``SRC/person/a.jpg`` -> ``DST/person/a.png``, 160x160 by default).
 Images where MTCNN finds no face are listed in ``DST/no_face.txt`` (unreadable files in
@@ -6,6 +6,12 @@ Images where MTCNN finds no face are listed in ``DST/no_face.txt`` (unreadable f
 continues where it stopped: crops that exist and images already reported are skipped. Two photos
 that differ only by extension (``x.jpg``, ``x.png``) get crops that keep it (``x.jpg.png``,
 ``x.png.png``) and are reported; pair lists naming either find the right crop.
+
+--detector ssd crops with an mnapps SSD face detector instead of MTCNN (the default), e.g.
+face-api.js's MobileNetV1 SSD imported by ``tools/import_weights.py --kind ssd``, so detection
+and embedding both run on MobileNetV1. Its boxes are moved onto where MTCNN's would be
+(``--crop mtcnn``, the geometry measured by tools/face_pipeline_bench.py) or squared
+(``--crop square``); boxes scoring below ``--min-score`` are not faces.
 """
 
 from __future__ import annotations
@@ -15,17 +21,31 @@ import sys
 from pathlib import Path
 
 from mnapps.data.align import NO_FACE_REPORT, FaceAligner, align_folder
+from mnapps.data.box_crops import CROP_GEOMETRIES, BoxFaceAligner
 from mnapps.engine.distributed import resolve_device
+from mnapps.tasks.detection import box_detector, load_detector
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__.splitlines()[0],
-        epilog="example: python tools/align_faces.py ../shared/data/faces/deepface runs/aligned/deepface",
+        epilog="examples:\n  python tools/align_faces.py ../shared/data/faces/deepface runs/aligned/deepface\n"
+        "  python tools/align_faces.py ../shared/data/faces/deepface runs/aligned/deepface_ssd --detector ssd "
+        "--detector-weights runs/weights/faceapi_ssd.pt",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("src", type=Path, help="folder of photos (identity sub-folders optional)")
     parser.add_argument("dst", type=Path, help="output folder of face crops")
     parser.add_argument("--image-size", type=int, default=160, help="crop side in pixels (default 160, FaceNet's)")
+    parser.add_argument("--detector", choices=["mtcnn", "ssd"], default="mtcnn",
+                        help="face detector: facenet-pytorch's MTCNN (default) or an mnapps SSD (--detector-weights)")
+    parser.add_argument("--detector-weights", type=Path, metavar="CKPT",
+                        help="mnapps detection checkpoint of the SSD face detector (for --detector ssd)")
+    parser.add_argument("--min-score", type=float, default=0.5,
+                        help="SSD boxes scoring below this are not faces (default 0.5, face-api.js's)")
+    parser.add_argument("--crop", choices=sorted(CROP_GEOMETRIES), default="mtcnn",
+                        help="SSD crop region: the box moved onto where MTCNN's box would be (mtcnn, default) "
+                        "or the square around it")
     parser.add_argument("--margin", type=int, default=0, help="extra pixels around the box in the crop (default 0)")
     parser.add_argument("--min-face-size", type=int, default=20, help="smallest face MTCNN looks for (default 20)")
     parser.add_argument("--select", choices=["largest", "probability"], default="largest",
@@ -36,7 +56,28 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "(512 reproduces facenet-pytorch's CI preprocessing)")
     parser.add_argument("--no-resume", action="store_true", help="redo every image instead of skipping finished ones")
     parser.add_argument("--device", default="cpu", help="device for MTCNN: cpu, cuda or cuda:N (default cpu)")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if not 0.0 <= args.min_score <= 1.0:
+        parser.error(f"--min-score must be in [0, 1], got {args.min_score}")
+    return args
+
+
+def build_aligner(args: argparse.Namespace, device) -> FaceAligner | BoxFaceAligner:
+    """The aligner the arguments ask for (MTCNN, or the SSD of --detector-weights)."""
+    if args.detector == "mtcnn":
+        return FaceAligner(args.image_size, margin=args.margin, min_face_size=args.min_face_size,
+                           select=args.select, resize_shorter=args.resize_shorter, device=device or "cpu")
+    if args.detector_weights is None:
+        raise ValueError("--detector ssd needs --detector-weights CKPT (an SSD face detector, e.g. "
+                         "tools/import_weights.py --kind ssd path/to/faceapi_ssd_mobilenetv1)")
+    if args.resize_shorter is not None:
+        raise ValueError("--resize-shorter is for --detector mtcnn; the SSD resizes every photo to its own input")
+    model, cfg = load_detector(args.detector_weights, device=device or "cpu")
+    names = list(cfg.model.class_names)
+    label = names.index("face") if "face" in names else 1
+    return BoxFaceAligner(box_detector(model, label=label, device=device or "cpu"), image_size=args.image_size,
+                          margin=args.margin, min_score=args.min_score, geometry=CROP_GEOMETRIES[args.crop],
+                          select=args.select)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -45,8 +86,7 @@ def main(argv: list[str] | None = None) -> int:
         device = resolve_device(args.device)
         if args.dst.exists() and not args.dst.is_dir():
             raise ValueError(f"the destination {args.dst} is an existing file; give a folder for the crops")
-        aligner = FaceAligner(args.image_size, margin=args.margin, min_face_size=args.min_face_size,
-                              select=args.select, resize_shorter=args.resize_shorter, device=device or "cpu")
+        aligner = build_aligner(args, device)
         report = align_folder(args.src, args.dst, aligner=aligner, keep_all=args.keep_all, resume=not args.no_resume)
     except (FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
