@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from mnapps.checkpoint import safe_load
 from mnapps.data.faces import face_collate
 
 __all__ = [
@@ -145,9 +146,9 @@ def load_teacher_state_dict(path: str | os.PathLike) -> dict[str, Tensor]:
     if not path.is_file():
         raise FileNotFoundError(f"teacher weights file {path} does not exist (--teacher-weights)")
     try:
-        data = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # pickle/zip errors of every kind
-        raise TeacherWeightsError(f"cannot read teacher weights {path}: {type(exc).__name__}: {exc}") from None
+        data = safe_load(path)  # weights_only, with one-line refusals (no PyTorch advice to turn it off)
+    except ValueError as exc:
+        raise TeacherWeightsError(f"cannot read teacher weights: {exc}") from None
     if isinstance(data, dict) and not all(isinstance(v, Tensor) for v in data.values()):
         for key in ("state_dict", "model"):
             if isinstance(data.get(key), dict):
