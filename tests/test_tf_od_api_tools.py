@@ -21,7 +21,6 @@ from mnapps.checkpoint import load_checkpoint, save_checkpoint
 from mnapps.cli import eval_det, face_pipeline_bench, import_weights, infer_det, train_det
 from mnapps.data.box_crops import SQUARE, BoxFaceAligner, CropGeometry, crop_region, cut_crop
 from mnapps.data.image_io import load_rgb
-from mnapps.data.synthetic_det import ensure_shapes_detection
 from mnapps.export.onnx import OrtSSD
 from mnapps.export.pipeline import export_checkpoint, load_export_spec
 from mnapps.heads.ssd import SigmoidSSD, TFResizeTransform
@@ -36,6 +35,7 @@ from mnapps.tasks.detection import (
 )
 from test_tf_od_api import SIZE, faceapi_entries, od_api_tensors, random_params, tf_anchors
 from test_tfjs import write_tfjs
+from test_train_det import _data_args, tiny_shapes  # noqa: F401 - tiny_shapes is a fixture
 
 GRIDS = [6, 3, 2, 1, 1, 1]  # maps of a 96 input
 
@@ -166,20 +166,6 @@ def test_export_of_an_imported_detector_asks_for_images(mini_ckpt, tmp_path):
 
 # ------------------------------------------------------------------------------------------
 # train_det --weights
-
-
-@pytest.fixture(scope="module")
-def tiny_shapes(tmp_path_factory):
-    return ensure_shapes_detection(
-        tmp_path_factory.mktemp("data") / "shapes", num_train=8, num_val=4, image_size=96, progress=False
-    )
-
-
-def _data_args(paths) -> list[str]:
-    return [
-        "--train-ann", str(paths.train_ann), "--train-images", str(paths.train_images),
-        "--val-ann", str(paths.val_ann), "--val-images", str(paths.val_images),
-    ]  # fmt: skip
 
 
 FAST = ["--set", "train.num_workers=0", "--set", "train.num_threads=1", "--set", "train.channels_last=false",
