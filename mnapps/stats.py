@@ -21,7 +21,7 @@ from mnapps.backbones import MobileNetV1
 from mnapps.distill.teacher import build_teacher
 from mnapps.heads.face_embedding import FaceModelConfig, build_face_embedder
 from mnapps.heads.faster_rcnn import FasterRCNNConfig, build_faster_rcnn, build_faster_rcnn_fpn
-from mnapps.heads.ssd import SSDConfig, build_ssd
+from mnapps.heads.ssd import SSDConfig, build_ssd, build_ssdlite
 
 __all__ = ["StatsRow", "ROWS", "count_params", "count_macs", "measure", "measure_all"]
 
@@ -99,7 +99,7 @@ ROWS: list[StatsRow] = [
 def _ssd(lite: bool):
     def build() -> tuple[nn.Module, list[torch.Tensor]]:
         # 91 classes: the TF API's COCO label map (90 ids + background), as in the paper.
-        model = build_ssd(SSDConfig(size=300, lite=lite, predictor_kernel_size=3 if lite else 1), num_classes=91)
+        model = (build_ssdlite if lite else build_ssd)(SSDConfig(size=300), num_classes=91)
         return model, [torch.zeros(3, 300, 300)]
 
     return build

@@ -20,7 +20,7 @@ from torch.utils.data import Dataset
 
 from mnapps.config import TrainConfig
 from mnapps.engine.distributed import DistInfo, build_train_loader, run_distributed
-from mnapps.engine.loop import fit, to_device
+from mnapps.engine.loop import RunOptions, TaskHooks, fit, to_device
 
 NUM_ITEMS = 32
 
@@ -74,8 +74,8 @@ def train(out: Path, *, info: DistInfo) -> dict:
         return {"acc": accuracy}
 
     result = fit(
-        model, loader, cfg, loss_fn=loss_fn, output_dir=out / "run", evaluate=evaluate,
-        checkpoint_meta={"task": "ddp-test"}, device=info.device,
+        model, loader, cfg, TaskHooks(loss_fn, evaluate),
+        RunOptions(out / "run", device=info.device, task="ddp-test"),
     )
     return {
         "rank": info.rank,

@@ -19,10 +19,22 @@ from mnapps.engine.loop import (
     RunFolderError,
     capture_rng_state,
     check_run_folder,
-    fit,
+    RunOptions,
+    TaskHooks,
     restore_rng_state,
     to_device,
 )
+from mnapps.engine.loop import fit as engine_fit
+
+
+def fit(model, loader, cfg, *, loss_fn, output_dir, evaluate=None, best_metric=None, best_mode="max",
+        batch_size_fn=None, resume=None, overwrite=False, device="cpu", checkpoint_meta=None):
+    """The engine's fit with its two named objects built from keywords (shorter tests)."""
+    meta = checkpoint_meta or {}
+    return engine_fit(
+        model, loader, cfg, TaskHooks(loss_fn, evaluate, best_metric, best_mode, batch_size_fn),
+        RunOptions(output_dir, resume, overwrite, device, meta.get("task"), meta.get("head"), meta.get("config")),
+    )
 
 
 class RandomAugmentedImages(Dataset):

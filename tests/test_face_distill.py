@@ -362,7 +362,7 @@ def test_distillation_mechanics_run_resume_refusal_and_summary(tmp_path):
     # NaN when every held-out pair has the same cosine (a tiny untrained student may): no geometry to compare.
     assert math.isnan(summary["final_pair_agreement"]) or -1.0 <= summary["final_pair_agreement"] <= 1.0
     model, checkpoint = load_face_embedder(tmp_path / "run" / "last.pt")
-    assert checkpoint["task"] == "face" and checkpoint["epoch"] == 2 and not model.training
+    assert checkpoint.task == "face" and checkpoint.epoch == 2 and not model.training
     before = (tmp_path / "run" / "best.pt").read_bytes()
     with pytest.raises(RunFolderError, match="--resume to continue it, --overwrite to start over"):
         distill_face(cfg, output_dir=tmp_path / "run", device="cpu")

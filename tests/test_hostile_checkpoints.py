@@ -19,7 +19,7 @@ from PIL import Image
 
 from mnapps.checkpoint import load_checkpoint, safe_load, save_checkpoint
 from mnapps.config import TrainConfig
-from mnapps.engine.loop import fit
+from mnapps.engine.loop import RunOptions, TaskHooks, fit
 
 PYTORCH_ADVICE = ("weights_only=False", "trust", "add_safe_globals", "safe_globals")
 
@@ -71,8 +71,8 @@ def test_resume_from_a_hostile_checkpoint_runs_nothing(tmp_path):
     model = torch.nn.Linear(2, 1)
     cfg = TrainConfig(epochs=1, batch_size=2, num_workers=0, channels_last=False)
     with pytest.raises(ValueError) as caught:
-        fit(model, [torch.zeros(2, 2)], cfg, loss_fn=lambda m, b, d: {"loss": m(b).sum()},
-            output_dir=tmp_path / "run", resume=path)  # fmt: skip
+        fit(model, [torch.zeros(2, 2)], cfg, TaskHooks(lambda m, b, d: {"loss": m(b).sum()}),
+            RunOptions(tmp_path / "run", resume=path))  # fmt: skip
     _assert_plain_refusal(str(caught.value), path)
     assert not canary.exists() and not (tmp_path / "run" / "last.pt").exists()
 

@@ -154,7 +154,7 @@ def test_an_unreadable_training_image_is_skipped_and_reported(tiny_shapes, tmp_p
 
 def test_loss_fn_pads_a_batch_of_one_and_zeroes_an_empty_batch():
     from mnapps.config import BackboneConfig
-    from mnapps.tasks.detection import _BatchCounter, detection_loss_fn
+    from mnapps.tasks.detection.train import _BatchCounter, detection_loss_fn
     from mnapps.heads.ssd import SSDConfig, build_ssd
 
     model = build_ssd(SSDConfig(size=64), num_classes=3, backbone_cfg=BackboneConfig(width_mult=0.25)).train()

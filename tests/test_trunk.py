@@ -16,7 +16,7 @@ from mnapps.backbones import MobileNetV1, prepare_trunk
 from mnapps.backbones.trunk import _TRUNK_KEY
 from mnapps.checkpoint import save_checkpoint
 from mnapps.config import BackboneConfig
-from mnapps.heads import HEADS, build_detector
+from mnapps.heads import HEADS
 from mnapps.heads.face_embedding import FaceModelConfig, build_face_embedder
 from mnapps.tasks.classification import ClsModelConfig, build_classifier
 
@@ -29,7 +29,7 @@ def build(name: str, backbone: BackboneConfig, weights=None) -> torch.nn.Module:
     if name == "classifier":
         return build_classifier(ClsModelConfig(backbone=backbone), 3, weights_backbone=weights)
     spec = HEADS[name]
-    return build_detector(name, spec.config_cls(), num_classes=3, backbone_cfg=backbone, weights_backbone=weights)
+    return spec.build(spec.config_cls(), num_classes=3, backbone_cfg=backbone, weights_backbone=weights)
 
 
 MODELS = [*HEADS, "face", "classifier"]

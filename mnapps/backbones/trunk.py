@@ -30,7 +30,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from mnapps.checkpoint import load_checkpoint
+from mnapps.checkpoint import read_checkpoint
 from mnapps.config import BackboneConfig
 
 from .mobilenet_v1 import MobileNetV1, replace_bn_with_frozen
@@ -101,10 +101,9 @@ class BackboneLoadReport:
 
 def _source_state(path_or_state: WeightsSource) -> tuple[str, dict[str, torch.Tensor]]:
     if isinstance(path_or_state, (str, os.PathLike)):
-        name, checkpoint = str(path_or_state), load_checkpoint(path_or_state)
+        name, state = str(path_or_state), read_checkpoint(path_or_state).weights
     else:
-        name, checkpoint = "the given state", path_or_state
-    state = checkpoint.get("model", checkpoint) if isinstance(checkpoint, dict) else checkpoint
+        name, state = "the given state", read_checkpoint(path_or_state).weights
     source = extract_backbone_state(state)
     if not source:
         raise ValueError(
@@ -180,11 +179,13 @@ def freeze_stages(trunk: MobileNetV1, trainable_stages: int | None) -> list[str]
     return frozen
 
 
-def build_backbone(cfg: BackboneConfig, num_classes: int = 0) -> MobileNetV1:
-    """The bare MobileNetV1 that ``cfg`` describes (no weights, nothing frozen)."""
+def build_backbone(cfg: BackboneConfig, num_classes: int = 0, *, dropout: float = 0.0) -> MobileNetV1:
+    """The bare MobileNetV1 that ``cfg`` describes (no weights, nothing frozen); ``dropout``
+    before its classifier."""
     return MobileNetV1(
         cfg.width_mult,
         num_classes,
+        dropout=dropout,
         variant=cfg.variant,
         activation=cfg.activation,
         bn_eps=cfg.bn_eps,
@@ -195,7 +196,7 @@ def build_backbone(cfg: BackboneConfig, num_classes: int = 0) -> MobileNetV1:
 
 
 def prepare_trunk(
-    cfg: BackboneConfig, *, num_classes: int = 0, weights: WeightsSource | None = None
+    cfg: BackboneConfig, *, num_classes: int = 0, weights: WeightsSource | None = None, dropout: float = 0.0
 ) -> tuple[MobileNetV1, BackboneLoadReport | None]:
     """Build the trunk ``cfg`` describes, load ``weights`` into it, then freeze what ``cfg`` asks.
 
@@ -204,11 +205,12 @@ def prepare_trunk(
             the module docstring).
         num_classes: size of the trunk's own classifier (0: none, as every head wants).
         weights: an mnapps checkpoint path or state dict whose trunk initialises this one.
+        dropout: dropout before the trunk's own classifier.
 
     Returns:
         ``(trunk, report)``; ``report`` is None when no weights were given.
     """
-    trunk = build_backbone(cfg, num_classes)
+    trunk = build_backbone(cfg, num_classes, dropout=dropout)
     report = None
     if weights is not None:
         report = load_backbone_weights(trunk, weights, strict=cfg.strict_weights)

@@ -1,20 +1,23 @@
 """The training loop shared by every mnapps task: :func:`fit`, its run folder and exact resume.
 
-This module owns one epoch loop with no task-specific code: the task supplies a
-``loss_fn(model, batch, device) -> {"loss_name": scalar tensor}`` (the engine sums the terms
-and logs each) and optionally an ``evaluate(model, epoch) -> {"metric": float}`` callback.
+This module owns one epoch loop with no task-specific code: the task supplies its
+:class:`TaskHooks` (a ``loss_fn(model, batch, device) -> {"loss_name": scalar tensor}``, whose
+terms the engine sums and logs, and optionally an ``evaluate(model, epoch)`` callback) and
+:class:`RunOptions` (run folder, resume, device, what the checkpoints record).
 Around that it does device placement and channels_last, AMP on CUDA, gradient clipping,
 per-iteration lr scheduling, tqdm progress bars, DistributedDataParallel under ``torchrun``,
 ``last.pt``/``best.pt`` checkpoints written atomically (``last.pt`` before each evaluation, so
 a crash there loses no training), exact resume (model, optimiser, scheduler, AMP scaler,
 history and every RNG state, all stored as tensors and plain values so checkpoints load with
-``weights_only``), refusing to start a new run over an old run's checkpoints
-(:func:`check_run_folder`), and stopping on a non-finite loss before anything is saved.
+``weights_only``, through :class:`mnapps.checkpoint.Checkpoint`), refusing to start a new run
+over an old run's checkpoints (:mod:`mnapps.engine.run_folder`), and stopping on a non-finite
+loss before anything is saved (:mod:`mnapps.engine.steps`).
 
 The pieces of :func:`fit`, in order: ``_start_run`` builds the run state (:class:`_Run`),
 ``_resume`` restores it from a checkpoint, ``_train_one_epoch`` trains one epoch (with
 ``_host_terms`` and ``_optimizer_step`` per step), ``_finish_epoch`` checkpoints
-(``_checkpoint_payload``), evaluates and prints ``_epoch_summary``.
+(``_checkpoint``), evaluates and prints ``_epoch_summary``. The per-epoch point, where an
+epoch's history entry is made, is the epoch loop at the end of :func:`fit`.
 
 Distributed policy: ``evaluate`` runs on rank 0 only (on the unwrapped model) and its
 metrics are broadcast, so every rank keeps the same history and best value; epoch loss means
@@ -25,7 +28,6 @@ from __future__ import annotations
 
 import math
 import os
-import random
 import time
 import warnings
 from collections.abc import Mapping
@@ -40,17 +42,34 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
+from mnapps.checkpoint import Checkpoint, TrainingState, read_checkpoint
 from mnapps.config import TrainConfig, to_dict
-from mnapps.checkpoint import load_checkpoint, save_checkpoint
 from mnapps.engine.distributed import DistInfo, current_dist_info
 from mnapps.engine.optim import build_optimizer, build_scheduler
-from mnapps.files import remove_stale_temporaries
+from mnapps.engine.rng import capture_rng_state, restore_rng_state, seed_everything
+from mnapps.engine.run_folder import CHECKPOINT_NAMES, RunFolderError, check_run_folder, tidy_run_folder
+from mnapps.engine.steps import (
+    NonFiniteLossError,
+    Progress,
+    check_loss_dict,
+    default_batch_size,
+    format_metrics,
+    format_terms,
+    raise_non_finite,
+    set_epoch,
+    to_device,
+    unwrap,
+)
 
 __all__ = [
+    "TaskHooks",
+    "RunOptions",
+    "fit",
+    # defined in engine.steps, engine.rng and engine.run_folder; importable from here as before
     "NonFiniteLossError",
     "RunFolderError",
+    "CHECKPOINT_NAMES",
     "check_run_folder",
-    "fit",
     "to_device",
     "capture_rng_state",
     "restore_rng_state",
@@ -61,289 +80,55 @@ LossFn = Callable[[nn.Module, Any, torch.device], Mapping[str, torch.Tensor]]
 EvaluateFn = Callable[[nn.Module, int], Mapping[str, float]]
 
 
-class NonFiniteLossError(RuntimeError):
-    """A loss term became NaN or infinite; the run stopped before saving anything.
+@dataclass(frozen=True)
+class TaskHooks:
+    """What the task supplies to :func:`fit`: how to score a batch and the model.
 
     Attributes:
-        epoch: 1-based epoch in which it happened.
-        step: 1-based iteration counted over the whole run (what the lr schedule counts).
-        batch_index: 0-based index of the offending batch within the epoch.
-        losses: every loss term's value at that step (of the rank where it happened).
+        loss_fn: ``loss_fn(model, batch, device) -> {"loss_name": scalar tensor}``; it moves the
+            batch itself (``to_device(batch, device, channels_last=cfg.channels_last)``). The
+            engine sums the terms, logs each and runs it under autocast when AMP is on.
+        evaluate: ``evaluate(model, epoch) -> {"metric": float}``, every ``cfg.eval_every``
+            epochs and after the last, on rank 0 only (unwrapped model, 1-based epoch just
+            finished); its metrics are broadcast to the other ranks.
+        best_metric: key of ``evaluate``'s result that selects ``best.pt``.
+        best_mode: ``"max"`` (AP, accuracy) or ``"min"`` (a loss) for ``best_metric``.
+        batch_size_fn: images in a batch (for images/s); default: first dimension of ``batch[0]``.
     """
 
-    def __init__(self, message: str, *, epoch: int, step: int, batch_index: int, losses: dict[str, float]):
-        super().__init__(message)
-        self.epoch = epoch
-        self.step = step
-        self.batch_index = batch_index
-        self.losses = losses
+    loss_fn: LossFn
+    evaluate: EvaluateFn | None = None
+    best_metric: str | None = None
+    best_mode: str = "max"
+    batch_size_fn: Callable[[Any], int] | None = None
 
 
-def to_device(obj: Any, device: str | torch.device, channels_last: bool = False, non_blocking: bool = False) -> Any:
-    """Move every tensor inside ``obj`` (nested lists, tuples, dicts) to ``device``.
+@dataclass(frozen=True)
+class RunOptions:
+    """Where and as what :func:`fit` runs.
 
-    Args:
-        obj: a tensor, or lists/tuples/dicts of them; other values are returned unchanged.
-        device: target device.
-        channels_last: store 4-D floating-point tensors (image batches) in
-            ``torch.channels_last`` layout, as ``fit`` stores the model when
-            ``cfg.channels_last`` is set; 3-D single images are left as they are.
-        non_blocking: asynchronous host-to-GPU copies (useful with pinned memory).
-
-    Returns:
-        The same structure (a tuple stays a tuple, a dict keeps its keys) on ``device``.
+    Attributes:
+        output_dir: where ``last.pt`` (each epoch, before and after its evaluation) and
+            ``best.pt`` go; temporaries a killed save left there are removed at start.
+        resume: a checkpoint path, or True for ``output_dir/last.pt``: restores model,
+            optimiser, scheduler, AMP scaler, history, best value and every RNG state, runs an
+            evaluation a kill interrupted, and continues, equal to an uninterrupted run.
+        overwrite: start over in an ``output_dir`` holding checkpoints (they are removed).
+        device: training device of this process (``DistInfo.device`` under torchrun).
+        task, head, config: what every checkpoint records (``config`` defaults to ``{"train": cfg}``);
+            a resumed checkpoint must match its task, head and ``config.model.backbone.width_mult``.
+        folder_checked: the caller already ran :func:`check_run_folder` before its data work (the
+            training skeleton does), so fit does not repeat it.
     """
-    if isinstance(obj, torch.Tensor):
-        moved = obj.to(device, non_blocking=non_blocking)
-        if channels_last and moved.dim() == 4 and moved.is_floating_point():
-            moved = moved.contiguous(memory_format=torch.channels_last)
-        return moved
-    if isinstance(obj, Mapping):
-        moved = {k: to_device(v, device, channels_last, non_blocking) for k, v in obj.items()}
-        return type(obj)(moved) if isinstance(obj, dict) else moved
-    if isinstance(obj, tuple) and hasattr(obj, "_fields"):  # namedtuple
-        return type(obj)(*(to_device(v, device, channels_last, non_blocking) for v in obj))
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(to_device(v, device, channels_last, non_blocking) for v in obj)
-    return obj
 
-
-# ------------------------------------------------------------------------------------------
-# RNG state
-
-
-def seed_everything(seed: int) -> None:
-    """Seed python ``random``, numpy and torch (CPU and every GPU) with ``seed``."""
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-def capture_rng_state() -> dict[str, Any]:
-    """Every global RNG state this process uses: torch, cuda (all GPUs), numpy, python.
-
-    Only tensors and plain Python values, so a checkpoint holding it loads with
-    ``torch.load(weights_only=True)``: numpy's MT19937 state becomes ``{"name", "keys":
-    int64 tensor[624], "pos", "has_gauss", "cached_gaussian"}``; python's is already a tuple
-    of ints.
-    """
-    name, keys, pos, has_gauss, cached_gaussian = np.random.get_state()
-    state: dict[str, Any] = {
-        "torch": torch.get_rng_state(),
-        "numpy": {
-            "name": str(name),
-            "keys": torch.from_numpy(keys.astype(np.int64)),
-            "pos": int(pos),
-            "has_gauss": int(has_gauss),
-            "cached_gaussian": float(cached_gaussian),
-        },
-        "python": random.getstate(),
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _numpy_state(saved: Any) -> Any:
-    """numpy's ``set_state`` tuple from :func:`capture_rng_state`'s dict (a tuple passes through)."""
-    if not isinstance(saved, Mapping):
-        return saved
-    keys = np.asarray(saved["keys"].numpy() if isinstance(saved["keys"], torch.Tensor) else saved["keys"])
-    return (saved["name"], keys.astype(np.uint32), saved["pos"], saved["has_gauss"], saved["cached_gaussian"])
-
-
-def restore_rng_state(state: Mapping[str, Any]) -> None:
-    """Inverse of :func:`capture_rng_state` (a missing entry leaves that RNG untouched)."""
-    if "torch" in state:
-        torch.set_rng_state(state["torch"])
-    if "numpy" in state:
-        np.random.set_state(_numpy_state(state["numpy"]))
-    if "python" in state:
-        random.setstate(state["python"])
-    if state.get("cuda") is not None and torch.cuda.is_available():
-        if len(state["cuda"]) == torch.cuda.device_count():
-            torch.cuda.set_rng_state_all(state["cuda"])
-        else:
-            warnings.warn(
-                f"checkpoint holds RNG states for {len(state['cuda'])} GPU(s) but {torch.cuda.device_count()} "
-                f"are visible; CUDA RNGs were not restored",
-                stacklevel=2,
-            )
-
-
-# ------------------------------------------------------------------------------------------
-# helpers
-
-
-def _unwrap(model: nn.Module) -> nn.Module:
-    return model.module if isinstance(model, DistributedDataParallel) else model
-
-
-def _default_batch_size(batch: Any) -> int:
-    """Images in a batch: a tensor's first dimension, else the length of its first element."""
-    if isinstance(batch, torch.Tensor):
-        return batch.shape[0]
-    if isinstance(batch, Mapping):
-        batch = next(iter(batch.values()))
-        return _default_batch_size(batch)
-    if isinstance(batch, (list, tuple)) and batch:
-        first = batch[0]
-        return first.shape[0] if isinstance(first, torch.Tensor) else len(first)
-    return len(batch)
-
-
-def _set_epoch(loader: Any, epoch: int) -> None:
-    if hasattr(loader, "set_epoch"):
-        loader.set_epoch(epoch)
-    elif hasattr(getattr(loader, "sampler", None), "set_epoch"):
-        loader.sampler.set_epoch(epoch)
-    batch_sampler = getattr(loader, "batch_sampler", None)
-    if hasattr(batch_sampler, "set_epoch"):
-        batch_sampler.set_epoch(epoch)
-
-
-def _format_number(value: float) -> str:
-    return str(int(value)) if float(value).is_integer() and abs(value) < 1e15 else f"{value:.4f}"
-
-
-def _format_terms(values: Mapping[str, float]) -> str:
-    """The total ``loss`` and, when there are several, each term."""
-    if len(values) == 2 and "loss" in values:  # a single term would only repeat the total
-        values = {"loss": values["loss"]}
-    return " ".join(f"{k} {v:.4f}" for k, v in values.items())
-
-
-def _format_metrics(metrics: Mapping[str, Any], limit: int = 6) -> str:
-    shown = [(k, v) for k, v in metrics.items() if isinstance(v, (int, float))][:limit]
-    return " ".join(f"{k} {_format_number(v)}" for k, v in shown)
-
-
-def _check_loss_dict(losses: Any, epoch: int) -> None:
-    if not isinstance(losses, Mapping) or not losses:
-        raise ValueError(
-            f"loss_fn must return a non-empty dict of scalar loss tensors (e.g. {{'loss_cls': ...}}), "
-            f"got {type(losses).__name__} in epoch {epoch}"
-        )
-    if "loss" in losses and len(losses) > 1:
-        raise ValueError(
-            f"loss_fn returned the terms {list(losses)}: 'loss' is the engine's name for their sum, "
-            f"so give that term its own name (e.g. 'loss_main')"
-        )
-    for name, value in losses.items():
-        if not isinstance(value, torch.Tensor) or value.numel() != 1:
-            shape = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
-            raise ValueError(f"loss_fn returned {name!r} = {shape}; every loss term must be a scalar tensor")
-
-
-class _Progress:
-    """Running means of the loss terms and the image rate of one epoch."""
-
-    def __init__(self, world_size: int) -> None:
-        self.sums: dict[str, float] = {}
-        self.steps = 0
-        self.images = 0
-        self.world_size = world_size
-        self.start = time.perf_counter()
-
-    def add(self, terms: dict[str, float], images: int) -> None:
-        for name, value in terms.items():
-            self.sums[name] = self.sums.get(name, 0.0) + value
-        self.steps += 1
-        self.images += images
-
-    def means(self) -> dict[str, float]:
-        return {name: total / max(1, self.steps) for name, total in self.sums.items()}
-
-    def images_per_s(self) -> float:
-        # Every rank loads the same number of images per step (drop_last), so the global
-        # rate is this rank's rate times the number of ranks.
-        return self.images * self.world_size / max(1e-9, time.perf_counter() - self.start)
-
-
-def _raise_non_finite(
-    info: DistInfo, terms: dict[str, float], bad_here: bool, epoch: int, step: int, batch_index: int, last_path: Path
-) -> None:
-    """Build the NonFiniteLossError message (with the offending rank's values) and raise it."""
-    rank, where_terms = info.rank, terms
-    if info.world_size > 1:
-        gathered: list[Any] = [None] * info.world_size
-        dist.all_gather_object(gathered, (info.rank, bad_here, terms))
-        rank, _, where_terms = next(item for item in gathered if item[1])
-    values = ", ".join(f"{k}={v:.6g}" for k, v in where_terms.items())
-    place = f" on rank {rank}" if info.world_size > 1 else ""
-    kept = f"the last good checkpoint {last_path} is intact" if last_path.is_file() else "no checkpoint was written"
-    raise NonFiniteLossError(
-        f"non-finite loss in epoch {epoch}, step {step} (batch {batch_index} of the epoch){place}: {values}; "
-        f"training stopped and nothing was saved for this epoch, {kept}. Lower train.lr, add warm-up or "
-        f"train.grad_clip_norm, or check that batch's data",
-        epoch=epoch,
-        step=step,
-        batch_index=batch_index,
-        losses=dict(where_terms),
-    )
-
-
-# ------------------------------------------------------------------------------------------
-# the run folder
-
-
-class RunFolderError(ValueError):
-    """The run folder already holds a run's checkpoints and neither resume nor overwrite was asked."""
-
-
-CHECKPOINT_NAMES = ("last.pt", "best.pt")
-
-
-def check_run_folder(output_dir: str | os.PathLike, *, resume: Any, overwrite: bool) -> None:
-    """Refuse to start a new run over the checkpoints of another one.
-
-    Tasks call this before any data work, and :func:`fit` calls it again, so a re-run into an
-    old folder stops at once instead of replacing its ``best.pt`` an epoch later.
-
-    Args:
-        output_dir: the run folder (need not exist yet).
-        resume: the ``resume`` given to :func:`fit` (a path, True, or None/False).
-        overwrite: start over in a folder that holds checkpoints (``fit`` then removes them).
-
-    Raises:
-        RunFolderError: ``output_dir`` is a file, both ``resume`` and ``overwrite`` were given,
-            or it holds ``last.pt``/``best.pt`` and neither was given.
-    """
-    folder = Path(output_dir)
-    if folder.exists() and not folder.is_dir():
-        raise RunFolderError(f"the run folder {folder} is a file; give --output-dir a folder")
-    if resume and overwrite:
-        raise RunFolderError(
-            f"--resume and --overwrite both given for {folder}: resume continues the run there, overwrite "
-            f"starts it over; pick one"
-        )
-    if resume or overwrite:
-        return
-    found = [name for name in CHECKPOINT_NAMES if (folder / name).is_file()]
-    if found:
-        raise RunFolderError(
-            f"{folder} already holds the checkpoints of a run ({', '.join(found)}); pass --resume to continue "
-            f"it, --overwrite to start over, or --output-dir for a new folder"
-        )
-
-
-def _tidy_run_folder(folder: Path, overwrite: bool, resume: Any, info: DistInfo) -> None:
-    """Rank 0: delete what a killed save left behind and, on ``overwrite``, the old checkpoints."""
-    if not info.is_main:
-        return
-    for name in CHECKPOINT_NAMES:
-        stale = remove_stale_temporaries(folder, name)
-        if stale:
-            tqdm.write(
-                f"removed {len(stale)} temporary file(s) left in {folder} by a save that was interrupted: "
-                + ", ".join(path.name for path in stale)
-            )
-    if overwrite and not resume:
-        old = [folder / name for name in CHECKPOINT_NAMES if (folder / name).is_file()]
-        for path in old:
-            path.unlink()
-        if old:
-            tqdm.write(f"--overwrite: removed {', '.join(p.name for p in old)} of the previous run in {folder}")
+    output_dir: str | os.PathLike
+    resume: str | os.PathLike | bool | None = None
+    overwrite: bool = False
+    device: str | torch.device = "cpu"
+    task: str | None = None
+    head: str | None = None
+    config: Any = None
+    folder_checked: bool = False
 
 
 # ------------------------------------------------------------------------------------------
@@ -370,7 +155,7 @@ class _Run:
     steps_per_epoch: int
     batch_size_fn: Callable[[Any], int]
     output_dir: Path
-    meta: dict[str, Any]
+    identity: Checkpoint  # task, head and config, without weights: what every checkpoint records
     best_metric: str | None
     best_mode: str
     params: list[torch.Tensor] = field(default_factory=list)
@@ -387,16 +172,14 @@ class _Run:
         return self.output_dir / "best.pt"
 
 
-def _check_fit_arguments(
-    cfg: TrainConfig, train_loader: Any, loss_fn: Any, evaluate: Any, best_metric: str | None, best_mode: str
-) -> int:
+def _check_fit_arguments(cfg: TrainConfig, train_loader: Any, hooks: TaskHooks) -> int:
     """Refuse inconsistent :func:`fit` arguments; set the CPU threads; return the steps per epoch."""
-    if not callable(loss_fn):
+    if not callable(hooks.loss_fn):
         raise ValueError("fit: loss_fn must be callable as loss_fn(model, batch, device) -> dict of losses")
-    if best_metric is not None and evaluate is None:
-        raise ValueError(f"fit: best_metric={best_metric!r} needs an evaluate callback to produce it")
-    if best_mode not in ("max", "min"):
-        raise ValueError(f"fit: best_mode must be 'max' or 'min', got {best_mode!r}")
+    if hooks.best_metric is not None and hooks.evaluate is None:
+        raise ValueError(f"fit: best_metric={hooks.best_metric!r} needs an evaluate callback to produce it")
+    if hooks.best_mode not in ("max", "min"):
+        raise ValueError(f"fit: best_mode must be 'max' or 'min', got {hooks.best_mode!r}")
     if cfg.eval_every < 0:
         raise ValueError(f"train.eval_every must be >= 0 (0 = never), got {cfg.eval_every}")
     if cfg.log_every < 1:
@@ -413,22 +196,14 @@ def _check_fit_arguments(
         raise ValueError("fit: train_loader must have a length (a DataLoader over a map-style dataset)") from None
 
 
-def _start_run(
-    model: nn.Module,
-    cfg: TrainConfig,
-    device: str | torch.device,
-    steps_per_epoch: int,
-    checkpoint_meta: Mapping[str, Any] | None,
-    **fields_: Any,
-) -> _Run:
+def _start_run(model: nn.Module, cfg: TrainConfig, steps_per_epoch: int, hooks: TaskHooks, options: RunOptions) -> _Run:
     """Place the model, build optimiser, schedule and AMP scaler; the run state before epoch 1."""
-    meta = dict(checkpoint_meta or {})
-    meta["config"] = to_dict(meta["config"]) if meta.get("config") is not None else {"train": to_dict(cfg)}
-    device = torch.device(device)
+    config = to_dict(options.config) if options.config is not None else {"train": to_dict(cfg)}
+    device = torch.device(options.device)
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())  # DDP needs an explicit GPU index
     info = current_dist_info(device)
-    model = _unwrap(model)
+    model = unwrap(model)
     model.to(device)
     if cfg.channels_last:
         model.to(memory_format=torch.channels_last)
@@ -443,8 +218,11 @@ def _start_run(
         device=device,
         info=info,
         steps_per_epoch=steps_per_epoch,
-        meta=meta,
-        **fields_,
+        batch_size_fn=hooks.batch_size_fn or default_batch_size,
+        output_dir=Path(options.output_dir),
+        identity=Checkpoint(task=options.task, head=options.head, config=config, weights={}),
+        best_metric=hooks.best_metric,
+        best_mode=hooks.best_mode,
     )
     run.params = [p for group in optimizer.param_groups for p in group["params"]]
     return run
@@ -463,23 +241,14 @@ def _wrap_for_training(run: _Run) -> None:
 # resume
 
 
-def _identity(record: Mapping[str, Any]) -> dict[str, Any]:
-    """What a run trains: task, head and backbone width, from checkpoint meta or a checkpoint."""
-    config = record.get("config")
-    model = config.get("model") if isinstance(config, Mapping) else None
-    model = model if isinstance(model, Mapping) else {}
-    backbone = model.get("backbone") if isinstance(model.get("backbone"), Mapping) else model
-    return {"task": record.get("task"), "head": record.get("head"), "backbone width": backbone.get("width_mult")}
-
-
 def _describe(identity: Mapping[str, Any]) -> str:
     details = ", ".join(f"{key} {value}" for key, value in identity.items() if key != "task" and value is not None)
     return (f"{identity['task']} model" if identity["task"] else "model") + (f" ({details})" if details else "")
 
 
-def _check_same_run(checkpoint: Mapping[str, Any], meta: Mapping[str, Any], path: Path) -> None:
+def _check_same_run(checkpoint: Checkpoint, wanted: Checkpoint, path: Path) -> None:
     """Compare what the checkpoint is with what this run's config wants, before loading weights."""
-    have, want = _identity(checkpoint), _identity(meta)
+    have, want = checkpoint.identity(), wanted.identity()
     if any(have[key] is not None and want[key] is not None and have[key] != want[key] for key in have):
         raise ValueError(
             f"cannot resume from {path}: it holds a {_describe(have)} but the config wants a {_describe(want)}; "
@@ -495,25 +264,25 @@ def _first_lines(error: BaseException) -> str:
     return text if len(text) <= 300 else text[:297] + "..."
 
 
-def _load_training_state(run: _Run, checkpoint: Mapping[str, Any], path: Path) -> None:
+def _load_training_state(run: _Run, checkpoint: Checkpoint, state: TrainingState, path: Path) -> None:
     """Model, optimiser, scheduler and scaler states, each refusal a one-line ValueError."""
     try:
-        run.model.load_state_dict(checkpoint["model"])
+        run.model.load_state_dict(checkpoint.weights)
     except RuntimeError as error:
         raise ValueError(
             f"cannot resume from {path}: its weights do not fit this model ({_first_lines(error)}); to start "
             f"from that checkpoint's trunk instead, pass it as --weights-backbone"
         ) from None
     try:
-        run.optimizer.load_state_dict(checkpoint["optimizer"])
+        run.optimizer.load_state_dict(state.optimizer)
     except (ValueError, KeyError) as error:
         raise ValueError(
             f"cannot resume from {path}: its optimiser state does not fit this run ({_first_lines(error)}); "
             f"the trainable parameters or train.optimizer differ from the run that wrote it"
         ) from None
-    run.scheduler.load_state_dict(checkpoint["scheduler"])
-    if checkpoint.get("scaler"):
-        run.scaler.load_state_dict(checkpoint["scaler"])
+    run.scheduler.load_state_dict(state.scheduler)
+    if state.scaler:
+        run.scaler.load_state_dict(state.scaler)
 
 
 def _resume(run: _Run, resume: str | os.PathLike | bool) -> tuple[int, bool]:
@@ -523,33 +292,32 @@ def _resume(run: _Run, resume: str | os.PathLike | bool) -> tuple[int, bool]:
         ``(epochs already done, whether that last epoch's evaluation is still to run)``.
     """
     path = run.last_path if resume is True else Path(resume)
-    checkpoint = load_checkpoint(path)
-    missing = [k for k in ("model", "optimizer", "scheduler", "epoch") if k not in checkpoint]
-    if missing:
+    checkpoint = read_checkpoint(path)
+    state = checkpoint.training
+    if state is None:
         raise ValueError(
-            f"{path} is not a training checkpoint (lacks {', '.join(missing)}); resume needs the "
+            f"{path} is not a training checkpoint (lacks the optimizer and scheduler states); resume needs the "
             f"last.pt or best.pt written by fit"
         )
-    _check_same_run(checkpoint, run.meta, path)
-    _load_training_state(run, checkpoint, path)
-    run.history = list(checkpoint.get("history", []))
-    run.last_metrics = dict(checkpoint.get("metrics") or {})
-    if checkpoint.get("best_metric") == run.best_metric and checkpoint.get("best_mode", "max") == run.best_mode:
-        run.best = checkpoint.get("best")
-    start_epoch = int(checkpoint["epoch"])
-    for name, now in (("steps_per_epoch", run.steps_per_epoch), ("world_size", run.info.world_size)):
-        if checkpoint.get(name) not in (None, now):
+    _check_same_run(checkpoint, run.identity, path)
+    _load_training_state(run, checkpoint, state, path)
+    run.history = list(state.history)
+    run.last_metrics = dict(checkpoint.metrics)
+    if state.best_metric == run.best_metric and state.best_mode == run.best_mode:
+        run.best = state.best
+    start_epoch = checkpoint.epoch
+    for name, then, now in (("steps_per_epoch", state.steps_per_epoch, run.steps_per_epoch),
+                            ("world_size", state.world_size, run.info.world_size)):
+        if then not in (None, now):
             warnings.warn(
-                f"{path} was written with {name}={checkpoint[name]} but this run has {now}; "
+                f"{path} was written with {name}={then} but this run has {now}; "
                 f"the schedule and data order will not match the interrupted run",
                 stacklevel=3,
             )
-    rng_states = checkpoint.get("rng_per_rank") or [checkpoint.get("rng") or {}]
-    restore_rng_state(rng_states[run.info.rank] if len(rng_states) == run.info.world_size else rng_states[0])
-    pending = bool(checkpoint.get("evaluation_pending"))
+    restore_rng_state(state.rng_for(run.info.rank, run.info.world_size))
     if run.info.is_main:
         tqdm.write(f"resumed from {path} after epoch {start_epoch}/{run.cfg.epochs}")
-    return start_epoch, pending
+    return start_epoch, state.evaluation_pending
 
 
 # ------------------------------------------------------------------------------------------
@@ -560,7 +328,7 @@ def _host_terms(
     run: _Run, losses: Mapping[str, torch.Tensor], epoch: int, step: int, batch_index: int
 ) -> dict[str, float]:
     """The loss terms as floats; raises NonFiniteLossError when any rank has a NaN/inf term."""
-    _check_loss_dict(losses, epoch)
+    check_loss_dict(losses, epoch)
     # One host sync per step: needed anyway to stop on a NaN before it reaches the weights.
     host_values = torch.stack([v.detach().float().reshape(()) for v in losses.values()]).tolist()
     terms = dict(zip(losses.keys(), host_values))
@@ -571,7 +339,7 @@ def _host_terms(
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         bad_anywhere = bool(flag.item() > 0)
     if bad_anywhere:
-        _raise_non_finite(run.info, terms, bad_here, epoch, step, batch_index, run.last_path)
+        raise_non_finite(run.info, terms, bad_here, epoch, step, batch_index, run.last_path)
     return terms
 
 
@@ -611,7 +379,7 @@ def _mean_over_ranks(run: _Run, means: dict[str, float]) -> dict[str, float]:
 def _train_one_epoch(run: _Run, loader: Any, loss_fn: LossFn, epoch: int) -> dict[str, float]:
     """One pass over ``loader`` (0-based ``epoch``); the epoch's mean loss terms, lr, images/s, time."""
     run.train_model.train()
-    progress = _Progress(run.info.world_size)
+    progress = Progress(run.info.world_size)
     step_lr = run.optimizer.param_groups[0]["lr"]
     steps = run.steps_per_epoch
     bar = tqdm(total=steps, desc=f"epoch {epoch + 1}/{run.cfg.epochs}", disable=not run.info.is_main,
@@ -626,7 +394,7 @@ def _train_one_epoch(run: _Run, loader: Any, loss_fn: LossFn, epoch: int) -> dic
             progress.add({"loss": sum(terms.values()), **terms}, run.batch_size_fn(batch))
             if run.info.is_main and (batch_index % run.cfg.log_every == 0 or batch_index + 1 == steps):
                 bar.set_postfix_str(
-                    f"{_format_terms(progress.means())} lr {step_lr:.2e} {progress.images_per_s():.1f} img/s",
+                    f"{format_terms(progress.means())} lr {step_lr:.2e} {progress.images_per_s():.1f} img/s",
                     refresh=False,
                 )
             bar.update(1)
@@ -684,31 +452,30 @@ def _improved(value: float, best: float | None, mode: str) -> bool:
     return value > best if mode == "max" else value < best
 
 
-def _checkpoint_payload(run: _Run, epoch_number: int, rng_states: list[dict[str, Any]], pending: bool) -> dict:
-    """Everything a checkpoint holds: the task's meta, weights, and what an exact resume needs.
+def _checkpoint(run: _Run, epoch_number: int, rng_states: list[dict[str, Any]], pending: bool) -> Checkpoint:
+    """Everything a checkpoint holds: the task's identity, weights, and what an exact resume needs.
 
     ``evaluation_pending`` marks a ``last.pt`` written after training an epoch but before its
     evaluation (RNG states as they were before it); resuming from it runs that evaluation first.
     """
-    return {
-        **run.meta,
-        "model": run.model.state_dict(),
-        "epoch": epoch_number,
-        "metrics": run.last_metrics,
-        "optimizer": run.optimizer.state_dict(),
-        "scheduler": run.scheduler.state_dict(),
-        "scaler": run.scaler.state_dict(),
-        "rng": rng_states[0],
-        "rng_per_rank": rng_states,
-        "history": run.history,
-        "best": run.best,
-        "best_metric": run.best_metric,
-        "best_mode": run.best_mode,
-        "evaluation_pending": pending,
-        "train_config": to_dict(run.cfg),
-        "steps_per_epoch": run.steps_per_epoch,
-        "world_size": run.info.world_size,
-    }
+    state = TrainingState(
+        optimizer=run.optimizer.state_dict(),
+        scheduler=run.scheduler.state_dict(),
+        scaler=run.scaler.state_dict(),
+        rng_per_rank=rng_states,
+        history=run.history,
+        best=run.best,
+        best_metric=run.best_metric,
+        best_mode=run.best_mode,
+        evaluation_pending=pending,
+        train_config=to_dict(run.cfg),
+        steps_per_epoch=run.steps_per_epoch,
+        world_size=run.info.world_size,
+    )
+    return Checkpoint(
+        task=run.identity.task, head=run.identity.head, config=run.identity.config, weights=run.model.state_dict(),
+        epoch=epoch_number, metrics=run.last_metrics, training=state,
+    )
 
 
 def _save(run: _Run, epoch_number: int, *, improved: bool, pending: bool) -> None:
@@ -716,12 +483,12 @@ def _save(run: _Run, epoch_number: int, *, improved: bool, pending: bool) -> Non
     rng_states = _gather_rng_states(run.info)  # collective: every rank takes part
     if not run.info.is_main:
         return
-    payload = _checkpoint_payload(run, epoch_number, rng_states, pending)
+    checkpoint = _checkpoint(run, epoch_number, rng_states, pending)
     # best first: a kill between the two writes then leaves last.pt one epoch behind,
     # and resuming re-runs that epoch instead of believing a best.pt that was never written.
     if improved:
-        save_checkpoint(payload, run.best_path)
-    save_checkpoint(payload, run.last_path)
+        checkpoint.save(run.best_path)
+    checkpoint.save(run.last_path)
 
 
 def _epoch_summary(run: _Run, entry: Mapping[str, Any], improved: bool) -> str:
@@ -729,11 +496,11 @@ def _epoch_summary(run: _Run, entry: Mapping[str, Any], improved: bool) -> str:
     stats, metrics = entry["train"], entry["metrics"]
     summary = (
         f"epoch {entry['epoch']}/{run.cfg.epochs}: "
-        + _format_terms({k: v for k, v in stats.items() if k not in ("lr", "images_per_s", "time_s")})
+        + format_terms({k: v for k, v in stats.items() if k not in ("lr", "images_per_s", "time_s")})
         + f" | lr {stats['lr']:.2e} | {stats['images_per_s']:.1f} img/s | {stats['time_s']:.0f} s"
     )
     if metrics:
-        summary += f" | {_format_metrics(metrics)}"
+        summary += f" | {format_metrics(metrics)}"
     if improved:
         summary += f" | new best {run.best_metric} {run.best:.4f} -> {run.best_path}"
     return summary
@@ -779,49 +546,17 @@ def _finish_epoch(run: _Run, evaluate: EvaluateFn | None, epoch_number: int, *, 
 # fit
 
 
-def fit(
-    model: nn.Module,
-    train_loader: Any,
-    cfg: TrainConfig,
-    *,
-    loss_fn: LossFn,
-    output_dir: str | os.PathLike,
-    evaluate: EvaluateFn | None = None,
-    best_metric: str | None = None,
-    checkpoint_meta: Mapping[str, Any] | None = None,
-    resume: str | os.PathLike | bool | None = None,
-    device: str | torch.device = "cpu",
-    batch_size_fn: Callable[[Any], int] | None = None,
-    best_mode: str = "max",
-    overwrite: bool = False,
-) -> dict[str, Any]:
+def fit(model: nn.Module, train_loader: Any, cfg: TrainConfig, hooks: TaskHooks, options: RunOptions) -> dict[str, Any]:
     """Train ``model`` for ``cfg.epochs`` epochs, evaluating and checkpointing as it goes.
 
     Args:
-        model: the plain (not DDP-wrapped) model; moved to ``device`` (channels_last when
-            ``cfg.channels_last``) and wrapped in DDP under ``torchrun``.
+        model: the plain (not DDP-wrapped) model; moved to ``options.device`` (channels_last
+            when ``cfg.channels_last``) and wrapped in DDP under ``torchrun``.
         train_loader: yields batches; its (or its sampler's) ``set_epoch`` is called with the
             0-based epoch first (see :func:`mnapps.engine.distributed.build_train_loader`).
         cfg: optimiser, schedule, AMP, clipping, CPU threads, logging and evaluation settings.
-        loss_fn: ``loss_fn(model, batch, device) -> {"loss_name": scalar tensor}``; it moves the
-            batch itself (``to_device(batch, device, channels_last=cfg.channels_last)``). The
-            engine sums the terms, logs each and runs it under autocast when AMP is on.
-        output_dir: where ``last.pt`` (each epoch, before and after its evaluation) and
-            ``best.pt`` go; temporaries a killed save left there are removed at start.
-        evaluate: ``evaluate(model, epoch) -> {"metric": float}``, every ``cfg.eval_every``
-            epochs and after the last, on rank 0 only (unwrapped model, 1-based epoch just
-            finished); its metrics are broadcast to the other ranks.
-        best_metric: key of ``evaluate``'s result that selects ``best.pt``.
-        checkpoint_meta: ``{"task", "head", "config"}`` (and other plain values) stored in every
-            checkpoint; ``config`` defaults to ``{"train": cfg}``. A resumed checkpoint must
-            match its task, head and ``config.model.backbone.width_mult``.
-        resume: a checkpoint path, or True for ``output_dir/last.pt``: restores model,
-            optimiser, scheduler, AMP scaler, history, best value and every RNG state, runs an
-            evaluation a kill interrupted, and continues, equal to an uninterrupted run.
-        device: training device of this process (``DistInfo.device`` under torchrun).
-        batch_size_fn: images in a batch (for images/s); default: first dimension of ``batch[0]``.
-        best_mode: ``"max"`` (AP, accuracy) or ``"min"`` (a loss) for ``best_metric``.
-        overwrite: start over in an ``output_dir`` holding checkpoints (they are removed).
+        hooks: the task's loss, evaluation and best-checkpoint choice (:class:`TaskHooks`).
+        options: run folder, resume/overwrite, device and checkpoint identity (:class:`RunOptions`).
 
     Returns:
         ``{"epochs_run": epochs trained by this call, "history": [{"epoch", "train": mean loss
@@ -836,28 +571,28 @@ def fit(
         ValueError: inconsistent arguments, a ``best_metric`` missing from the metrics, or a
             ``resume`` checkpoint of another task, head, width or model.
     """
-    steps_per_epoch = _check_fit_arguments(cfg, train_loader, loss_fn, evaluate, best_metric, best_mode)
-    check_run_folder(output_dir, resume=resume, overwrite=overwrite)
-    run = _start_run(
-        model, cfg, device, steps_per_epoch, checkpoint_meta, batch_size_fn=batch_size_fn or _default_batch_size,
-        output_dir=Path(output_dir), best_metric=best_metric, best_mode=best_mode,
-    )  # fmt: skip
-    _tidy_run_folder(run.output_dir, overwrite, resume, run.info)
+    steps_per_epoch = _check_fit_arguments(cfg, train_loader, hooks)
+    if not options.folder_checked:
+        check_run_folder(options.output_dir, resume=options.resume, overwrite=options.overwrite)
+    run = _start_run(model, cfg, steps_per_epoch, hooks, options)
+    tidy_run_folder(run.output_dir, options.overwrite, options.resume, run.info)
     start_epoch, pending = 0, False
-    if resume:
-        start_epoch, pending = _resume(run, resume)
+    if options.resume:
+        start_epoch, pending = _resume(run, options.resume)
     else:
         # Dropout and any other in-loop randomness start from (seed, rank), not from whatever
         # the caller consumed before.
         seed_everything(cfg.seed + run.info.rank)
     _wrap_for_training(run)
     if pending:
-        _finish_epoch(run, evaluate, start_epoch, trained=False)
+        _finish_epoch(run, hooks.evaluate, start_epoch, trained=False)
     for epoch in range(start_epoch, cfg.epochs):
-        _set_epoch(train_loader, epoch)
-        train_stats = _train_one_epoch(run, train_loader, loss_fn, epoch)
+        set_epoch(train_loader, epoch)
+        train_stats = _train_one_epoch(run, train_loader, hooks.loss_fn, epoch)
+        # The per-epoch point: the epoch's history entry is made here and _finish_epoch
+        # checkpoints, evaluates (filling entry["metrics"]) and prints the epoch line.
         run.history.append({"epoch": epoch + 1, "train": train_stats, "metrics": {}})
-        _finish_epoch(run, evaluate, epoch + 1)
+        _finish_epoch(run, hooks.evaluate, epoch + 1)
     return _fit_result(run, epochs_run=max(0, cfg.epochs - start_epoch))
 
 

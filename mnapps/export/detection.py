@@ -21,8 +21,6 @@ from torch import Tensor, nn
 from torchvision.models.detection.image_list import ImageList
 from torchvision.models.detection.ssd import SSD
 
-from mnapps.heads.ssd import SigmoidSSD, TFResizeTransform
-
 from .postprocess import SSDPostprocessParams
 
 __all__ = ["SSDNetwork", "split_ssd", "ssd_input_size"]
@@ -30,8 +28,6 @@ __all__ = ["SSDNetwork", "split_ssd", "ssd_input_size"]
 
 def ssd_input_size(model: SSD) -> tuple[int, int]:
     """The ``(height, width)`` a torchvision SSD resizes every image to."""
-    if isinstance(model.transform, TFResizeTransform):
-        return int(model.transform.size), int(model.transform.size)
     fixed = getattr(model.transform, "fixed_size", None)
     if fixed is None:
         raise ValueError(
@@ -106,6 +102,6 @@ def split_ssd(model: SSD, class_names: tuple[str, ...] = ()) -> tuple[SSDNetwork
         image_std=tuple(float(v) for v in model.transform.image_std),
         class_names=tuple(class_names),
         preprocess=getattr(model.transform, "preprocess", "resize"),
-        score_activation="sigmoid" if isinstance(model, SigmoidSSD) else "softmax",
+        score_activation=getattr(model, "score_activation", "softmax"),
     )
     return network, params

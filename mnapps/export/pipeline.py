@@ -3,11 +3,10 @@
 This module owns what ``tools/export.py`` does, as library code:
 
 1. :func:`load_export_spec` rebuilds the trained model of an mnapps checkpoint with its
-   task's own loader (by the checkpoint's ``task``): a classifier
-   (:func:`mnapps.tasks.classification.load_classifier`), a detector
-   (:func:`mnapps.tasks.detection.load_detector`: SSD, SSDLite, Faster R-CNN with or without
-   FPN) or a face embedder (:func:`mnapps.tasks.face.load_face_embedder`), and says what
-   goes in the graph and how images become its input.
+   task's own loader and reads the task's :class:`~mnapps.tasks.spec.ExportPlan`, both from the
+   checkpoint's entry of :data:`mnapps.tasks.table.TASKS` (a detector's graph kind comes from its
+   :class:`~mnapps.heads.HeadSpec`), and says what goes in the graph and how images become its
+   input.
 2. :func:`export_checkpoint` folds BatchNorm, exports the graph, and runs the parity check
    on real images (ONNX Runtime vs the PyTorch model in eval mode): logits / embeddings by
    max abs difference, SSD raw outputs likewise and the final detections (after the shared
@@ -36,21 +35,16 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
-from PIL import Image
 from torch import Tensor, nn
-from torchvision.models.detection.generalized_rcnn import GeneralizedRCNN
-from torchvision.models.detection.ssd import SSD
 from tqdm import tqdm
 
-from mnapps.checkpoint import load_checkpoint
+from mnapps.checkpoint import Checkpoint, read_checkpoint
 from mnapps.data.coco import collate_fn
 from mnapps.data.image_io import IMAGE_EXTENSIONS, ImageReadError, list_images, load_rgb
-from mnapps.data.imagefolder import build_cls_transforms, collate_cls
-from mnapps.data.synthetic_faces import ensure_synthetic_faces
+from mnapps.data.imagefolder import collate_cls
 from mnapps.eval.coco import evaluate_detector
-from mnapps.tasks.face import load_face_embedder
-from mnapps.tasks.classification import build_cls_datasets, load_classifier
-from mnapps.tasks.detection import build_eval_dataset, build_train_dataset, load_detector
+from mnapps.tasks.spec import ExportPlan
+from mnapps.tasks.table import TASKS, task_spec
 
 from .detection import split_ssd
 from .fuse import fold_batchnorm
@@ -110,6 +104,8 @@ class ExportSpec:
         config: the checkpoint's config as a typed object (for evaluation).
         default_images: ``split -> folder or list of image files`` used when the caller gives
             no images (``"parity"``: validation images, ``"calibration"``: training images).
+        top1: parity also compares top-1 agreement (classifiers).
+        accuracy: what :func:`evaluate_export` measures (``"top1"``, ``"coco"`` or None).
     """
 
     task: str
@@ -123,6 +119,8 @@ class ExportSpec:
     config: Any = None
     default_images: dict[str, Callable[[], list[Path]]] = field(default_factory=dict)
     graph: str = "tensor"  # "tensor" (classifier, face), "ssd" or "detector" (whole Faster R-CNN)
+    top1: bool = False
+    accuracy: str | None = None
 
     @property
     def is_ssd(self) -> bool:
@@ -202,39 +200,6 @@ def _resize_to(size: tuple[int, int], preprocess: str = "resize") -> Callable[[T
     return convert
 
 
-def _classification_spec(checkpoint: dict[str, Any] | Path) -> ExportSpec:
-    model, cfg, _ = load_classifier(checkpoint)
-    size = cfg.model.resolution
-    eval_tf = build_cls_transforms(False, size, eval_crop_fraction=cfg.data.eval_crop_fraction)
-
-    def to_input(image: Tensor) -> Tensor:
-        # The evaluation transform of training (central crop, resize, [-1, 1]) on a PIL image.
-        pixels = (image.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()
-        return eval_tf(Image.fromarray(pixels))
-
-    def split_files(split: str) -> list[Path]:
-        train_set, val_set = build_cls_datasets(cfg)
-        dataset = val_set if split == "parity" else train_set
-        return [path for path, _ in dataset.samples]
-
-    return ExportSpec(
-        task="classification",
-        head=None,
-        model=model,
-        network=model,
-        input_size=(size, size),
-        output_names=("logits",),
-        metadata={
-            "task": "classification",
-            "input": f"images [N, 3, {size}, {size}] RGB standardised to [-1, 1] (x / 127.5 - 1)",
-            "class_names": list(cfg.model.class_names),
-        },
-        to_input=to_input,
-        config=cfg,
-        default_images={"parity": lambda: split_files("parity"), "calibration": lambda: split_files("calibration")},
-    )
-
-
 # How each SSD preprocess mode turns a photo into the graph input (for the file's metadata).
 _RESIZE_WORDS = {
     "resize": "resized (bilinear) from the photo",
@@ -244,128 +209,71 @@ _RESIZE_WORDS = {
 }
 
 
-def _detection_spec(checkpoint: dict[str, Any] | Path, source: str, imported_from: str | None = None) -> ExportSpec:
-    model, cfg = load_detector(checkpoint)
-    head = cfg.model.head
+def _tensor_graph(plan: ExportPlan, model: nn.Module, cfg: Any) -> dict[str, Any]:
+    """A batch of ``S x S`` images in, the plan's one output out (classifier, face embedder)."""
+    size = (plan.input_size, plan.input_size)
+    return {"network": model, "input_size": size, "output_names": plan.output_names, "metadata": plan.metadata,
+            "to_input": plan.to_input or _resize_to(size)}
 
+
+def _ssd_graph(plan: ExportPlan, model: nn.Module, cfg: Any) -> dict[str, Any]:
+    """The SSD network's raw outputs and anchors; post-processing stays outside the graph."""
+    network, params = split_ssd(model, tuple(cfg.model.class_names))
+    size, words = params.size, _RESIZE_WORDS[params.preprocess]
+    metadata = {key: value for key, value in plan.metadata.items() if key != "class_names"}  # in ssd_postprocess
+    metadata.update(input=f"images [N, 3, {size[0]}, {size[1]}] RGB in [0, 1], {words}",
+                    ssd_postprocess=params.to_json())
+    return {"network": network, "input_size": size, "output_names": ("bbox_regression", "cls_logits", "anchors"),
+            "metadata": metadata, "to_input": _resize_to(size, params.preprocess)}
+
+
+def _detector_graph(plan: ExportPlan, model: nn.Module, cfg: Any) -> dict[str, Any]:
+    """The whole two-stage detector, NMS included, one image of any size per run."""
+    metadata = dict(plan.metadata, input="image [3, H, W] RGB in [0, 1], any size, one image per run",
+                    output="boxes [D, 4] xyxy pixels, labels [D], scores [D] (NMS done)")
+    return {"network": model, "input_size": (0, 0), "output_names": ("boxes", "labels", "scores"),
+            "metadata": metadata, "to_input": lambda image: image}
+
+
+# ExportPlan.graph -> what goes into the file (the plan comes from the task's TASKS entry).
+_GRAPHS: dict[str, Callable[[ExportPlan, nn.Module, Any], dict[str, Any]]] = {
+    "tensor": _tensor_graph,
+    "ssd": _ssd_graph,
+    "detector": _detector_graph,
+}
+
+
+def _default_images(checkpoint: Checkpoint, plan: ExportPlan, files: Callable[[str], list[Path]]):
     def split_files(split: str) -> list[Path]:
-        if imported_from is not None:
-            # An imported detector has no training data of its own; the shapes set would be
+        if not plan.own_data:
+            # An imported model has no training data of its own; the shapes set would be
             # nothing like what it sees.
             option = "--images" if split == "parity" else "--calib-images"
             raise ValueError(
-                f"{source} was imported ({imported_from}) and names no data of its own: pass {option} "
+                f"{checkpoint.origin} was imported ({checkpoint.source}) and names no data of its own: pass {option} "
                 f"with photos like those it will see"
             )
-        dataset = build_eval_dataset(cfg) if split == "parity" else build_train_dataset(cfg)
-        folder = Path(dataset.image_dir)
-        return [folder / info["file_name"] for info in dataset.coco.loadImgs(dataset.ids)]
+        return files(split)
 
-    defaults = {"parity": lambda: split_files("parity"), "calibration": lambda: split_files("calibration")}
-    if isinstance(model, GeneralizedRCNN):
-        return ExportSpec(
-            task="detection",
-            head=head,
-            model=model,
-            network=model,
-            input_size=(0, 0),
-            output_names=("boxes", "labels", "scores"),
-            metadata={
-                "task": "detection",
-                "head": head,
-                "input": "image [3, H, W] RGB in [0, 1], any size, one image per run",
-                "output": "boxes [D, 4] xyxy pixels, labels [D], scores [D] (NMS done)",
-                "class_names": list(cfg.model.class_names),
-                "category_ids": list(cfg.model.category_ids),
-            },
-            to_input=lambda image: image,
-            config=cfg,
-            default_images=defaults,
-            graph="detector",
-        )
-    if not isinstance(model, SSD):
-        raise ValueError(f"{source}: exporting the {head!r} head is not supported")
-    network, params = split_ssd(model, tuple(cfg.model.class_names))
-    size = params.size
-    words = _RESIZE_WORDS[params.preprocess]
-
-    return ExportSpec(
-        task="detection",
-        head=head,
-        model=model,
-        network=network,
-        input_size=size,
-        output_names=("bbox_regression", "cls_logits", "anchors"),
-        metadata={
-            "task": "detection",
-            "head": head,
-            "input": f"images [N, 3, {size[0]}, {size[1]}] RGB in [0, 1], {words}",
-            "ssd_postprocess": params.to_json(),
-            "category_ids": list(cfg.model.category_ids),
-        },
-        to_input=_resize_to(size, params.preprocess),
-        config=cfg,
-        default_images=defaults,
-        graph="ssd",
-    )
+    return {"parity": lambda: split_files("parity"), "calibration": lambda: split_files("calibration")}
 
 
-def _face_spec(checkpoint: dict[str, Any] | Path, config: dict[str, Any]) -> ExportSpec:
-    model, _ = load_face_embedder(checkpoint)
-    size = model.input_size
-    data = config.get("data") or {}
-
-    def split_files(split: str) -> list[Path]:
-        roots = list(data.get("roots") or [])
-        val_root = data.get("val_root")
-        if not roots:
-            paths = ensure_synthetic_faces()
-            return find_images(paths.val if split == "parity" else paths.train)
-        if split == "parity" and val_root:
-            return find_images(val_root)
-        return [f for root in roots for f in find_images(root)]
-
-    return ExportSpec(
-        task="face",
-        head="face_embedding",
-        model=model,
-        network=model,
-        input_size=(size, size),
-        output_names=("embeddings",),
-        metadata={
-            "task": "face",
-            "input": f"images [N, 3, {size}, {size}] RGB in [0, 1] (aligned face crops)",
-            "output": "embeddings [N, D], unit L2 norm",
-        },
-        to_input=_resize_to((size, size)),
-        config=config,
-        default_images={"parity": lambda: split_files("parity"), "calibration": lambda: split_files("calibration")},
-    )
-
-
-def load_export_spec(checkpoint: str | os.PathLike | dict[str, Any]) -> ExportSpec:
+def load_export_spec(checkpoint: str | os.PathLike | dict[str, Any] | Checkpoint) -> ExportSpec:
     """Rebuild the model of an mnapps checkpoint and describe its graph (see :class:`ExportSpec`).
 
     Raises:
         FileNotFoundError: no such checkpoint.
         ValueError: an unknown task, an unsupported head, or a config/weights mismatch.
     """
-    path = None if isinstance(checkpoint, dict) else Path(checkpoint)
-    source = str(path) if path is not None else "the given checkpoint"
-    data = checkpoint if isinstance(checkpoint, dict) else load_checkpoint(checkpoint)
-    # The tasks' loaders get the file when there is one, so that their messages name it (it is
-    # read a second time: a fraction of a second next to an export).
-    target = path if path is not None else data
-    task = data.get("task")
-    if task == "classification":
-        return _classification_spec(target)
-    if task == "detection":
-        return _detection_spec(target, source, data.get("source"))
-    if task == "face":
-        return _face_spec(target, data.get("config") or {})
-    raise ValueError(
-        f"{source}: cannot export a checkpoint with task={task!r}; expected 'classification', 'detection' "
-        "or 'face' (a checkpoint written by tools/train_cls.py, train_det.py, distill_face.py or import_weights.py)"
+    record = read_checkpoint(checkpoint)
+    task = task_spec(record)
+    model, cfg = task.load(record)
+    plan = task.export(record, model, cfg)
+    graph = _GRAPHS[plan.graph](plan, model, cfg)
+    return ExportSpec(
+        task=record.task, head=record.head, model=model, config=cfg, graph=plan.graph, top1=plan.top1,
+        accuracy=plan.accuracy, default_images=_default_images(record, plan, lambda split: task.image_files(cfg, split)),
+        **graph,
     )
 
 
@@ -402,8 +310,8 @@ def _parity(
                     candidate,
                     atol=limits.get("atol"),
                     min_cosine=limits.get("min_cosine"),
-                    min_top1_agreement=limits.get("min_top1") if spec.task == "classification" else None,
-                    top1=spec.task == "classification",
+                    min_top1_agreement=limits.get("min_top1") if spec.top1 else None,
+                    top1=spec.top1,
                 )
             )
         else:
@@ -537,6 +445,43 @@ def _top1(predict: Callable[[Tensor], np.ndarray | Tensor], loader, desc: str) -
     return correct / max(seen, 1)
 
 
+def _top1_accuracy(spec: ExportSpec, backends: dict[str, Any], threads: int, max_images: int | None) -> dict:
+    _, val_set = _datasets(spec)
+    if max_images is not None:
+        val_set.samples = [val_set.samples[int(i * len(val_set.samples) / max_images)] for i in range(min(max_images, len(val_set.samples)))]
+    loader = torch.utils.data.DataLoader(val_set, batch_size=32, collate_fn=collate_cls)
+    results = {}
+    for name, backend in backends.items():
+        if isinstance(backend, Path):
+            ort_model = OrtModel(backend, threads=threads)
+            predict = lambda x, m=ort_model: m(x)[spec.output_names[0]]  # noqa: E731
+        else:
+            predict = lambda x, m=backend: m(x)  # noqa: E731
+        with torch.no_grad():
+            results[name] = {"top1": _top1(predict, loader, name)}
+    return results
+
+
+def _coco_accuracy(spec: ExportSpec, backends: dict[str, Any], threads: int, max_images: int | None) -> dict:
+    _, dataset = _datasets(spec)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=8, collate_fn=collate_fn)
+    results = {}
+    for name, backend in backends.items():
+        model = _OrtDetector(backend, threads, spec.graph) if isinstance(backend, Path) else backend
+        metrics, _, _ = evaluate_detector(model, loader, dataset, "cpu", max_images=max_images)
+        results[name] = {"AP": metrics["AP"], "AP50": metrics["AP50"]}
+    return results
+
+
+# ExportSpec.accuracy -> how the deployed model's accuracy is measured.
+_ACCURACY = {"top1": _top1_accuracy, "coco": _coco_accuracy}
+
+
+def _datasets(spec: ExportSpec) -> tuple[Any, Any]:
+    """The (training, validation) datasets of the exported model's config, from its task's entry."""
+    return TASKS[spec.task].datasets(spec.config)
+
+
 def evaluate_export(
     spec: ExportSpec,
     fp32_path: str | os.PathLike,
@@ -553,30 +498,9 @@ def evaluate_export(
     Returns:
         ``{"pytorch": {...}, "onnx_fp32": {...}, "onnx_int8": {...}}``.
     """
+    if spec.accuracy not in _ACCURACY:
+        raise ValueError(f"no accuracy evaluation for task {spec.task!r} here (use tools/eval_face.py for faces)")
     backends: dict[str, Any] = {"pytorch": spec.model, "onnx_fp32": Path(fp32_path)}
     if int8_path is not None:
         backends["onnx_int8"] = Path(int8_path)
-    results: dict[str, dict[str, float]] = {}
-    if spec.task == "classification":
-        _, val_set = build_cls_datasets(spec.config)
-        if max_images is not None:
-            val_set.samples = [val_set.samples[int(i * len(val_set.samples) / max_images)] for i in range(min(max_images, len(val_set.samples)))]
-        loader = torch.utils.data.DataLoader(val_set, batch_size=32, collate_fn=collate_cls)
-        for name, backend in backends.items():
-            if isinstance(backend, Path):
-                ort_model = OrtModel(backend, threads=threads)
-                predict = lambda x, m=ort_model: m(x)["logits"]  # noqa: E731
-            else:
-                predict = lambda x, m=backend: m(x)  # noqa: E731
-            with torch.no_grad():
-                results[name] = {"top1": _top1(predict, loader, name)}
-    elif spec.task == "detection":
-        dataset = build_eval_dataset(spec.config)
-        loader = torch.utils.data.DataLoader(dataset, batch_size=8, collate_fn=collate_fn)
-        for name, backend in backends.items():
-            model = _OrtDetector(backend, threads, spec.graph) if isinstance(backend, Path) else backend
-            metrics, _, _ = evaluate_detector(model, loader, dataset, "cpu", max_images=max_images)
-            results[name] = {"AP": metrics["AP"], "AP50": metrics["AP50"]}
-    else:
-        raise ValueError(f"no accuracy evaluation for task {spec.task!r} here (use tools/eval_face.py for faces)")
-    return results
+    return _ACCURACY[spec.accuracy](spec, backends, threads, max_images)

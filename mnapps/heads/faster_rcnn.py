@@ -18,7 +18,7 @@ parts around one :class:`mnapps.backbones.MobileNetV1`:
 Both models take images in [0, 1] and standardise them to [-1, 1] inside (image mean and std
 0.5, the TF-slim convention of the backbone weights). The trunk's stages keep their own names
 in the model (``backbone.body.block7...``, ``roi_heads.box_head.body.block12...``), so
-:func:`mnapps.checkpoint.load_backbone_weights` moves a trunk trained with any other
+:func:`mnapps.backbones.trunk.load_backbone_weights` moves a trunk trained with any other
 head (SSD, classifier) into these and back.
 """
 

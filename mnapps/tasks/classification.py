@@ -9,7 +9,7 @@ model a checkpoint describes and :func:`classify_images` turns photos into named
 predictions, preparing each image the way the TF-slim reference inputs were made (upright RGB,
 PIL bilinear resize of the whole image, scaled to [-1, 1]). The 1000 ImageNet class names ship in
 ``mnapps/resources/imagenet_classes.txt`` (torchvision's list). The loop itself is the shared engine
-(:func:`mnapps.engine.loop.fit`); the checkpoints it writes are ordinary mnapps
+(:func:`mnapps.tasks.training.train_task` around :func:`mnapps.engine.loop.fit`); the checkpoints it writes are ordinary mnapps
 checkpoints, so any head can start from the trained trunk with
 :func:`mnapps.backbones.trunk.load_backbone_weights`.
 """
@@ -33,13 +33,16 @@ from tqdm import tqdm
 
 from mnapps.backbones import MobileNetV1, prepare_trunk
 from mnapps.backbones.tf_slim import TfSlimImport, build_from_tf_slim, read_tf_slim_tensors
-from mnapps.checkpoint import load_checkpoint, save_checkpoint
-from mnapps.config import BackboneConfig, ConfigError, TrainConfig, from_dict, replace, save_config, to_dict
+from mnapps.checkpoint import Checkpoint, read_checkpoint
+from mnapps.config import BackboneConfig, ConfigError, TrainConfig, from_dict, replace, to_dict
 from mnapps.data.image_io import ImageReadError, load_rgb
 from mnapps.data.imagefolder import ImageFolderDataset, build_cls_transforms, collate_cls
 from mnapps.engine.distributed import DistInfo, build_eval_loader, build_train_loader, run_distributed
-from mnapps.engine.loop import check_run_folder, fit, to_device
 from mnapps.data.synthetic_cls import ensure_shapes_classification
+from mnapps.engine.loop import TaskHooks, to_device
+
+from .spec import ExportPlan
+from .training import RunRequest, TaskSteps, train_task
 
 __all__ = [
     "ClsModelConfig",
@@ -54,6 +57,8 @@ __all__ = [
     "imagenet_class_names",
     "class_names_for",
     "load_classifier",
+    "cls_image_files",
+    "cls_export_plan",
     "preprocess_image",
     "classify_images",
     "classify_files",
@@ -125,9 +130,7 @@ def build_classifier(
         raise ValueError(f"model.num_classes must be >= 1 for a classifier, got {classes}")
     if not 0 <= cfg.dropout < 1:
         raise ValueError(f"model.dropout must be in [0, 1), got {cfg.dropout}")
-    model, report = prepare_trunk(cfg.backbone, num_classes=classes, weights=weights_backbone)
-    if cfg.dropout > 0:
-        model.dropout = nn.Dropout(cfg.dropout)
+    model, report = prepare_trunk(cfg.backbone, num_classes=classes, weights=weights_backbone, dropout=cfg.dropout)
     model.backbone_load_report = report
     return model
 
@@ -256,20 +259,13 @@ def train_classifier(
         ``{"top1", "top5", "loss", ...}`` of the last evaluation, plus ``"num_skipped_train"``
         (unreadable training images dropped) and ``"engine"`` (what ``fit`` returned).
     """
-    return run_distributed(_train_classifier, device, cfg, output_dir, resume, overwrite=overwrite)
+    request = RunRequest(output_dir, resume=resume, overwrite=overwrite)
+    return run_distributed(_train_classifier, device, cfg, request)
 
 
-def _train_classifier(
-    cfg: ClsConfig,
-    output_dir: str | os.PathLike,
-    resume: str | os.PathLike | bool | None,
-    *,
-    overwrite: bool,
-    info: DistInfo,
-) -> dict[str, Any]:
-    # Before any data work: a finished run's best.pt must not be replaced by accident.
-    check_run_folder(output_dir, resume=bool(resume), overwrite=overwrite)
-    device = info.device
+def _prepare_data(cfg: ClsConfig, info: DistInfo) -> tuple[ClsConfig, tuple[ImageFolderDataset, ImageFolderDataset]]:
+    """Both ImageFolders, with what the data decided recorded so the checkpoint alone rebuilds
+    the model and its labels."""
     train_set, val_set = build_cls_datasets(cfg)
     if cfg.model.num_classes is not None and cfg.model.num_classes != train_set.num_classes:
         raise ValueError(
@@ -277,44 +273,36 @@ def _train_classifier(
             f"{train_set.num_classes} class folders {train_set.class_names[:10]}; "
             "set model.num_classes to null to take it from the data"
         )
-    # Record what the data decided, so the checkpoint alone rebuilds the model and its labels.
-    cfg = replace(
-        cfg,
-        model=replace(cfg.model, num_classes=train_set.num_classes, class_names=tuple(train_set.class_names)),
-    )
-    # Seed before building so the initial weights, like everything fit() draws, follow train.seed.
-    torch.manual_seed(cfg.train.seed)
-    model = build_classifier(cfg.model, weights_backbone=None if resume else cfg.model.backbone.weights)
-    if model.backbone_load_report is not None and info.is_main:
-        print(f"backbone: {model.backbone_load_report}")
-    model.to(device)
+    model = replace(cfg.model, num_classes=train_set.num_classes, class_names=tuple(train_set.class_names))
+    return replace(cfg, model=model), (train_set, val_set)
 
-    if info.is_main:
-        save_config(cfg, Path(output_dir) / "config.yaml")
-    train_loader = build_train_loader(train_set, cfg.train, collate_cls, info)
-    val_loader = build_eval_loader(
-        val_set, cfg.data.eval_batch_size or cfg.train.batch_size, collate_cls, cfg.train.num_workers
-    )
-    skipped = _SkipCounter()
 
-    def evaluate(eval_model: nn.Module, epoch: int) -> dict[str, float]:
-        return evaluate_classifier(
-            eval_model, val_loader, device, desc=f"eval epoch {epoch}", channels_last=cfg.train.channels_last
+def _steps(skipped: _SkipCounter) -> TaskSteps:
+    """The classification steps of the training skeleton."""
+
+    def start(cfg: ClsConfig, model: nn.Module, data: Any, info: DistInfo) -> tuple[Any, TaskHooks]:
+        train_set, val_set = data
+        val_loader = build_eval_loader(
+            val_set, cfg.data.eval_batch_size or cfg.train.batch_size, collate_cls, cfg.train.num_workers
         )
 
-    engine_result = fit(
-        model,
-        train_loader,
-        cfg.train,
-        loss_fn=cls_loss_fn(cfg.label_smoothing, skipped, channels_last=cfg.train.channels_last),
-        output_dir=output_dir,
-        evaluate=evaluate,
-        best_metric="top1",
-        checkpoint_meta={"task": "classification", "head": None, "config": to_dict(cfg)},
-        resume=resume,
-        device=device,
-        overwrite=overwrite,
+        def evaluate(eval_model: nn.Module, epoch: int) -> dict[str, float]:
+            return evaluate_classifier(
+                eval_model, val_loader, info.device, desc=f"eval epoch {epoch}", channels_last=cfg.train.channels_last
+            )
+
+        loss_fn = cls_loss_fn(cfg.label_smoothing, skipped, channels_last=cfg.train.channels_last)
+        return build_train_loader(train_set, cfg.train, collate_cls, info), TaskHooks(loss_fn, evaluate, "top1")
+
+    return TaskSteps(
+        task="classification", head=None, prepare=_prepare_data,
+        build=lambda cfg, weights, data: build_classifier(cfg.model, weights_backbone=weights), start=start,
     )
+
+
+def _train_classifier(cfg: ClsConfig, request: RunRequest, *, info: DistInfo) -> dict[str, Any]:
+    skipped = _SkipCounter()
+    engine_result = train_task(cfg, request, info, _steps(skipped)).fit
     if skipped.count and info.is_main:
         print(f"warning: {skipped.count} unreadable training image(s) were skipped")
     return {**engine_result["last_metrics"], "num_skipped_train": skipped.count, "engine": engine_result}
@@ -362,7 +350,7 @@ def class_names_for(num_classes: int, recorded: tuple[str, ...] | list[str] = ()
 
 
 def load_classifier(
-    checkpoint: str | os.PathLike | dict, device: str | torch.device = "cpu"
+    checkpoint: str | os.PathLike | dict | Checkpoint, device: str | torch.device = "cpu"
 ) -> tuple[nn.Module, ClsConfig, list[str]]:
     """Rebuild the classifier stored in an mnapps classification checkpoint.
 
@@ -373,36 +361,45 @@ def load_classifier(
         FileNotFoundError: no such checkpoint.
         ValueError: not a classification checkpoint, or weights that do not fit its config.
     """
-    name = str(checkpoint) if not isinstance(checkpoint, dict) else "the given checkpoint"
-    data = load_checkpoint(checkpoint) if not isinstance(checkpoint, dict) else checkpoint
-    if data.get("task") != "classification":
-        raise ValueError(
-            f"{name} is a {data.get('task') or 'plain state-dict'} checkpoint, not a classification one; "
-            "use tools/import_weights.py or tools/train_cls.py to make one"
-        )
+    record = read_checkpoint(checkpoint)
+    name = record.origin
+    record.require_task("classification", "use tools/import_weights.py or tools/train_cls.py to make one")
     try:
-        cfg = from_dict(ClsConfig, _nest_legacy_backbone_keys(data.get("config") or {}))
+        cfg = from_dict(ClsConfig, record.config)
     except ConfigError as exc:
         raise ValueError(f"{name}: its config does not fit this version of mnapps ({exc})") from None
-    state = data["model"]
-    num_classes = cfg.model.num_classes or int(state["classifier.weight"].shape[0])
+    num_classes = cfg.model.num_classes or int(record.weights["classifier.weight"].shape[0])
     model = build_classifier(cfg.model, num_classes)
     try:
-        model.load_state_dict(state)
+        model.load_state_dict(record.weights)
     except RuntimeError as exc:
         raise ValueError(f"{name}: weights do not fit the model its config describes: {exc}") from None
     return model.to(device).eval(), cfg, class_names_for(num_classes, cfg.model.class_names)
 
 
-def _nest_legacy_backbone_keys(config: dict[str, Any]) -> dict[str, Any]:
-    """Checkpoints of mnapps <= 0.1 kept the trunk keys flat in ``model``; nest them."""
-    model = dict(config.get("model") or {})
-    if "width_mult" not in model:
-        return config
-    backbone_keys = set(BackboneConfig.__dataclass_fields__)
-    backbone = {k: model.pop(k) for k in list(model) if k in backbone_keys}
-    backbone["weights"] = model.pop("weights_backbone", None)
-    return {**config, "model": {**model, "backbone": backbone}}
+def cls_image_files(cfg: ClsConfig, split: str) -> list[Path]:
+    """The image files of the validation (``"parity"``) or training (``"calibration"``) split."""
+    train_set, val_set = build_cls_datasets(cfg)
+    return [path for path, _ in (val_set if split == "parity" else train_set).samples]
+
+
+def cls_export_plan(checkpoint: Checkpoint, model: nn.Module, cfg: ClsConfig) -> ExportPlan:
+    """How export makes a graph of the classifier: ``images [N, 3, S, S]`` in [-1, 1] -> ``logits``."""
+    size = cfg.model.resolution
+    eval_tf = build_cls_transforms(False, size, eval_crop_fraction=cfg.data.eval_crop_fraction)
+
+    def to_input(image: Tensor) -> Tensor:
+        # The evaluation transform of training (central crop, resize, [-1, 1]) on a PIL image.
+        pixels = (image.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()
+        return eval_tf(Image.fromarray(pixels))
+
+    metadata = {
+        "task": "classification",
+        "input": f"images [N, 3, {size}, {size}] RGB standardised to [-1, 1] (x / 127.5 - 1)",
+        "class_names": list(cfg.model.class_names),
+    }
+    return ExportPlan("tensor", metadata, input_size=size, output_names=("logits",), to_input=to_input, top1=True,
+                      accuracy="top1")
 
 
 def preprocess_image(image: Image.Image | str | os.PathLike, resolution: int) -> Tensor:
@@ -526,13 +523,8 @@ def import_tf_slim_checkpoint(
     model, info = build_from_tf_slim(tensors, keep_background=keep_background)
     backbone = BackboneConfig(width_mult=info.width_mult, activation="relu6", bn_eps=1e-3, tf_padding=True)
     cfg = ClsConfig(model=ClsModelConfig(backbone=backbone, num_classes=info.num_classes, resolution=resolution))
-    payload: dict[str, Any] = {
-        "task": "classification",
-        "head": None,
-        "config": to_dict(cfg),
-        "model": model.state_dict(),
-        "epoch": 0,
-        "metrics": {},
-        "source": f"TF-slim {Path(source).name}",
-    }
-    return save_checkpoint(payload, output), info
+    checkpoint = Checkpoint(
+        task="classification", head=None, config=to_dict(cfg), weights=model.state_dict(),
+        source=f"TF-slim {Path(source).name}",
+    )
+    return checkpoint.save(output), info

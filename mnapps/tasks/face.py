@@ -48,8 +48,8 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from mnapps.backbones import prepare_trunk
-from mnapps.checkpoint import load_checkpoint
-from mnapps.config import BackboneConfig, ConfigError, TrainConfig, from_dict, load_config, save_config, to_dict
+from mnapps.checkpoint import Checkpoint, read_checkpoint
+from mnapps.config import BackboneConfig, ConfigError, TrainConfig, from_dict, load_config
 from mnapps.data.align import FaceAligner, align_folder
 from mnapps.data.faces import FaceFolder, RepeatedFaces, build_face_transforms, face_collate, split_holdout
 from mnapps.data.synthetic_faces import ensure_synthetic_faces
@@ -64,7 +64,7 @@ from mnapps.distill.teacher import (
 from mnapps.distill.views import mix_faces
 from mnapps.distill.warm_start import WarmStartConfig, ridge_embedding_init
 from mnapps.engine.distributed import DistInfo, build_train_loader, run_distributed
-from mnapps.engine.loop import check_run_folder, fit, to_device
+from mnapps.engine.loop import TaskHooks, to_device
 from mnapps.eval.face import (
     DEFAULT_FARS,
     PairList,
@@ -79,6 +79,8 @@ from mnapps.eval.face import (
 )
 from mnapps.files import check_output_path
 from mnapps.heads.face_embedding import FaceEmbedder, FaceModelConfig, PooledTrunkEmbedder, build_face_embedder
+
+from .training import RunRequest, TaskSteps, train_task
 
 __all__ = [
     "TeacherConfig",
@@ -450,51 +452,50 @@ def distill_face(
         ValueError: a bad config, no images, or a run folder holding another run's checkpoints
             (:func:`mnapps.engine.loop.check_run_folder`).
     """
-    return run_distributed(_distill_face, device, cfg, output_dir, resume, weights_backbone, overwrite=overwrite)
+    request = RunRequest(output_dir, resume=resume, overwrite=overwrite, weights_backbone=weights_backbone)
+    return run_distributed(_distill_face, device, cfg, request)
 
 
-def _distill_face(
-    cfg: FaceDistillConfig,
-    output_dir: str | os.PathLike,
-    resume: str | os.PathLike | bool | None,
-    weights_backbone: str | os.PathLike | None,
-    *,
-    overwrite: bool,
-    info: DistInfo,
-) -> dict[str, Any]:
-    output_dir, device, batch_size = Path(output_dir), info.device, cfg.data.eval_batch_size
-    check_run_folder(output_dir, resume=bool(resume), overwrite=overwrite)  # before any data work
-    _check_distill_config(cfg)
-    check_output_path(output_dir, [*cfg.data.roots, *([cfg.data.val_root] if cfg.data.val_root else [])],
-                      what="output folder")
-    data = build_distill_data(cfg.data)
-    teacher = prepare_teacher(cfg.teacher, data, device=device, batch_size=batch_size)
-    weights = None if resume else (weights_backbone or cfg.model.backbone.weights)
-    student = build_face_embedder(cfg.model, weights_backbone=weights).to(device)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    if info.is_main:
-        save_config(cfg, output_dir / "config.yaml")
-    cache_dir = Path(cfg.data.cache_dir) if cfg.data.cache_dir else output_dir
-    val_targets = torch.from_numpy(np.array(_teacher_cache(teacher, data.val, cache_dir / "teacher_val.npy",
-                                                           batch_size, device, info)))
-    train_targets = (_teacher_cache(teacher, data.train_plain, cache_dir / "teacher_train.npy", batch_size, device, info)
-                     if cfg.data.cache_teacher else None)
-    evaluate = _make_evaluate(data, val_targets, batch_size, device)
-    summary: dict[str, Any] = {"train_images": len(data.train_plain), "views_per_epoch": len(data.train),
-                               "val_images": len(data.val), "teacher": teacher.name}
-    if info.is_main:
-        summary.update(_before_training(cfg, data, teacher, student, val_targets, train_targets, evaluate, device,
-                                        resume))
-    clock = _TeacherClock()
-    loader = build_train_loader(data.train, cfg.train, collate_fn=face_collate, distributed=info)
-    result = fit(
-        student, loader, cfg.train,
-        loss_fn=_make_loss_fn(cfg, teacher, train_targets, DistillationLoss(cfg.loss), clock),
-        output_dir=output_dir, evaluate=evaluate, best_metric="cosine",
-        checkpoint_meta={"task": "face", "head": "face_embedding", "config": to_dict(cfg)},
-        resume=resume, device=device, batch_size_fn=lambda batch: int(batch[0].shape[0]), overwrite=overwrite,
-    )
-    summary.update(_final_summary(result, clock, train_targets is not None, len(data.val)))
+def _distill_steps(request: RunRequest, state: dict[str, Any]) -> TaskSteps:
+    """The face steps of the training skeleton; ``state`` collects what the summary needs."""
+    output_dir = Path(request.output_dir)
+
+    def prepare(cfg: FaceDistillConfig, info: DistInfo) -> tuple[FaceDistillConfig, FaceDistillData]:
+        _check_distill_config(cfg)
+        check_output_path(output_dir, [*cfg.data.roots, *([cfg.data.val_root] if cfg.data.val_root else [])],
+                          what="output folder")
+        data = build_distill_data(cfg.data)
+        state["teacher"] = prepare_teacher(cfg.teacher, data, device=info.device, batch_size=cfg.data.eval_batch_size)
+        return cfg, data
+
+    def start(cfg: FaceDistillConfig, student: nn.Module, data: FaceDistillData, info: DistInfo):
+        teacher, device, batch_size = state["teacher"], info.device, cfg.data.eval_batch_size
+        cache_dir = Path(cfg.data.cache_dir) if cfg.data.cache_dir else output_dir
+        val_targets = torch.from_numpy(np.array(_teacher_cache(teacher, data.val, cache_dir / "teacher_val.npy",
+                                                               batch_size, device, info)))
+        train_targets = (_teacher_cache(teacher, data.train_plain, cache_dir / "teacher_train.npy", batch_size, device,
+                                        info) if cfg.data.cache_teacher else None)
+        evaluate = _make_evaluate(data, val_targets, batch_size, device)
+        state["summary"] = {"train_images": len(data.train_plain), "views_per_epoch": len(data.train),
+                            "val_images": len(data.val), "teacher": teacher.name}
+        if info.is_main:
+            state["summary"].update(_before_training(cfg, data, teacher, student, val_targets, train_targets, evaluate,
+                                                     device, request.resume))
+        state["clock"], state["cached"] = _TeacherClock(), train_targets is not None
+        loader = build_train_loader(data.train, cfg.train, collate_fn=face_collate, distributed=info)
+        loss_fn = _make_loss_fn(cfg, teacher, train_targets, DistillationLoss(cfg.loss), state["clock"])
+        return loader, TaskHooks(loss_fn, evaluate, "cosine", batch_size_fn=lambda batch: int(batch[0].shape[0]))
+
+    return TaskSteps(task="face", head="face_embedding", prepare=prepare,
+                     build=lambda cfg, weights, data: build_face_embedder(cfg.model, weights_backbone=weights),
+                     start=start)
+
+
+def _distill_face(cfg: FaceDistillConfig, request: RunRequest, *, info: DistInfo) -> dict[str, Any]:
+    state: dict[str, Any] = {}
+    trained = train_task(cfg, request, info, _distill_steps(request, state))
+    result, output_dir, summary = trained.fit, Path(request.output_dir), state["summary"]
+    summary.update(_final_summary(result, state["clock"], state["cached"], len(trained.data.val)))
     if info.is_main:
         (output_dir / "distill_summary.json").write_text(json.dumps(summary, indent=2))
         warning = collapse_warning("student", summary["final_spread"]) if summary["collapsed"] else None
@@ -529,46 +530,38 @@ def _final_summary(result: dict[str, Any], clock: _TeacherClock, cached: bool, v
 # loading models
 
 
-def load_face_embedder(path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[FaceEmbedder, dict[str, Any]]:
+def load_face_embedder(path: str | os.PathLike | Checkpoint, device: str | torch.device = "cpu") -> tuple[FaceEmbedder, Checkpoint]:
     """Rebuild a trained student from its checkpoint (``best.pt``/``last.pt`` of distillation).
 
     Returns:
-        ``(model in eval mode on device, checkpoint dict)``.
+        ``(model in eval mode on device, the checkpoint record)``.
 
     Raises:
         FileNotFoundError: no such file.
         ValueError: the checkpoint is not a face-embedding checkpoint, or does not fit.
     """
-    checkpoint = load_checkpoint(path)
-    config = checkpoint.get("config") or {}
-    if checkpoint.get("task") != "face" or "model" not in config:
-        raise ValueError(
-            f"{path} is not a face-embedding checkpoint (task={checkpoint.get('task')!r}); "
-            f"pass the best.pt/last.pt written by tools/distill_face.py"
-        )
+    checkpoint = read_checkpoint(path)
+    checkpoint.require_task("face", "pass the best.pt/last.pt written by tools/distill_face.py")
     try:
-        model_cfg = from_dict(FaceModelConfig, config["model"], "model")
+        model_cfg = from_dict(FaceModelConfig, checkpoint.model_config, "model")
     except ConfigError as exc:
-        raise ValueError(f"{path}: its model config does not fit this version of mnapps: {exc}") from None
+        raise ValueError(f"{checkpoint.origin}: its model config does not fit this version of mnapps: {exc}") from None
     model = build_face_embedder(model_cfg)  # weights come from the checkpoint, not backbone.weights
     try:
-        model.load_state_dict(checkpoint["model"])
+        model.load_state_dict(checkpoint.weights)
     except RuntimeError as exc:
-        raise ValueError(f"{path}: weights do not fit the model its config describes: {str(exc).splitlines()[0]}") from None
+        raise ValueError(f"{checkpoint.origin}: weights do not fit the model its config describes: "
+                         f"{str(exc).splitlines()[0]}") from None
     return model.to(device).eval(), checkpoint
 
 
-def _checkpoint_backbone(path: str | os.PathLike, checkpoint: dict[str, Any]) -> BackboneConfig:
-    """The trunk settings recorded in any mnapps checkpoint (``model.backbone``, or flat legacy keys)."""
-    model = dict((checkpoint.get("config") or {}).get("model") or {})
-    section = model.get("backbone")
-    if section is None:
-        names = set(BackboneConfig.__dataclass_fields__)
-        section = {k: v for k, v in model.items() if k in names}
+def _checkpoint_backbone(checkpoint: Checkpoint) -> BackboneConfig:
+    """The trunk settings recorded in any mnapps checkpoint (``model.backbone``; legacy flat keys
+    are nested by :func:`mnapps.checkpoint.read_checkpoint`)."""
     try:
-        return from_dict(BackboneConfig, section, "model.backbone")
+        return from_dict(BackboneConfig, checkpoint.backbone_config, "model.backbone")
     except ConfigError as exc:
-        raise ValueError(f"{path}: its backbone config does not fit this version of mnapps: {exc}") from None
+        raise ValueError(f"{checkpoint.origin}: its backbone config does not fit this version of mnapps: {exc}") from None
 
 
 def load_trunk_embedder(path: str | os.PathLike, device: str | torch.device = "cpu", *,
@@ -584,11 +577,11 @@ def load_trunk_embedder(path: str | os.PathLike, device: str | torch.device = "c
         FileNotFoundError: no such file.
         ValueError: the checkpoint holds no MobileNetV1 trunk that fits its recorded settings.
     """
-    checkpoint = load_checkpoint(path)
-    backbone = _checkpoint_backbone(path, checkpoint)
+    checkpoint = read_checkpoint(path)
+    backbone = _checkpoint_backbone(checkpoint)
     plain = BackboneConfig(width_mult=backbone.width_mult, variant=backbone.variant, activation=backbone.activation,
                            bn_eps=backbone.bn_eps, tf_padding=backbone.tf_padding)
-    trunk, _ = prepare_trunk(plain, weights=checkpoint["model"])
+    trunk, _ = prepare_trunk(plain, weights=checkpoint.weights)
     return PooledTrunkEmbedder(trunk, input_size=input_size).to(device).eval()
 
 

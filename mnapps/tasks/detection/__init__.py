@@ -1,0 +1,44 @@
+"""Detection as a task: config, data, training, checkpoints, inference and TF import.
+
+The package holds one thing per module: :mod:`.config` (:class:`DetConfig`, the model it
+describes, :func:`fine_tune_config`), :mod:`.data` (the COCO-format datasets), :mod:`.train`
+(:func:`train_detector` on the shared training skeleton), :mod:`.model` (:func:`load_detector`,
+:func:`load_detector_weights`), :mod:`.predict` (:func:`predict_images`, :func:`draw_detections`,
+:func:`box_detector`) and :mod:`.tf_import` (:func:`import_tf_od_api_ssd_checkpoint`). Every
+public name is importable from the package itself.
+
+What the data decides (number of classes, class names, the dataset's category ids) is written
+into ``cfg.model`` before training, so a checkpoint alone rebuilds the model, names its classes
+and maps its labels back to the original COCO category ids.
+"""
+
+from .config import DetConfig, DetDataConfig, DetModelConfig, build_model, fine_tune_config, model_input_size
+from .data import build_det_datasets, build_eval_dataset, build_train_dataset, det_image_files
+from .model import CLASS_PREDICTOR_PREFIXES, det_export_plan, load_detector, load_detector_weights
+from .predict import box_detector, draw_detections, image_ids_for, predict_images
+from .tf_import import import_tf_od_api_ssd_checkpoint
+from .train import detection_loss_fn, train_detector
+
+__all__ = [
+    "DetModelConfig",
+    "DetDataConfig",
+    "DetConfig",
+    "build_model",
+    "train_detector",
+    "build_train_dataset",
+    "build_eval_dataset",
+    "build_det_datasets",
+    "det_image_files",
+    "load_detector",
+    "predict_images",
+    "model_input_size",
+    "detection_loss_fn",
+    "draw_detections",
+    "image_ids_for",
+    "import_tf_od_api_ssd_checkpoint",
+    "fine_tune_config",
+    "load_detector_weights",
+    "box_detector",
+    "CLASS_PREDICTOR_PREFIXES",
+    "det_export_plan",
+]

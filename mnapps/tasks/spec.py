@@ -1,0 +1,69 @@
+"""What a task tells the rest of mnapps about itself: :class:`TaskSpec` and its :class:`ExportPlan`.
+
+This module owns the two records behind :data:`mnapps.tasks.table.TASKS`: each task's config
+class, training entry point, checkpoint loader, dataset factory and export description. Export
+(:mod:`mnapps.export.pipeline`) reads them instead of testing model classes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from torch import Tensor, nn
+
+from mnapps.checkpoint import Checkpoint
+
+__all__ = ["TaskSpec", "ExportPlan"]
+
+
+@dataclass(frozen=True)
+class ExportPlan:
+    """How a trained model of a task becomes an ONNX graph (read by :mod:`mnapps.export.pipeline`).
+
+    Attributes:
+        graph: ``"tensor"`` (a batch in, one output), ``"ssd"`` (raw outputs, shared
+            post-processing) or ``"detector"`` (a whole two-stage detector, one image per run);
+            a detection head's comes from its :class:`mnapps.heads.HeadSpec`.
+        metadata: ``mnapps.*`` metadata for the file (the graph adds its input/output words).
+        input_size: side of a ``"tensor"`` graph's square input (None for detectors).
+        output_names: the ``"tensor"`` graph's output names.
+        to_input: image ``Tensor[3, H, W]`` in [0, 1] -> graph input; None resizes to ``input_size``.
+        top1: parity also compares top-1 agreement (classifiers).
+        accuracy: what :func:`mnapps.export.pipeline.evaluate_export` measures: ``"top1"``,
+            ``"coco"`` or None (not measured there).
+        own_data: False for an imported model that names no data of its own (its default
+            parity/calibration images would be unlike what it sees).
+    """
+
+    graph: str
+    metadata: dict[str, Any]
+    input_size: int | None = None
+    output_names: tuple[str, ...] = ()
+    to_input: Callable[[Tensor], Tensor] | None = None
+    top1: bool = False
+    accuracy: str | None = None
+    own_data: bool = True
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """Everything mnapps needs to know about one task (an entry of :data:`mnapps.tasks.table.TASKS`).
+
+    Attributes:
+        config_cls: the task's top-level config dataclass.
+        train: ``train(cfg, *, output_dir, resume=None, device=None, overwrite=False, ...)``.
+        load: ``load(checkpoint) -> (model in eval mode, typed config)``.
+        datasets: ``datasets(cfg) -> (train, validation)`` datasets.
+        image_files: ``image_files(cfg, split) -> files`` of the validation (``"parity"``) or
+            training (``"calibration"``) split.
+        export: ``export(checkpoint, model, cfg) -> ExportPlan``.
+    """
+
+    config_cls: type
+    train: Callable[..., Any]
+    load: Callable[[Checkpoint], tuple[nn.Module, Any]]
+    datasets: Callable[[Any], tuple[Any, Any]]
+    image_files: Callable[[Any, str], list[Path]]
+    export: Callable[[Checkpoint, nn.Module, Any], ExportPlan] = field(repr=False)
