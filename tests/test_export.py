@@ -508,7 +508,7 @@ def test_onnx_faster_rcnn_whole_model_parity(fpn, tmp_path):
 
 
 def test_benchmark_ratios_and_targets_from_rows():
-    from mnapps.export.benchmark import BenchRow, _fill_ratios, check_targets, format_table, time_call
+    from mnapps.bench.models import BenchRow, _fill_ratios, check_targets, format_table, time_call
 
     macs = 569_000_000
     rows = [

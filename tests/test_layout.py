@@ -31,9 +31,16 @@ FLOORS = {
     "mnapps.tasks": 3,
     "mnapps.export": 4,
     "mnapps.stats": 4,
+    "mnapps.bench": 4,
     "mnapps.cli": 5,
 }
 MAX_FUNCTION_LINES = 80
+MAX_MODULE_LINES = 600
+# Modules over the limit, each with the reason it is allowed for now.
+LONG_MODULES = {
+    "eval/face.py": "owned by the face-distillation work in progress; split it when that lands",
+    "tasks/face.py": "owned by the face-distillation work in progress; split it when that lands",
+}
 
 
 def module_name(path: Path) -> str:
@@ -174,3 +181,112 @@ def test_tools_are_thin_wrappers_of_the_console_entry_points():
         assert "sys.path" not in text, tool
         assert f"from mnapps.cli.{tool.stem} import main" in text, tool
         assert len(text.splitlines()) <= 10, tool
+
+
+def _module_params():
+    for path in sorted(PACKAGE.rglob("*.py")):
+        name = str(path.relative_to(PACKAGE))
+        # strict: the day such a module fits, the test says so and the entry must go.
+        marks = [pytest.mark.xfail(reason=LONG_MODULES[name], strict=True)] if name in LONG_MODULES else []
+        yield pytest.param(path, id=name, marks=marks)
+
+
+@pytest.mark.parametrize("path", list(_module_params()))
+def test_modules_hold_one_thing(path):
+    name = str(path.relative_to(PACKAGE))
+    lines = len(path.read_text().splitlines())
+    assert lines <= MAX_MODULE_LINES, f"{name} has {lines} lines (over {MAX_MODULE_LINES}): split it by what it owns"
+
+
+# Keys only a checkpoint file has: code outside mnapps/checkpoint.py reads them as attributes of
+# the typed Checkpoint / TrainingState record, never as strings.
+CHECKPOINT_ONLY_KEYS = {
+    "optimizer", "scheduler", "scaler", "rng", "rng_per_rank", "evaluation_pending",
+    "best_mode", "train_config", "steps_per_epoch", "world_size",
+}
+# Functions that hand out the raw checkpoint dict; only mnapps/checkpoint.py calls them
+# (teacher weights are a bare state dict read with safe_load, not a checkpoint).
+RAW_READERS = {"load_checkpoint", "save_checkpoint"}
+
+
+def _string_key(node: ast.AST) -> str | None:
+    if isinstance(node, ast.Subscript) and isinstance(node.slice, ast.Constant) and isinstance(node.slice.value, str):
+        return node.slice.value
+    if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr in ("get", "pop")
+            and node.args and isinstance(node.args[0], ast.Constant) and isinstance(node.args[0].value, str)):
+        return node.args[0].value
+    return None
+
+
+def checkpoint_key_access(path: Path) -> list[str]:
+    """String-keyed reads of checkpoint fields, raw checkpoint reads/writes, and hand-built payloads."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        key = _string_key(node)
+        if key in CHECKPOINT_ONLY_KEYS:
+            found.append(f"line {node.lineno}: [{key!r}]")
+        if isinstance(node, ast.Call):
+            name = node.func.attr if isinstance(node.func, ast.Attribute) else getattr(node.func, "id", None)
+            if name in RAW_READERS or (name == "load" and getattr(node.func, "value", None) is not None
+                                       and getattr(node.func.value, "id", None) == "torch"):
+                found.append(f"line {node.lineno}: {name}()")
+        if isinstance(node, ast.Dict):
+            keys = {k.value for k in node.keys if isinstance(k, ast.Constant)}
+            if {"task", "model"} <= keys:
+                found.append(f"line {node.lineno}: a dict with 'task' and 'model' (a checkpoint by hand)")
+    return found
+
+
+def test_only_the_checkpoint_module_knows_the_checkpoint_keys():
+    bad = [f"{path.relative_to(PACKAGE.parent)} {hit}" for path in sorted(PACKAGE.rglob("*.py"))
+           if path.name != "checkpoint.py" or path.parent != PACKAGE for hit in checkpoint_key_access(path)]
+    assert not bad, "use mnapps.checkpoint.read_checkpoint / Checkpoint instead of:\n" + "\n".join(bad)
+
+
+def test_the_checkpoint_key_check_finds_what_it_forbids(tmp_path):
+    sample = tmp_path / "sample.py"
+    sample.write_text("def f(ckpt):\n    a = ckpt['optimizer']\n    b = ckpt.get('rng')\n"
+                      "    c = load_checkpoint('x')\n    return {'task': 'd', 'model': {}}\n")
+    assert len(checkpoint_key_access(sample)) == 4
+
+
+def _model_classes(tree: ast.AST) -> set[str]:
+    """Names a module imports from where model classes live (torchvision models, mnapps heads/backbones)."""
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.module and (
+            node.module.startswith(("torchvision.models", "mnapps.heads", "mnapps.backbones"))
+        ):
+            names.update(alias.asname or alias.name for alias in node.names)
+    return names
+
+
+def model_class_dispatch(path: Path) -> list[str]:
+    """``isinstance(x, <model class>)`` anywhere but a guard that raises (``if not isinstance: raise``)."""
+    tree = ast.parse(path.read_text())
+    classes = _model_classes(tree)
+    guards = {id(test.operand) for node in ast.walk(tree) if isinstance(node, ast.If)
+              for test in [node.test] if isinstance(test, ast.UnaryOp) and isinstance(test.op, ast.Not)
+              and len(node.body) == 1 and isinstance(node.body[0], ast.Raise)}
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "isinstance" and len(node.args) == 2:
+            kinds = node.args[1].elts if isinstance(node.args[1], ast.Tuple) else [node.args[1]]
+            named = {getattr(kind, "id", getattr(kind, "attr", None)) for kind in kinds}
+            if named & classes and id(node) not in guards:
+                found.append(f"line {node.lineno}: isinstance(..., {', '.join(sorted(named & classes))})")
+    return found
+
+
+def test_export_dispatches_through_the_tables_not_on_model_classes():
+    bad = [f"{path.relative_to(PACKAGE.parent)} {hit}" for path in sorted((PACKAGE / "export").rglob("*.py"))
+           for hit in model_class_dispatch(path)]
+    assert not bad, "export picks its path with isinstance on model classes (use TASKS / HEADS):\n" + "\n".join(bad)
+
+
+def test_the_dispatch_check_finds_an_isinstance_chain(tmp_path):
+    sample = tmp_path / "sample.py"
+    sample.write_text("from torchvision.models.detection.ssd import SSD\n"
+                      "def f(m):\n    if not isinstance(m, SSD):\n        raise ValueError(m)\n"
+                      "    return 1 if isinstance(m, SSD) else 2\n")
+    assert model_class_dispatch(sample) == ["line 5: isinstance(..., SSD)"]

@@ -39,18 +39,12 @@ from typing import Any
 import torch
 
 import mnapps
+from mnapps.bench.coco_sim import COCO_TRAIN2017_IMAGES
+from mnapps.bench.data_path import IMPLEMENTATIONS, ScaleSettings, run_scale_benchmark
+from mnapps.bench.data_report import check_acceptance, format_report, plot_report
+from mnapps.bench.models import COCO_CLASSES, time_call
 from mnapps.data.coco import CocoDetection
-from mnapps.data.coco_scale import (
-    COCO_TRAIN2017_IMAGES,
-    IMPLEMENTATIONS,
-    ScaleSettings,
-    check_acceptance,
-    format_report,
-    plot_report,
-    run_scale_benchmark,
-)
 from mnapps.data.transforms import build_det_transforms
-from mnapps.export.benchmark import COCO_CLASSES, time_call
 from mnapps.heads.ssd import SSDConfig, build_ssd
 
 EXAMPLES = f"""examples:

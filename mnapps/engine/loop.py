@@ -35,7 +35,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -53,6 +52,7 @@ from mnapps.engine.steps import (
     Progress,
     check_loss_dict,
     default_batch_size,
+    evaluate_on_main,
     format_metrics,
     format_terms,
     raise_non_finite,
@@ -412,31 +412,6 @@ def _train_one_epoch(run: _Run, loader: Any, loss_fn: LossFn, epoch: int) -> dic
 # evaluation, checkpoints and the epoch summary
 
 
-def _evaluate_on_main(evaluate: EvaluateFn, model: nn.Module, epoch: int, info: DistInfo) -> dict[str, Any]:
-    """Run ``evaluate`` on rank 0 and broadcast its metrics (or its failure) to every rank."""
-    metrics: dict[str, Any] | None = None
-    error: BaseException | None = None
-    if info.is_main:
-        try:
-            result = evaluate(model, epoch)
-            if not isinstance(result, Mapping):
-                raise ValueError(f"evaluate(model, epoch) must return a dict of metrics, got {type(result).__name__}")
-            numbers = (int, float, np.floating, np.integer)
-            metrics = {k: float(v) if isinstance(v, numbers) else v for k, v in result.items()}
-        except BaseException as exc:  # re-raised below, after the other ranks were told
-            error = exc
-    if info.world_size > 1:
-        box = [metrics if error is None else {"__evaluation_failed__": repr(error)}]
-        dist.broadcast_object_list(box, src=0)
-        if not info.is_main:
-            if "__evaluation_failed__" in box[0]:
-                raise RuntimeError(f"evaluation failed on rank 0: {box[0]['__evaluation_failed__']}")
-            metrics = box[0]
-    if error is not None:
-        raise error
-    return metrics or {}
-
-
 def _gather_rng_states(info: DistInfo) -> list[dict[str, Any]]:
     state = capture_rng_state()
     if info.world_size == 1:
@@ -508,7 +483,7 @@ def _epoch_summary(run: _Run, entry: Mapping[str, Any], improved: bool) -> str:
 
 def _evaluate_epoch(run: _Run, evaluate: EvaluateFn, epoch_number: int) -> bool:
     """Evaluate after ``epoch_number`` (1-based), fill its history entry; True on a new best."""
-    metrics = _evaluate_on_main(evaluate, run.model, epoch_number, run.info)
+    metrics = evaluate_on_main(evaluate, run.model, epoch_number, run.info)
     run.last_metrics = metrics
     run.history[-1]["metrics"] = metrics
     if run.best_metric is None or not metrics:

@@ -2,7 +2,8 @@
 
 This module owns moving batches to the device (:func:`to_device`), checking the loss dict a
 task returns, stopping on a non-finite loss (:class:`NonFiniteLossError`), the running means
-of an epoch (:class:`Progress`) and the formatting of the per-epoch line.
+of an epoch (:class:`Progress`), the formatting of the per-epoch line, and running the
+evaluation on rank 0 with its metrics broadcast (:func:`evaluate_on_main`).
 """
 
 from __future__ import annotations
@@ -10,8 +11,9 @@ from __future__ import annotations
 import time
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -30,6 +32,7 @@ __all__ = [
     "check_loss_dict",
     "Progress",
     "raise_non_finite",
+    "evaluate_on_main",
 ]
 
 
@@ -186,3 +189,28 @@ def raise_non_finite(
         batch_index=batch_index,
         losses=dict(where_terms),
     )
+
+
+def evaluate_on_main(evaluate: Callable[[nn.Module, int], Mapping[str, float]], model: nn.Module, epoch: int, info: DistInfo) -> dict[str, Any]:
+    """Run ``evaluate`` on rank 0 and broadcast its metrics (or its failure) to every rank."""
+    metrics: dict[str, Any] | None = None
+    error: BaseException | None = None
+    if info.is_main:
+        try:
+            result = evaluate(model, epoch)
+            if not isinstance(result, Mapping):
+                raise ValueError(f"evaluate(model, epoch) must return a dict of metrics, got {type(result).__name__}")
+            numbers = (int, float, np.floating, np.integer)
+            metrics = {k: float(v) if isinstance(v, numbers) else v for k, v in result.items()}
+        except BaseException as exc:  # re-raised below, after the other ranks were told
+            error = exc
+    if info.world_size > 1:
+        box = [metrics if error is None else {"__evaluation_failed__": repr(error)}]
+        dist.broadcast_object_list(box, src=0)
+        if not info.is_main:
+            if "__evaluation_failed__" in box[0]:
+                raise RuntimeError(f"evaluation failed on rank 0: {box[0]['__evaluation_failed__']}")
+            metrics = box[0]
+    if error is not None:
+        raise error
+    return metrics or {}

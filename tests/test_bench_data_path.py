@@ -15,20 +15,16 @@ from PIL import Image
 import mnapps.data.transforms as transforms_module
 from mnapps.cli.bench_data import main as bench_main
 from mnapps.data.coco_index import load_coco_json
-from mnapps.data.coco_scale import (
-    COCO_2017_CATEGORIES,
+from mnapps.bench.coco_sim import COCO_2017_CATEGORIES, prepare_image_pool, write_coco_simulation
+from mnapps.bench.data_path import (
     ScaleSettings,
     _annotations_only,
     _build_dataset,
-    check_acceptance,
     child_pids,
-    extrapolate_workers,
-    format_report,
     measure_loader,
-    prepare_image_pool,
     process_memory,
-    write_coco_simulation,
 )
+from mnapps.bench.data_report import check_acceptance, extrapolate_workers, format_report
 from mnapps.data.transforms import build_det_transforms
 
 _MB = 1 << 20
