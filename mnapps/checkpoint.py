@@ -37,12 +37,15 @@ from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
 
+from mnapps.config import ConfigError, from_dict
 from mnapps.files import atomic_write
+
+T = TypeVar("T")
 
 FORMAT = "mnapps-checkpoint"
 VERSION = 1
@@ -51,6 +54,7 @@ __all__ = [
     "Checkpoint",
     "TrainingState",
     "read_checkpoint",
+    "read_task_checkpoint",
     "save_checkpoint",
     "load_checkpoint",
     "safe_load",
@@ -261,6 +265,14 @@ class Checkpoint:
             kind = f"task={self.task!r}" if self.task else "a plain state dict"
             raise ValueError(f"{self.origin} is not an mnapps {task} checkpoint ({kind}); {fix}")
 
+    def typed_config(self, cls: type[T]) -> T:
+        """The stored config as the task's dataclass ``cls``; one that no longer fits this
+        version of mnapps is a one-line ValueError naming the file."""
+        try:
+            return from_dict(cls, self.config)
+        except ConfigError as exc:
+            raise ValueError(f"{self.origin}: its config does not fit this version of mnapps: {exc}") from None
+
     def to_payload(self) -> dict[str, Any]:
         """The dict written to disk (see the module docstring)."""
         payload: dict[str, Any] = {
@@ -355,3 +367,13 @@ def read_checkpoint(
             return Checkpoint(task=None, head=None, config=None, weights=dict(source))
         return _record(source, "the given checkpoint")
     return _record(load_checkpoint(source, map_location), str(source))
+
+
+def read_task_checkpoint(
+    source: str | os.PathLike | Mapping[str, Any] | Checkpoint, task: str, config_cls: type[T], fix: str
+) -> tuple[Checkpoint, T]:
+    """What every task loader starts with: the record, checked to be a ``task`` checkpoint (else a
+    ValueError ending with ``fix``), and its config as ``config_cls``."""
+    record = read_checkpoint(source)
+    record.require_task(task, fix)
+    return record, record.typed_config(config_cls)

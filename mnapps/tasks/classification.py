@@ -33,8 +33,8 @@ from tqdm import tqdm
 
 from mnapps.backbones import MobileNetV1, prepare_trunk
 from mnapps.backbones.tf_slim import TfSlimImport, build_from_tf_slim, read_tf_slim_tensors
-from mnapps.checkpoint import Checkpoint, read_checkpoint
-from mnapps.config import BackboneConfig, ConfigError, TrainConfig, from_dict, replace, to_dict
+from mnapps.checkpoint import Checkpoint, read_task_checkpoint
+from mnapps.config import BackboneConfig, TrainConfig, replace, to_dict
 from mnapps.data.image_io import ImageReadError, load_rgb
 from mnapps.data.imagefolder import ImageFolderDataset, build_cls_transforms, collate_cls
 from mnapps.engine.distributed import DistInfo, build_eval_loader, build_train_loader, run_distributed
@@ -361,13 +361,9 @@ def load_classifier(
         FileNotFoundError: no such checkpoint.
         ValueError: not a classification checkpoint, or weights that do not fit its config.
     """
-    record = read_checkpoint(checkpoint)
+    fix = "use tools/import_weights.py or tools/train_cls.py to make one"
+    record, cfg = read_task_checkpoint(checkpoint, "classification", ClsConfig, fix)
     name = record.origin
-    record.require_task("classification", "use tools/import_weights.py or tools/train_cls.py to make one")
-    try:
-        cfg = from_dict(ClsConfig, record.config)
-    except ConfigError as exc:
-        raise ValueError(f"{name}: its config does not fit this version of mnapps ({exc})") from None
     num_classes = cfg.model.num_classes or int(record.weights["classifier.weight"].shape[0])
     model = build_classifier(cfg.model, num_classes)
     try:

@@ -14,7 +14,6 @@ from pathlib import Path
 from torch import nn
 
 from mnapps.checkpoint import Checkpoint
-from mnapps.config import ConfigError, from_dict
 from mnapps.data.image_io import IMAGE_EXTENSIONS, list_images
 from mnapps.data.synthetic_faces import ensure_synthetic_faces
 
@@ -33,16 +32,9 @@ from .spec import ExportPlan, TaskSpec
 __all__ = ["TASKS", "task_spec", "TaskSpec", "ExportPlan"]
 
 
-def _face_config(checkpoint: Checkpoint) -> FaceDistillConfig:
-    try:
-        return from_dict(FaceDistillConfig, checkpoint.config)
-    except ConfigError as exc:
-        raise ValueError(f"{checkpoint.origin}: its config does not fit this version of mnapps: {exc}") from None
-
-
 def _load_face(checkpoint: Checkpoint) -> tuple[nn.Module, FaceDistillConfig]:
     model, record = load_face_embedder(checkpoint)
-    return model, _face_config(record)
+    return model, record.typed_config(FaceDistillConfig)
 
 
 def _files(folder: str | Path) -> list[Path]:

@@ -16,8 +16,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from mnapps.checkpoint import Checkpoint, read_checkpoint
-from mnapps.config import ConfigError, from_dict, load_config
+from mnapps.checkpoint import Checkpoint, read_checkpoint, read_task_checkpoint
+from mnapps.config import load_config
 
 from mnapps.heads import head_spec
 
@@ -50,13 +50,10 @@ def load_detector(
         FileNotFoundError: no such checkpoint.
         ValueError: not a detection checkpoint, or weights that do not fit the config.
     """
-    record = read_checkpoint(checkpoint)
+    record, stored_cfg = read_task_checkpoint(
+        checkpoint, "detection", DetConfig, "pass the best.pt or last.pt written by tools/train_det.py"
+    )
     source = record.origin
-    record.require_task("detection", "pass the best.pt or last.pt written by tools/train_det.py")
-    try:
-        stored_cfg = from_dict(DetConfig, record.config)
-    except ConfigError as exc:
-        raise ValueError(f"{source}: its stored config does not fit this version of mnapps: {exc}") from None
     if config is None:
         cfg = stored_cfg
     else:
