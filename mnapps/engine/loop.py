@@ -241,9 +241,10 @@ def _wrap_for_training(run: _Run) -> None:
 # resume
 
 
-def _describe(identity: Mapping[str, Any]) -> str:
-    details = ", ".join(f"{key} {value}" for key, value in identity.items() if key != "task" and value is not None)
-    return (f"{identity['task']} model" if identity["task"] else "model") + (f" ({details})" if details else "")
+def _describe(checkpoint: Checkpoint) -> str:
+    details = ", ".join(f"{key} {value}" for key, value in checkpoint.identity().items()
+                        if key != "task" and value is not None)
+    return (f"{checkpoint.task} model" if checkpoint.task else "model") + (f" ({details})" if details else "")
 
 
 def _check_same_run(checkpoint: Checkpoint, wanted: Checkpoint, path: Path) -> None:
@@ -251,9 +252,9 @@ def _check_same_run(checkpoint: Checkpoint, wanted: Checkpoint, path: Path) -> N
     have, want = checkpoint.identity(), wanted.identity()
     if any(have[key] is not None and want[key] is not None and have[key] != want[key] for key in have):
         raise ValueError(
-            f"cannot resume from {path}: it holds a {_describe(have)} but the config wants a {_describe(want)}; "
-            f"--resume only continues the same run, to start from that checkpoint's trunk pass it as "
-            f"--weights-backbone instead"
+            f"cannot resume from {path}: it holds a {_describe(checkpoint)} but the config wants a "
+            f"{_describe(wanted)}; --resume only continues the same run, to start from that checkpoint's trunk "
+            f"pass it as --weights-backbone instead"
         )
 
 

@@ -191,7 +191,9 @@ def raise_non_finite(
     )
 
 
-def evaluate_on_main(evaluate: Callable[[nn.Module, int], Mapping[str, float]], model: nn.Module, epoch: int, info: DistInfo) -> dict[str, Any]:
+def evaluate_on_main(
+    evaluate: Callable[[nn.Module, int], Mapping[str, float]], model: nn.Module, epoch: int, info: DistInfo
+) -> dict[str, Any]:
     """Run ``evaluate`` on rank 0 and broadcast its metrics (or its failure) to every rank."""
     metrics: dict[str, Any] | None = None
     error: BaseException | None = None

@@ -270,10 +270,10 @@ def load_export_spec(checkpoint: str | os.PathLike | dict[str, Any] | Checkpoint
     model, cfg = task.load(record)
     plan = task.export(record, model, cfg)
     graph = _GRAPHS[plan.graph](plan, model, cfg)
+    defaults = _default_images(record, plan, lambda split: task.image_files(cfg, split))
     return ExportSpec(
         task=record.task, head=record.head, model=model, config=cfg, graph=plan.graph, top1=plan.top1,
-        accuracy=plan.accuracy, default_images=_default_images(record, plan, lambda split: task.image_files(cfg, split)),
-        **graph,
+        accuracy=plan.accuracy, default_images=defaults, **graph,
     )
 
 
@@ -448,7 +448,8 @@ def _top1(predict: Callable[[Tensor], np.ndarray | Tensor], loader, desc: str) -
 def _top1_accuracy(spec: ExportSpec, backends: dict[str, Any], threads: int, max_images: int | None) -> dict:
     _, val_set = _datasets(spec)
     if max_images is not None:
-        val_set.samples = [val_set.samples[int(i * len(val_set.samples) / max_images)] for i in range(min(max_images, len(val_set.samples)))]
+        count = len(val_set.samples)
+        val_set.samples = [val_set.samples[int(i * count / max_images)] for i in range(min(max_images, count))]
     loader = torch.utils.data.DataLoader(val_set, batch_size=32, collate_fn=collate_cls)
     results = {}
     for name, backend in backends.items():

@@ -9,7 +9,8 @@ model a checkpoint describes and :func:`classify_images` turns photos into named
 predictions, preparing each image the way the TF-slim reference inputs were made (upright RGB,
 PIL bilinear resize of the whole image, scaled to [-1, 1]). The 1000 ImageNet class names ship in
 ``mnapps/resources/imagenet_classes.txt`` (torchvision's list). The loop itself is the shared engine
-(:func:`mnapps.tasks.training.train_task` around :func:`mnapps.engine.loop.fit`); the checkpoints it writes are ordinary mnapps
+(:func:`mnapps.tasks.training.train_task` around :func:`mnapps.engine.loop.fit`); the
+checkpoints it writes are ordinary mnapps
 checkpoints, so any head can start from the trained trunk with
 :func:`mnapps.backbones.trunk.load_backbone_weights`.
 """

@@ -17,7 +17,14 @@ from mnapps.checkpoint import Checkpoint
 from mnapps.data.image_io import IMAGE_EXTENSIONS, list_images
 from mnapps.data.synthetic_faces import ensure_synthetic_faces
 
-from .classification import ClsConfig, build_cls_datasets, cls_export_plan, cls_image_files, load_classifier, train_classifier
+from .classification import (
+    ClsConfig,
+    build_cls_datasets,
+    cls_export_plan,
+    cls_image_files,
+    load_classifier,
+    train_classifier,
+)
 from .detection import (
     DetConfig,
     build_det_datasets,
@@ -75,7 +82,9 @@ TASKS: dict[str, TaskSpec] = {
         ClsConfig, train_classifier, lambda c: load_classifier(c)[:2], build_cls_datasets, cls_image_files,
         cls_export_plan,
     ),
-    "detection": TaskSpec(DetConfig, train_detector, load_detector, build_det_datasets, det_image_files, det_export_plan),
+    "detection": TaskSpec(
+        DetConfig, train_detector, load_detector, build_det_datasets, det_image_files, det_export_plan
+    ),
     "face": TaskSpec(
         FaceDistillConfig, distill_face, _load_face, _face_datasets, _face_image_files, _face_export_plan
     ),

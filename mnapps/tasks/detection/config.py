@@ -173,17 +173,19 @@ def fine_tune_config(
         "detection", "pass a detector (train_det's best.pt, or tools/import_weights.py --kind ssd), or use "
         "--weights-backbone for a trunk"
     )
-    model = {k: v for k, v in checkpoint.model_config.items() if k not in ("num_classes", "class_names", "category_ids")}
+    decided_by_data = ("num_classes", "class_names", "category_ids")
+    model = {k: v for k, v in checkpoint.model_config.items() if k not in decided_by_data}
     # The config loader's own steps (read, overrides, typed check), with the checkpoint's model
     # section placed between the file and the overrides.
     overrides = [f"model={model!r}", *overrides]
     try:
         cfg = load_config(config, DetConfig, overrides)
     except ConfigError as exc:
-        raise ConfigError(f"{config or 'defaults'} with the model of {weights}: {exc}") from None
-    if cfg.model.head != model.get("head", "ssd"):
+        raise ConfigError(f"{exc} (the model section is that of {weights})") from None
+    stored = load_config(None, DetConfig, [f"model={model!r}"]).model.head  # as read (legacy spellings too)
+    if cfg.model.head != stored:
         raise ValueError(
-            f"--weights {weights} holds a {model.get('head', 'ssd')!r} detector but the head asked for is "
+            f"--weights {weights} holds a {stored!r} detector but the head asked for is "
             f"{cfg.model.head!r}; drop --head (the checkpoint decides the architecture)"
         )
     return cfg
