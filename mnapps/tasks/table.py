@@ -95,7 +95,8 @@ def task_spec(checkpoint: Checkpoint) -> TaskSpec:
     """The :data:`TASKS` entry of a checkpoint's task; any other is a ValueError naming the choices."""
     if checkpoint.task not in TASKS:
         raise ValueError(
-            f"{checkpoint.origin}: no mnapps task {checkpoint.task!r}; expected one of {sorted(TASKS)} (a checkpoint "
+            f"{checkpoint.origin}: a checkpoint with task={checkpoint.task!r}, which no mnapps task reads; expected "
+            f"one of {sorted(TASKS)} (a checkpoint "
             "written by tools/train_cls.py, train_det.py, distill_face.py or import_weights.py)"
         )
     return TASKS[checkpoint.task]
