@@ -29,7 +29,10 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["TFCheckpointError", "TensorEntry", "read_tf_checkpoint", "read_tf_checkpoint_entries", "crc32c"]
+__all__ = [
+    "TFCheckpointError", "TensorEntry", "read_tf_checkpoint", "read_tf_checkpoint_entries", "crc32c",
+    "check_finite_tensors",
+]  # fmt: skip
 
 _TABLE_MAGIC = 0xDB4775248B80FB57
 _FOOTER_SIZE = 48  # two BlockHandles padded to 40 bytes, then the 8-byte magic
@@ -382,6 +385,24 @@ def _decode_tensor(entry: TensorEntry, raw: memoryview, where: str, verify: bool
     return array.astype(dtype.newbyteorder("="), copy=True)
 
 
+def check_finite_tensors(
+    tensors: dict[str, np.ndarray], source: str, *, error: type[ValueError] = ValueError
+) -> dict[str, np.ndarray]:
+    """Refuse imported weights holding NaN or infinity, naming the first such tensor.
+
+    A NaN BatchNorm scale imports without complaint and only shows up as ``nan%`` scores
+    later; every importer checks here instead. Non-float tensors (step counters, strings) pass.
+    """
+    for name, array in tensors.items():
+        if array.dtype.kind in "fc" and array.size and not np.isfinite(array).all():
+            bad = int(array.size - np.isfinite(array).sum())
+            raise error(
+                f"{source}: tensor {name!r} holds {bad} NaN or infinite value(s) of {array.size}; the weights are "
+                "damaged (or were saved from a diverged run): use an intact copy"
+            )
+    return tensors
+
+
 def read_tf_checkpoint(prefix_or_index_path: str | os.PathLike, *, verify: bool = True) -> dict[str, np.ndarray]:
     """Every tensor of a TensorFlow V2 checkpoint as ``name -> numpy array``.
 
@@ -399,7 +420,8 @@ def read_tf_checkpoint(prefix_or_index_path: str | os.PathLike, *, verify: bool 
 
     Raises:
         FileNotFoundError: the ``.index`` or a data shard is missing (the message names it).
-        TFCheckpointError: corrupt or truncated files, failed checksums, partitioned variables.
+        TFCheckpointError: corrupt or truncated files, failed checksums, partitioned variables,
+            a float tensor holding NaN or infinity (named).
     """
     index, prefix = _index_path(prefix_or_index_path)
     num_shards, entries = read_tf_checkpoint_entries(index)
@@ -427,4 +449,4 @@ def read_tf_checkpoint(prefix_or_index_path: str | os.PathLike, *, verify: bool 
             )
         raw = memoryview(shard)[entry.offset : entry.offset + entry.size]
         tensors[name] = _decode_tensor(entry, raw, where, verify)
-    return tensors
+    return check_finite_tensors(tensors, prefix, error=TFCheckpointError)

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from .mobilenet_v1 import BLOCK_SETTINGS, MobileNetV1
-from .tf_checkpoint import read_tf_checkpoint
+from .tf_checkpoint import check_finite_tensors, read_tf_checkpoint
 
 __all__ = [
     "TF_SCOPE",
@@ -71,7 +71,7 @@ def read_tf_slim_tensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
         if not path.is_file():
             raise FileNotFoundError(f"TF-slim weights file {path} does not exist")
         with np.load(path, allow_pickle=False) as data:
-            return {name: data[name] for name in data.files}
+            return check_finite_tensors({name: data[name] for name in data.files}, str(path))
     # A TF checkpoint is named by its prefix; accept the .index/.data-* file too.
     prefix = re.sub(r"\.(index|meta|data-\d+-of-\d+)$", "", str(path))
     if not Path(prefix + ".index").is_file():
