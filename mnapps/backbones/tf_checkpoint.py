@@ -26,6 +26,7 @@ import re
 import struct
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Mapping
 
 import numpy as np
 
@@ -385,15 +386,16 @@ def _decode_tensor(entry: TensorEntry, raw: memoryview, where: str, verify: bool
     return array.astype(dtype.newbyteorder("="), copy=True)
 
 
-def check_finite_tensors(
-    tensors: dict[str, np.ndarray], source: str, *, error: type[ValueError] = ValueError
-) -> dict[str, np.ndarray]:
+def check_finite_tensors(tensors: Mapping[str, Any], source: str, *, error: type[ValueError] = ValueError) -> Mapping:
     """Refuse imported weights holding NaN or infinity, naming the first such tensor.
 
     A NaN BatchNorm scale imports without complaint and only shows up as ``nan%`` scores
-    later; every importer checks here instead. Non-float tensors (step counters, strings) pass.
+    later; the importers check the tensors that become model parameters here (numpy arrays or
+    torch tensors). Non-float tensors (step counters, strings) pass. Graph constants a source
+    also holds (a reshape target stored as float bits) are not weights and are not checked.
     """
-    for name, array in tensors.items():
+    for name, value in tensors.items():
+        array = value.detach().cpu().numpy() if hasattr(value, "detach") else np.asarray(value)
         if array.dtype.kind in "fc" and array.size and not np.isfinite(array).all():
             bad = int(array.size - np.isfinite(array).sum())
             raise error(
@@ -420,8 +422,7 @@ def read_tf_checkpoint(prefix_or_index_path: str | os.PathLike, *, verify: bool 
 
     Raises:
         FileNotFoundError: the ``.index`` or a data shard is missing (the message names it).
-        TFCheckpointError: corrupt or truncated files, failed checksums, partitioned variables,
-            a float tensor holding NaN or infinity (named).
+        TFCheckpointError: corrupt or truncated files, failed checksums, partitioned variables.
     """
     index, prefix = _index_path(prefix_or_index_path)
     num_shards, entries = read_tf_checkpoint_entries(index)
@@ -449,4 +450,4 @@ def read_tf_checkpoint(prefix_or_index_path: str | os.PathLike, *, verify: bool 
             )
         raw = memoryview(shard)[entry.offset : entry.offset + entry.size]
         tensors[name] = _decode_tensor(entry, raw, where, verify)
-    return check_finite_tensors(tensors, prefix, error=TFCheckpointError)
+    return tensors

@@ -71,7 +71,7 @@ def read_tf_slim_tensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
         if not path.is_file():
             raise FileNotFoundError(f"TF-slim weights file {path} does not exist")
         with np.load(path, allow_pickle=False) as data:
-            return check_finite_tensors({name: data[name] for name in data.files}, str(path))
+            return {name: data[name] for name in data.files}
     # A TF checkpoint is named by its prefix; accept the .index/.data-* file too.
     prefix = re.sub(r"\.(index|meta|data-\d+-of-\d+)$", "", str(path))
     if not Path(prefix + ".index").is_file():
@@ -116,7 +116,8 @@ def tf_slim_to_state_dict(
         (1024 * alpha), which holds for all of Google's releases (0.25, 0.5, 0.75, 1.0).
 
     Raises:
-        ValueError: a tensor that maps to nothing, a missing tensor, or a wrong shape.
+        ValueError: a tensor that maps to nothing, a missing tensor, a wrong shape, or a weight
+            holding NaN or infinity (named).
     """
     remaining = dict(tensors)
     skipped = sorted(name for name in remaining if NOT_WEIGHTS.search(name))
@@ -129,7 +130,9 @@ def tf_slim_to_state_dict(
                 f"TF-slim tensor {name!r} is missing from the source; is it a MobileNetV1 "
                 f"(scope {TF_SCOPE!r}) checkpoint of the standard architecture?"
             )
-        return np.asarray(remaining.pop(name), dtype=np.float32)
+        array = np.asarray(remaining.pop(name), dtype=np.float32)
+        check_finite_tensors({name: array}, "TF-slim weights")
+        return array
 
     state: dict[str, torch.Tensor] = {}
     for tf_scope, prefix in stage_scopes():

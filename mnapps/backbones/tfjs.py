@@ -12,8 +12,9 @@ manifest that does not describe its shards is an error naming the file, not sile
 A manifest is data from elsewhere: its shard ``paths`` must name files inside the manifest's own
 folder (an absolute path or ``../`` would read any file of the machine into a weight tensor)
 unless ``MNAPPS_ALLOW_OUTSIDE_PATHS=1`` is set (:func:`mnapps.files.inside_folder`); every
-field is type-checked with a message naming the manifest, the tensor and the field; and a
-float tensor holding NaN or infinity is refused by name.
+field is type-checked with a message naming the manifest, the tensor and the field. (NaN or
+infinite weights are refused where tensors become model parameters, see
+:func:`mnapps.backbones.tf_checkpoint.check_finite_tensors`; graph constants may hold anything.)
 """
 
 from __future__ import annotations
@@ -25,7 +26,6 @@ from typing import Any
 
 import numpy as np
 
-from mnapps.backbones.tf_checkpoint import check_finite_tensors
 from mnapps.files import inside_folder
 
 __all__ = ["TfjsWeightsError", "find_tfjs_manifest", "read_tfjs_weights"]
@@ -139,7 +139,7 @@ def read_tfjs_weights(folder_or_manifest: str | os.PathLike) -> dict[str, np.nda
     Raises:
         FileNotFoundError: the manifest or a shard is missing (the message names it).
         TfjsWeightsError: unknown dtypes, malformed fields, duplicate names, shard paths outside
-            the manifest's folder, NaN/infinite float values, or shards whose size does not match
+            the manifest's folder, or shards whose size does not match
             the manifest (too short, or bytes left over).
     """
     manifest = find_tfjs_manifest(folder_or_manifest)
@@ -162,5 +162,4 @@ def read_tfjs_weights(folder_or_manifest: str | os.PathLike) -> dict[str, np.nda
                 f"{where}: the manifest's tensors use {pos} bytes but the shards hold {len(buffer)}; "
                 "the manifest does not describe these shards"
             )
-    check_finite_tensors(tensors, str(manifest), error=TfjsWeightsError)
     return tensors

@@ -38,6 +38,7 @@ from PIL import Image, ImageDraw, ImageFont
 from torch import Tensor, nn
 from tqdm import tqdm
 
+from mnapps.backbones.tf_checkpoint import check_finite_tensors
 from mnapps.checkpoint import load_checkpoint, save_checkpoint
 from mnapps.config import (
     OMIT_IF_NONE,
@@ -814,6 +815,7 @@ def import_tf_od_api_ssd_checkpoint(
         "metrics": {},
         "source": f"TF OD API SSD {Path(source).name} ({imported.layout} layout)",
     }
+    check_finite_tensors(payload["model"], str(source))  # NaN/inf weights: an error naming the tensor
     return save_checkpoint(payload, output), dataclasses.replace(imported, ssd=ssd_cfg, class_names=names)
 
 
