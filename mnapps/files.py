@@ -184,8 +184,8 @@ def refuse_existing_outputs(targets: Iterable[Path], *, flag: str = "--out", ove
     if existing:
         more = f" and {len(existing) - 1} more" if len(existing) > 1 else ""
         raise ValueError(
-            f"{existing[0]}{more} already exist(s) in {flag}; nothing that was there before the run is replaced "
-            f"unless you pass --overwrite, or choose an empty {flag} folder"
+            f"{existing[0]}{more} already exist(s), written before this run; nothing is replaced unless you pass "
+            f"--overwrite, or give {flag} another folder"
         )
 
 
