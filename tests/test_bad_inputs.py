@@ -22,6 +22,11 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 from typing import Callable
 
@@ -651,3 +656,224 @@ def test_escaping_file_names_are_named_not_read(name, material, tmp_path, capsys
     message = _single_error_line(captured.err)
     assert str(ann) in message and "images[0]" in message and "file_name" in message
     assert "MNAPPS_ALLOW_OUTSIDE_PATHS" in message
+
+
+# ------------------------------------------------------------------------------------------
+# round two: two processes in one run folder, --resume into another run, Ctrl-C
+
+
+def _tool_command(tool: str, args: list[str]) -> list[str]:
+    # Through -c and PYTHONPATH, so the code under test is the one on the path (this checkout).
+    return [sys.executable, "-c", f"import sys; from mnapps.cli.{tool} import main; sys.exit(main(sys.argv[1:]))", *args]
+
+
+def _tool_env() -> dict[str, str]:
+    root = str(Path(__file__).resolve().parents[1])
+    return {**os.environ, "PYTHONPATH": os.environ.get("PYTHONPATH") or root, "OMP_NUM_THREADS": "1"}
+
+
+def _train_args(m: dict, run: Path) -> list[str]:
+    return ["--train-ann", str(m["train_ann"]), "--train-images", str(m["train_images"]), "--val-ann", str(m["val_ann"]),
+            "--val-images", str(m["val_images"]), "--output-dir", str(run), "--device", "cpu", "--batch-size", "2",
+            *TINY_DET, "--set", "train.channels_last=false"]  # fmt: skip
+
+
+def _wait_for(path: Path, process: subprocess.Popen, seconds: float = 240) -> None:
+    deadline = time.monotonic() + seconds
+    while not path.exists():
+        if process.poll() is not None:
+            raise AssertionError(f"the first run ended early: {process.communicate()}")
+        if time.monotonic() > deadline:
+            process.kill()
+            raise AssertionError(f"{path} did not appear within {seconds} s")
+        time.sleep(0.2)
+
+
+def test_a_second_run_into_a_busy_folder_is_refused_and_ctrl_c_leaves_one_line(material, tmp_path):
+    run = tmp_path / "run"
+    first = subprocess.Popen(_tool_command("train_det", [*_train_args(material, run), "--epochs", "500"]),
+                             env=_tool_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        _wait_for(run / "last.pt", first)
+        for extra in ([], ["--overwrite"]):  # a plain start, and one that would replace the run
+            second = subprocess.run(_tool_command("train_det", [*_train_args(material, run), "--epochs", "1", *extra]),
+                                    env=_tool_env(), capture_output=True, text=True, timeout=300)  # fmt: skip
+            assert second.returncode == 2, second.stderr[-2000:]
+            message = _single_error_line(second.stderr)
+            assert f"in use by pid {first.pid}" in message and "--output-dir" in message, message
+        assert first.poll() is None  # still training, untouched
+        first.send_signal(signal.SIGINT)
+        _, err = first.communicate(timeout=120)
+    finally:
+        if first.poll() is None:
+            first.kill()
+    assert first.returncode == 130, err[-3000:]
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err
+    lines = [line for line in err.splitlines() if line.startswith("interrupted")]
+    assert len(lines) == 1, err[-3000:]
+    assert f"the last checkpoint is {run / 'last.pt'}" in lines[0] and lines[0].endswith("--resume")
+    assert not (run / ".mnapps-run.lock").exists()
+    # The checkpoint is intact and the printed way to continue works (one more epoch).
+    epoch = int(torch.load(run / "last.pt", weights_only=True)["epoch"])
+    assert f"(after epoch {epoch})" in lines[0]
+    assert train_det.main([*_train_args(material, run), "--epochs", str(epoch + 1), "--resume"]) == 0
+    assert int(torch.load(run / "last.pt", weights_only=True)["epoch"]) == epoch + 1
+
+
+def test_a_lock_left_by_a_dead_process_is_taken_over(material, tmp_path, capsys):
+    from mnapps.engine.run_lock import LOCK_NAME, claim_run_folder
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / LOCK_NAME).write_text("pid 999999999 on a-crashed-host\n")  # no process holds its flock
+    with claim_run_folder(run) as lock:
+        assert f"pid {os.getpid()}" in (run / LOCK_NAME).read_text()
+        assert lock.stale_owner == "pid 999999999 on a-crashed-host"
+    assert "no longer running (pid 999999999 on a-crashed-host)" in capsys.readouterr().out
+    assert not (run / LOCK_NAME).exists()
+
+
+def test_a_live_lock_refuses_training_in_the_same_process_too(material, tmp_path, capsys):
+    from mnapps.engine.run_lock import RunLock
+
+    run = tmp_path / "run"
+    with RunLock(run):
+        before = digest(run)
+        assert train_det.main([*_train_args(material, run), "--epochs", "1"]) == 2
+        assert f"in use by pid {os.getpid()}" in _single_error_line(capsys.readouterr().err)
+        assert digest(run) == before
+    assert not run.exists()  # the lock made the folder and nothing else was written: gone again
+
+
+def test_resume_into_another_existing_run_is_refused_unless_overwrite(material, tmp_path, capsys):
+    run_a, run_b = tmp_path / "a", tmp_path / "b"
+    for run in (run_a, run_b):
+        assert train_det.main([*_train_args(material, run), "--epochs", "1"]) == 0
+    capsys.readouterr()
+    before = digest(run_b)
+    args = [*_train_args(material, run_b), "--epochs", "2", "--resume", str(run_a / "last.pt")]
+    assert train_det.main(args) == 2
+    message = _single_error_line(capsys.readouterr().err)
+    assert f"--resume {run_a / 'last.pt'}" in message and "holds another run" in message and "--overwrite" in message
+    assert digest(run_b) == before  # last.pt, best.pt, config.yaml and metrics.json of b untouched
+    assert train_det.main([*args, "--overwrite"]) == 0
+    assert "removed last.pt, best.pt, metrics.json of the previous run" in capsys.readouterr().out
+    assert int(torch.load(run_b / "last.pt", weights_only=True)["epoch"]) == 2
+
+
+@pytest.mark.parametrize("kind", ["missing", "garbage", "not_training"])
+def test_a_bad_resume_checkpoint_is_named_before_any_data_is_read(kind, material, tmp_path, capsys):
+    resume = tmp_path / f"{kind}.pt"
+    if kind == "garbage":
+        resume.write_bytes(b"not a checkpoint")
+    elif kind == "not_training":
+        resume.write_bytes(material["det"].read_bytes())  # a model, without optimiser state
+    args = [*_train_args(material, tmp_path / "run"), "--resume", str(resume)]
+    args[args.index("--train-ann") + 1] = str(tmp_path / "not_there_yet.json")  # the data comes later
+    assert train_det.main(args) == 2
+    message = _single_error_line(capsys.readouterr().err)
+    assert str(resume) in message and "not_there_yet.json" not in message, message
+
+
+# ------------------------------------------------------------------------------------------
+# round two: outputs that are links to the inputs, or share a name
+
+
+def _solid_photos(folder: Path, names: dict[str, tuple[int, int, int]]) -> dict[str, Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = {}
+    for name, colour in names.items():
+        paths[name] = folder / name
+        Image.new("RGB", (64, 48), colour).save(paths[name], format="PNG")  # lossless whatever the suffix
+    return paths
+
+
+@pytest.mark.parametrize("link", ["hard", "symbolic"])
+def test_an_out_folder_of_links_to_the_photos_never_changes_the_photos(link, material, tmp_path, capsys):
+    photos = tmp_path / "photos"
+    _solid_photos(photos, {"p0.png": (200, 0, 0), "p1.png": (0, 0, 200)})
+    out = tmp_path / "out"  # what `cp -al photos out` (or `cp -as`) makes
+    out.mkdir()
+    for photo in photos.iterdir():
+        (os.link if link == "hard" else os.symlink)(photo, out / photo.name)
+    before = digest(photos)
+    argv = [str(photos), "--checkpoint", str(material["det"]), "--out", str(out), "--score-threshold", "0.0"]
+    assert infer_det.main(argv) == 2
+    assert "already exist(s)" in _single_error_line(capsys.readouterr().err)
+    assert infer_det.main([*argv, "--overwrite"]) == 0
+    assert digest(photos) == before  # the photos' bytes are what they were
+    for photo in photos.iterdir():
+        drawn = out / photo.name
+        assert not drawn.is_symlink() and drawn.stat().st_ino != photo.stat().st_ino
+
+
+def test_out_set_to_the_photos_parent_does_not_replace_a_photo_there(material, tmp_path, capsys):
+    _solid_photos(tmp_path, {"a.png": (10, 200, 10)})  # another photo, in the parent folder
+    _solid_photos(tmp_path / "photos", {"a.png": (200, 10, 10)})
+    before = digest(tmp_path)
+    assert infer_det.main([str(tmp_path / "photos"), "--checkpoint", str(material["det"]), "--out", str(tmp_path)]) == 2
+    message = _single_error_line(capsys.readouterr().err)
+    assert str(tmp_path / "a.png") in message and "--overwrite" in message
+    assert digest(tmp_path) == before
+
+
+def test_every_photo_gets_its_own_drawing_even_when_names_clash(material, tmp_path, capsys):
+    colours = {"c.bmp": (200, 0, 0), "c.bmp.png": (0, 200, 0), "d.png": (0, 0, 200), "d.tif": (200, 200, 0)}
+    _solid_photos(tmp_path / "photos", colours)
+    out = tmp_path / "drawn"
+    assert infer_det.main([str(tmp_path / "photos"), "--checkpoint", str(material["det"]), "--out", str(out),
+                           "--score-threshold", "1.0"]) == 0  # fmt: skip
+    assert "drew 4 image(s)" in capsys.readouterr().out
+    written = sorted(p.name for p in out.iterdir())
+    assert written == ["c.bmp.png", "c.bmp~2.png", "d.png", "d.tif.png"]
+    # Threshold 1 draws nothing: each file holds its own photo's colour.
+    for name, colour in (("c.bmp.png", colours["c.bmp.png"]), ("c.bmp~2.png", colours["c.bmp"]),
+                         ("d.png", colours["d.png"]), ("d.tif.png", colours["d.tif"])):  # fmt: skip
+        assert np.asarray(Image.open(out / name))[0, 0].tolist() == list(colour), name
+
+
+class _ColourFaces:
+    """A stand-in face detector: a photo of colour C holds FACES[C] faces, each crop of colour C."""
+
+    def __init__(self, faces: dict[tuple, int]) -> None:
+        self.faces = faces
+
+    def detect(self, image, *, keep_all: bool = False):
+        from mnapps.data.align import DetectedFace
+
+        colour = tuple(int(v) for v in np.asarray(image)[0, 0])
+        count = self.faces.get(colour, 1) if keep_all else 1
+        crop = np.full((16, 16, 3), colour, dtype=np.uint8)
+        return [DetectedFace(crop=crop, box=(0.0, 0.0, 8.0, 8.0), probability=0.99, landmarks=np.zeros((5, 2)))
+                for _ in range(count)]  # fmt: skip
+
+
+def _crop_colour(path: Path) -> list[int]:
+    return np.asarray(Image.open(path))[0, 0].tolist()
+
+
+def test_extra_faces_never_take_another_photos_crop_name_and_resume_keeps_them_apart(tmp_path):
+    from mnapps.data.align import align_folder
+
+    red, green, blue = (200, 0, 0), (0, 200, 0), (0, 0, 200)
+    _solid_photos(tmp_path / "src", {"m.png": red, "m_1.png": green, "m_2.png": blue})
+    aligner = _ColourFaces({red: 6})
+    report = align_folder(tmp_path / "src", tmp_path / "dst", aligner=aligner, keep_all=True, progress=False)
+    assert report.aligned == 3 and report.skipped_done == 0 and report.faces_written == 8
+    dst = tmp_path / "dst"
+    assert _crop_colour(dst / "m_1.png") == list(green) and _crop_colour(dst / "m_2.png") == list(blue)
+    extras = sorted(p.name for p in dst.glob("m_*") if _crop_colour(p) == list(red))
+    assert len(extras) == 5 and not {"m_1.png", "m_2.png"} & set(extras), extras
+    again = align_folder(tmp_path / "src", dst, aligner=aligner, keep_all=True, progress=False)
+    assert again.skipped_done == 3 and again.aligned == 0
+
+
+def test_photos_whose_names_nest_get_distinct_crops(tmp_path):
+    from mnapps.data.align import align_folder
+
+    colours = {"x.jpg": (200, 0, 0), "x.png": (0, 200, 0), "x.jpg.png": (0, 0, 200)}
+    _solid_photos(tmp_path / "src", colours)
+    report = align_folder(tmp_path / "src", tmp_path / "dst", aligner=_ColourFaces({}), progress=False)
+    assert report.aligned == 3 and report.skipped_done == 0
+    crops = {p.name: _crop_colour(p) for p in (tmp_path / "dst").glob("*.png")}
+    assert len(crops) == 3 and sorted(map(tuple, crops.values())) == sorted(colours.values()), crops

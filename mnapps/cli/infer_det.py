@@ -72,7 +72,7 @@ def _check_outputs(args: argparse.Namespace, paths: list[Path]) -> None:
     # A single input file drawn into its own folder would be written over by its drawing.
     originals = {path.resolve() for path in paths}
     for path in paths:
-        if (args.out / args.names[path]).resolve() in originals:
+        if args.out.resolve() / args.names[path] in originals:  # the folder resolved, not a link in it
             raise ValueError(
                 f"drawing {path} into --out {args.out} would write over the input {path}; choose another --out folder"
             )
