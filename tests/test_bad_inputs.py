@@ -689,12 +689,18 @@ def _wait_for(path: Path, process: subprocess.Popen, seconds: float = 240) -> No
         time.sleep(0.2)
 
 
-def test_a_second_run_into_a_busy_folder_is_refused_and_ctrl_c_leaves_one_line(material, tmp_path):
+def _start_long_run(m: dict, run: Path) -> subprocess.Popen:
+    """A training run of 500 epochs in a subprocess, returned once its first checkpoint exists."""
+    process = subprocess.Popen(_tool_command("train_det", [*_train_args(m, run), "--epochs", "500"]),
+                               env=_tool_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    _wait_for(run / "last.pt", process)
+    return process
+
+
+def test_a_second_run_into_a_busy_folder_is_refused(material, tmp_path, capsys):
     run = tmp_path / "run"
-    first = subprocess.Popen(_tool_command("train_det", [*_train_args(material, run), "--epochs", "500"]),
-                             env=_tool_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    first = _start_long_run(material, run)
     try:
-        _wait_for(run / "last.pt", first)
         for extra in ([], ["--overwrite"]):  # a plain start, and one that would replace the run
             second = subprocess.run(_tool_command("train_det", [*_train_args(material, run), "--epochs", "1", *extra]),
                                     env=_tool_env(), capture_output=True, text=True, timeout=300)  # fmt: skip
@@ -702,6 +708,21 @@ def test_a_second_run_into_a_busy_folder_is_refused_and_ctrl_c_leaves_one_line(m
             message = _single_error_line(second.stderr)
             assert f"in use by pid {first.pid}" in message and "--output-dir" in message, message
         assert first.poll() is None  # still training, untouched
+    finally:
+        first.kill()  # SIGKILL: no clean-up runs, the lock file stays behind
+        first.communicate()
+    # A process killed outright leaves its lock file; the next run sees that nobody holds it.
+    assert (run / ".mnapps-run.lock").read_text().startswith(f"pid {first.pid} ")
+    epoch = int(torch.load(run / "last.pt", weights_only=True)["epoch"])
+    assert train_det.main([*_train_args(material, run), "--epochs", str(epoch + 1), "--resume"]) == 0
+    assert f"no longer running (pid {first.pid} " in capsys.readouterr().out
+    assert not (run / ".mnapps-run.lock").exists()
+
+
+def test_ctrl_c_prints_where_the_checkpoint_is_and_how_to_resume(material, tmp_path):
+    run = tmp_path / "run"
+    first = _start_long_run(material, run)
+    try:
         first.send_signal(signal.SIGINT)
         _, err = first.communicate(timeout=120)
     finally:
@@ -712,7 +733,7 @@ def test_a_second_run_into_a_busy_folder_is_refused_and_ctrl_c_leaves_one_line(m
     lines = [line for line in err.splitlines() if line.startswith("interrupted")]
     assert len(lines) == 1, err[-3000:]
     assert f"the last checkpoint is {run / 'last.pt'}" in lines[0] and lines[0].endswith("--resume")
-    assert not (run / ".mnapps-run.lock").exists()
+    assert "--overwrite" not in lines[0] and not (run / ".mnapps-run.lock").exists()
     # The checkpoint is intact and the printed way to continue works (one more epoch).
     epoch = int(torch.load(run / "last.pt", weights_only=True)["epoch"])
     assert f"(after epoch {epoch})" in lines[0]
