@@ -142,7 +142,7 @@ def test_imagenet_config_is_the_paper_recipe():
         ("train:\n  lr: 0.1\n", ["train.epochs=2", "train.lrr=0.1"], "--set train.lrr=0.1",
          "unknown key train.lrr in TrainConfig; did you mean train.lr?"),
         ("model:\n  backbone:\n    widht_mult: 0.5\n", [], "file", "did you mean model.backbone.width_mult?"),
-        ("train:\n  lr: 0.1\n", ["train=5", "train.epochs=1"], "--set train.epochs=1", "'train' is not a section"),
+        ("train:\n  lr: 0.1\n", ["train=5", "train.epochs=1"], "--set train=5", "train must be a section"),
     ],
 )
 def test_errors_blame_the_file_or_the_set_item(tmp_path, text, overrides, blamed, expected):
