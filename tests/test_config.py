@@ -163,6 +163,6 @@ def test_yaml_1_1_exponent_numbers_are_numbers(tmp_path, text, value):
 
 
 def test_strings_that_are_not_numbers_stay_errors(tmp_path):
-    for text in ("fast", "1e", "0x10", "'1,5'"):
+    for text in ("fast", "1e", "e5", "'1,5'"):
         with pytest.raises(ConfigError, match="train.lr: expected a number"):
             load_config(_write(tmp_path, f"train:\n  lr: {text}\n"), ClsConfig)
