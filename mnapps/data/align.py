@@ -290,8 +290,7 @@ def align_folder(
             faces of one photo become ``b_1.png``, ``b_2.png``, ..., or ``b_1_.png`` when a photo
             ``b_1.jpg`` owns ``b_1.png``: :func:`extra_crop_names`); when ``a/b.jpg`` and
             ``a/b.png`` are both there, their crops are ``b.jpg.png`` and ``b.png.png``
-            (:func:`crop_names`), which pair lists naming either still find. No two photos
-            share a crop, so resuming never takes one photo's crop for another's.
+            (:func:`crop_names`, no two photos share a crop), which pair lists still find.
         aligner: the :class:`FaceAligner` (default settings when None).
         keep_all: write every face found, not only the selected one.
         resume: skip images whose crop exists or that an earlier run reported; False redoes all.
