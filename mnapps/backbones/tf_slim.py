@@ -65,13 +65,16 @@ def read_tf_slim_tensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
             checkpoint prefix ``mobilenet_v1_1.0_224.ckpt`` (the ``.index``/``.data-*``
             files beside it, read by :func:`mnapps.backbones.tf_checkpoint.read_tf_checkpoint`
             without TensorFlow).
+
+    Raises:
+        ValueError: a weight (not a graph constant) holding NaN or infinity, named.
     """
     path = Path(path)
     if path.suffix == ".npz":
         if not path.is_file():
             raise FileNotFoundError(f"TF-slim weights file {path} does not exist")
         with np.load(path, allow_pickle=False) as data:
-            return {name: data[name] for name in data.files}
+            return _finite_weights({name: data[name] for name in data.files}, path)
     # A TF checkpoint is named by its prefix; accept the .index/.data-* file too.
     prefix = re.sub(r"\.(index|meta|data-\d+-of-\d+)$", "", str(path))
     if not Path(prefix + ".index").is_file():
@@ -79,7 +82,13 @@ def read_tf_slim_tensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
             f"{path} is neither an .npz file nor a TensorFlow checkpoint (no {prefix}.index); "
             "pass the .npz of TF-slim tensors or the .ckpt prefix of the official release"
         )
-    return read_tf_checkpoint(prefix)
+    return _finite_weights(read_tf_checkpoint(prefix), Path(prefix))
+
+
+def _finite_weights(tensors: dict[str, np.ndarray], path: Path) -> dict[str, np.ndarray]:
+    # Only the weights: graph constants (a reshape target stored as float bits) may hold anything.
+    check_finite_tensors({k: v for k, v in tensors.items() if not NOT_WEIGHTS.search(k)}, str(path))
+    return tensors
 
 
 def stage_scopes(num_blocks: int = len(BLOCK_SETTINGS)) -> list[tuple[str, str]]:
@@ -116,8 +125,7 @@ def tf_slim_to_state_dict(
         (1024 * alpha), which holds for all of Google's releases (0.25, 0.5, 0.75, 1.0).
 
     Raises:
-        ValueError: a tensor that maps to nothing, a missing tensor, a wrong shape, or a weight
-            holding NaN or infinity (named).
+        ValueError: a tensor that maps to nothing, a missing tensor, or a wrong shape.
     """
     remaining = dict(tensors)
     skipped = sorted(name for name in remaining if NOT_WEIGHTS.search(name))
@@ -130,9 +138,7 @@ def tf_slim_to_state_dict(
                 f"TF-slim tensor {name!r} is missing from the source; is it a MobileNetV1 "
                 f"(scope {TF_SCOPE!r}) checkpoint of the standard architecture?"
             )
-        array = np.asarray(remaining.pop(name), dtype=np.float32)
-        check_finite_tensors({name: array}, "TF-slim weights")
-        return array
+        return np.asarray(remaining.pop(name), dtype=np.float32)
 
     state: dict[str, torch.Tensor] = {}
     for tf_scope, prefix in stage_scopes():

@@ -89,9 +89,9 @@ def _decode(spec: dict[str, Any], buffer: memoryview, pos: int, where: str) -> t
     """One tensor from ``buffer`` at ``pos``; returns it and the position after it."""
     if not isinstance(spec, dict):
         raise TfjsWeightsError(f"{where}: a weights entry is {spec!r}, not an object {{'name', 'shape', 'dtype'}}")
-    name, dtype, shape = spec.get("name"), spec.get("dtype"), spec.get("shape")
-    if not isinstance(name, str) or not isinstance(shape, list):
-        raise TfjsWeightsError(f"{where}: a weights entry lacks its 'name' or 'shape': {spec}")
+    name, dtype = spec.get("name"), spec.get("dtype")
+    if not isinstance(name, str):
+        raise TfjsWeightsError(f"{where}: a weights entry lacks its 'name': {spec}")
     shape = _shape(spec, where)
     if not isinstance(dtype, str) or dtype not in _PLAIN_DTYPES:
         raise TfjsWeightsError(f"{where}: tensor {name!r} has dtype {dtype!r}; supported: {sorted(_PLAIN_DTYPES)}")
