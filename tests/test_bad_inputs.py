@@ -724,7 +724,7 @@ def test_ctrl_c_prints_where_the_checkpoint_is_and_how_to_resume(material, tmp_p
     first = _start_long_run(material, run)
     try:
         first.send_signal(signal.SIGINT)
-        _, err = first.communicate(timeout=120)
+        _, err = first.communicate(timeout=600)  # generous: CI machines can be very busy
     finally:
         if first.poll() is None:
             first.kill()

@@ -25,6 +25,7 @@ import contextlib
 import fcntl
 import os
 import shlex
+import signal
 import socket
 import sys
 from pathlib import Path
@@ -97,12 +98,24 @@ class RunLock:
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
         self._fd = fd
+        self._previous_hook = sys.unraisablehook
+        sys.unraisablehook = self._redeliver_interrupt
         return self
+
+    def _redeliver_interrupt(self, unraisable: Any) -> None:
+        # A Ctrl-C that lands inside a finaliser (a progress bar's or a loader's __del__) is
+        # "ignored" by Python and training would go on; deliver it again to the main code.
+        if isinstance(unraisable.exc_value, KeyboardInterrupt):
+            signal.raise_signal(signal.SIGINT)
+            return
+        self._previous_hook(unraisable)
 
     def release(self) -> None:
         """Remove the lock file and drop the lock (and the folder, if this lock made it and it is empty)."""
         if self._fd is None:
             return
+        if sys.unraisablehook == self._redeliver_interrupt:
+            sys.unraisablehook = self._previous_hook
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.path)
         os.close(self._fd)
