@@ -174,9 +174,10 @@ def _resume_into_other_run(folder: Path, source: Path, overwrite: bool) -> bool:
             f"({', '.join(found)}); resuming there would mix the two. Give --output-dir {source.parent} (or a new "
             f"folder), or add --overwrite to replace the run in {folder}"
         )
-    for name in found:
-        (folder / name).unlink()
-    print(f"--overwrite: removed {', '.join(found)} of the previous run in {folder}")
+    if _is_rank_zero():  # under torchrun the other ranks only learn that the folder was cleared
+        for name in found:
+            (folder / name).unlink(missing_ok=True)
+        print(f"--overwrite: removed {', '.join(found)} of the previous run in {folder}")
     return True
 
 
