@@ -161,13 +161,14 @@ def _resume_into_other_run(folder: Path, source: Path, overwrite: bool) -> bool:
     """Refuse (or, with ``overwrite``, clear) a folder holding another run than ``source``'s.
 
     Returns:
-        True when the run folder's old files were removed.
+        True when ``overwrite`` was asked for and the folder is now free of another run (the
+        caller then resumes without overwriting).
     """
     if source.resolve().parent == folder.resolve():
         return False
     found = [name for name in RUN_FILES if (folder / name).is_file()]
     if not any(name in _CHECKPOINTS for name in found):
-        return False
+        return overwrite  # nothing to clear; resuming wins over a start from scratch
     if not overwrite:
         raise ValueError(
             f"--resume {source} continues the run of {source.parent}, but --output-dir {folder} holds another run "
