@@ -691,8 +691,11 @@ def _wait_for(path: Path, process: subprocess.Popen, seconds: float = 240) -> No
 
 def _start_long_run(m: dict, run: Path) -> subprocess.Popen:
     """A training run of 500 epochs in a subprocess, returned once its first checkpoint exists."""
+    # SIGINT back to its default: a test run started in the background (nohup, CI) ignores it,
+    # and children inherit that, where a user's terminal would deliver Ctrl-C.
     process = subprocess.Popen(_tool_command("train_det", [*_train_args(m, run), "--epochs", "500"]),
-                               env=_tool_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+                               env=_tool_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # fmt: skip
     _wait_for(run / "last.pt", process)
     return process
 
