@@ -9,13 +9,22 @@ next to the code that consumes it; loading is the same for all of them:
 2. build nested dataclasses, raising on unknown keys with the valid ones listed,
 3. apply ``--set section.key=value`` overrides (values parsed with ``ast.literal_eval``),
 4. ``save_config`` writes the resolved config next to the checkpoints.
+
+Errors name where the bad value came from: the config file (its path) or the ``--set`` item;
+a misspelt key gets the closest valid keys suggested (``difflib``). Numbers follow what users
+write rather than what YAML 1.1 parses: ``lr: 1e-3`` (a string to PyYAML, which wants ``1.0e-3``)
+is the number 0.001, and NaN or infinite values (``.nan``, ``.inf``) are refused at load time
+instead of failing at the first training step.
 """
 
 from __future__ import annotations
 
 import ast
 import dataclasses
+import difflib
+import math
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field, fields, is_dataclass
@@ -45,6 +54,10 @@ __all__ = [
 
 class ConfigError(ValueError):
     """A config file or override that does not fit the schema."""
+
+
+# YAML 1.1 (PyYAML) reads 1e-3 and 5E+2 as strings: its floats need a dot. Users mean numbers.
+_NUMBER_TEXT = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
 
 
 @dataclass(frozen=True)
@@ -100,7 +113,9 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         raise ConfigError(errors[0] if errors else f"{where}: bad value {value!r}")
     if is_dataclass(tp):
         if not isinstance(value, dict):
-            raise ConfigError(f"{where}: expected a mapping for {_type_name(tp)}, got {value!r}")
+            keys = ", ".join([f.name for f in fields(tp) if f.init][:3])
+            raise ConfigError(f"{where} must be a section of keys ({keys}, ...), one 'key: value' per line under "
+                              f"'{where}:', got {value!r}")
         return from_dict(tp, value, where)
     if origin in (list, tuple, typing.Sequence) or tp in (list, tuple):
         if not isinstance(value, (list, tuple)):
@@ -128,8 +143,12 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             raise ConfigError(f"{where}: expected true/false, got {value!r}")
         return value
     if tp is float:
+        if isinstance(value, str) and _NUMBER_TEXT.fullmatch(value.strip()):
+            value = float(value)
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{where}: expected a number, got {value!r}")
+        if not math.isfinite(value):
+            raise ConfigError(f"{where}: expected a finite number, got {value!r}; NaN and infinity are not settings")
         return float(value)
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
@@ -149,11 +168,13 @@ def from_dict(cls: type[T], data: dict[str, Any] | None, where: str = "") -> T:
         raise ConfigError(f"{where or cls.__name__}: expected a mapping, got {data!r}")
     hints = typing.get_type_hints(cls)
     valid = [f.name for f in fields(cls) if f.init]
-    unknown = sorted(set(data) - set(valid))
+    unknown = sorted(set(data) - set(valid), key=str)
     if unknown:
         place = f"{where}." if where else ""
+        close = difflib.get_close_matches(str(unknown[0]), valid, n=3, cutoff=0.6)
+        hint = f"did you mean {' or '.join(place + c for c in close)}? " if close else ""
         raise ConfigError(
-            f"unknown key {place}{unknown[0]!s} in {cls.__name__}; valid keys are: {', '.join(valid)}"
+            f"unknown key {place}{unknown[0]!s} in {cls.__name__}; {hint}valid keys are: {', '.join(valid)}"
         )
     kwargs = {}
     factories = {f.name: f.default_factory for f in fields(cls) if f.default_factory is not dataclasses.MISSING}
@@ -257,14 +278,33 @@ def read_yaml(path: str | os.PathLike) -> dict[str, Any]:
 def load_config(
     path: str | os.PathLike | None, cls: type[T], overrides: Iterable[str] | None = None
 ) -> T:
-    """Load YAML ``path`` (or only defaults when None) into ``cls``, with overrides applied."""
+    """Load YAML ``path`` (or only defaults when None) into ``cls``, with overrides applied.
+
+    Raises:
+        ConfigError: naming the file for a problem in the file, or ``--set KEY=VALUE`` for a
+            problem an override brought in (a bad value, a misspelt key, a key below a value).
+    """
     data = read_yaml(path) if path is not None else {}
-    data = apply_overrides(data, overrides)
+    source = f"{path}" if path is not None else "defaults"
+    overrides = list(overrides or ())
     try:
-        return from_dict(cls, data)
+        return from_dict(cls, apply_overrides(data, overrides))
+    except ConfigError as combined:
+        first_error = combined
+    # Find who is to blame: the file alone, else the first override that breaks it.
+    try:
+        from_dict(cls, data)
     except ConfigError as exc:
-        source = f"{path}" if path is not None else "defaults"
         raise ConfigError(f"{source}: {exc}") from None
+    applied: list[str] = []
+    for item in overrides:
+        applied.append(item)
+        try:
+            from_dict(cls, apply_overrides(data, applied))
+        except ConfigError as exc:
+            message = str(exc).removeprefix(f"override {item!r}: ")
+            raise ConfigError(f"--set {item}: {message}") from None
+    raise ConfigError(f"{source}: {first_error}") from None
 
 
 def save_config(cfg: Any, path: str | os.PathLike) -> Path:

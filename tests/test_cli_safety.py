@@ -1,5 +1,7 @@
 """The tools' answers to a user's mistakes: outputs that would replace inputs, the training
-record, a wrong --device, a wrong kind of file, a folder where a file was meant.
+record, a wrong --device, a wrong kind of file, a folder where a file was meant; and, in a second
+round, read-only output folders, a second evaluation into the first one's file, file modes that
+ignore the umask and an input file that is read only after the long work.
 
 Every case runs a CLI's ``main(argv)`` in-process on tiny generated material (an untrained
 width-0.25 SSD and classifier) and checks the exit status, the one-line message and that the
@@ -10,6 +12,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import stat
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +23,7 @@ from PIL import Image
 
 from mnapps.backbones import MobileNetV1
 from mnapps.checkpoint import save_checkpoint
-from mnapps.cli import benchmark, classify, eval_det, export, infer_det, train_cls, train_det
+from mnapps.cli import benchmark, classify, eval_det, export, face_pipeline_bench, infer_det, train_cls, train_det
 from mnapps.config import BackboneConfig, to_dict
 from mnapps.data.synthetic_det import ensure_shapes_detection
 from mnapps.heads.ssd import SSDConfig
@@ -364,3 +368,98 @@ def test_export_skips_and_counts_a_corrupt_parity_image(cls_checkpoint, tmp_path
     assert code == 0, captured.err
     assert "parity images: skipped 1 unreadable image(s) of 4" in captured.out
     assert out.is_file()
+
+
+# ------------------------------------------------------------------------------------------
+# round two: read-only output folders, a second evaluation, file modes, inputs checked first
+
+
+@pytest.fixture
+def read_only_folder(tmp_path):
+    folder = tmp_path / "read_only"
+    folder.mkdir()
+    folder.chmod(0o555)
+    yield folder
+    folder.chmod(0o755)
+
+
+def _read_only_cases(det_checkpoint, shapes, tmp_path, folder):
+    photos = tmp_path / "photos"
+    _photos(photos)
+    results = tmp_path / "results.json"
+    results.write_text(json.dumps(_perfect_results(shapes.val_ann)))
+    return {
+        "infer_det --out": (infer_det.main, [str(photos), "--checkpoint", str(det_checkpoint), "--out", str(folder)]),
+        "infer_det --out (new, below)": (infer_det.main, [str(photos), "--checkpoint", str(det_checkpoint), "--out",
+                                                          str(folder / "new")]),
+        "eval_det --out-dir": (eval_det.main, ["--results", str(results), "--val-ann", str(shapes.val_ann),
+                                               "--out-dir", str(folder)]),
+        "train_det --output-dir": (train_det.main, ["--output-dir", str(folder / "run"), "--device", "cpu", *TINY_DET]),
+        "train_cls --output-dir": (train_cls.main, ["--output-dir", str(folder / "run"), "--device", "cpu"]),
+    }
+
+
+@pytest.mark.parametrize("case", ["infer_det --out", "infer_det --out (new, below)", "eval_det --out-dir",
+                                  "train_det --output-dir", "train_cls --output-dir"])
+def test_a_read_only_output_folder_is_one_line_before_any_work(case, det_checkpoint, shapes, tmp_path,
+                                                               read_only_folder, capsys):  # fmt: skip
+    main, argv = _read_only_cases(det_checkpoint, shapes, tmp_path, read_only_folder)[case]
+    assert main(argv) == 2
+    captured = capsys.readouterr()
+    message = one_line_error(captured.err)
+    assert "is read-only" in message and case.split()[1] in message, message
+    assert list(read_only_folder.iterdir()) == [] and "Traceback" not in captured.out
+
+
+def test_eval_det_keeps_the_first_evaluation_of_a_run(det_checkpoint, shapes, tmp_path, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    for name in ("best.pt", "last.pt"):
+        (run / name).write_bytes(det_checkpoint.read_bytes())
+    common = ["--val-ann", str(shapes.val_ann), "--val-images", str(shapes.val_images), "--device", "cpu",
+              "--no-progress"]  # fmt: skip
+    assert eval_det.main(["--checkpoint", str(run / "best.pt"), *common]) == 0
+    first = (run / "eval_metrics.json").read_text()
+    assert json.loads(first)["checkpoint"] == str(run / "best.pt")
+    capsys.readouterr()
+    assert eval_det.main(["--checkpoint", str(run / "last.pt"), *common]) == 2
+    message = one_line_error(capsys.readouterr().err)
+    assert str(run / "eval_metrics.json") in message and "--overwrite" in message and "--out-dir" in message
+    assert (run / "eval_metrics.json").read_text() == first
+    assert eval_det.main(["--checkpoint", str(run / "last.pt"), *common, "--overwrite"]) == 0
+    assert json.loads((run / "eval_metrics.json").read_text())["checkpoint"] == str(run / "last.pt")
+
+
+def test_written_files_follow_the_umask(shapes, tmp_path):
+    old = os.umask(0o027)  # a team folder: group may read, others nothing
+    try:
+        results = tmp_path / "results.json"
+        results.write_text(json.dumps(_perfect_results(shapes.val_ann)))
+        assert eval_det.main(["--results", str(results), "--val-ann", str(shapes.val_ann)]) == 0
+        checkpoint = save_checkpoint({"model": {"w": torch.ones(1)}}, tmp_path / "c.pt")
+        config = tmp_path / "config.yaml"
+        from mnapps.config import save_config
+
+        save_config(BackboneConfig(), config)
+    finally:
+        os.umask(old)
+    modes = {path.name: stat.S_IMODE(path.stat().st_mode) for path in (tmp_path / "eval_metrics.json", checkpoint, config)}
+    assert modes == {"eval_metrics.json": 0o640, "c.pt": 0o640, "config.yaml": 0o640}  # what open() gives
+
+
+def test_face_pipeline_bench_reads_the_teacher_before_detecting(det_checkpoint, tmp_path, capsys):
+    photos = tmp_path / "photos"
+    _photos(photos)
+    pairs = tmp_path / "pairs.csv"
+    pairs.write_text("file_x,file_y,Decision\nphoto0.png,photo1.png,Yes\n")
+    teacher = tmp_path / "teacher.pt"
+    teacher.write_bytes(b"not a state dict")
+    code = face_pipeline_bench.main([
+        "--detector-weights", str(det_checkpoint), "--photos", str(photos), "--pairs", str(pairs),
+        "--pair-images", str(photos), "--teacher-weights", str(teacher), "--out", str(tmp_path / "out"),
+        "--data", str(tmp_path), "--threads", "1",
+    ])  # fmt: skip
+    captured = capsys.readouterr()
+    assert code == 2
+    assert str(teacher) in one_line_error(captured.err)
+    assert "detecting faces" not in captured.out  # refused before the long detection pass

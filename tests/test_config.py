@@ -124,3 +124,45 @@ def test_imagenet_config_is_the_paper_recipe():
     assert cfg.train.optimizer == "rmsprop"  # paper Sec. 3.2: RMSprop, asynchronous gradient descent
     assert cfg.train.depthwise_weight_decay < cfg.train.weight_decay  # little or no decay on depthwise filters
     assert cfg.model.backbone.width_mult == 1.0 and cfg.model.resolution == 224
+
+
+# ------------------------------------------------------------------------------------------
+# who is to blame, YAML 1.1 numbers, non-finite values
+
+
+@pytest.mark.parametrize(
+    "text, overrides, blamed, expected",
+    [
+        # train: 5 is the file's mistake, even when an option also sets train.epochs.
+        ("train: 5\n", ["train.epochs=1"], "file", "train must be a section"),
+        ("train:\n  lr: .nan\n", [], "file", "train.lr: expected a finite number, got nan"),
+        ("train:\n  lr: .inf\n", [], "file", "train.lr: expected a finite number, got inf"),
+        ("train:\n  lr: 0.1\n", ["train.lr=abc"], "--set train.lr=abc", "train.lr: expected a number, got 'abc'"),
+        ("train:\n  lr: 0.1\n", ["train.lr=nan"], "--set train.lr=nan", "expected a number"),
+        ("train:\n  lr: 0.1\n", ["train.epochs=2", "train.lrr=0.1"], "--set train.lrr=0.1",
+         "unknown key train.lrr in TrainConfig; did you mean train.lr?"),
+        ("model:\n  backbone:\n    widht_mult: 0.5\n", [], "file", "did you mean model.backbone.width_mult?"),
+        ("train:\n  lr: 0.1\n", ["train=5", "train.epochs=1"], "--set train=5", "train must be a section"),
+    ],
+)
+def test_errors_blame_the_file_or_the_set_item(tmp_path, text, overrides, blamed, expected):
+    path = _write(tmp_path, text)
+    with pytest.raises(ConfigError) as info:
+        load_config(path, ClsConfig, overrides)
+    message = str(info.value)
+    assert message.startswith(f"{path}: " if blamed == "file" else f"{blamed}: "), message
+    assert expected in message, message
+    if blamed != "file":
+        assert str(path) not in message  # the file is fine: do not send the user there
+
+
+@pytest.mark.parametrize("text, value", [("1e-3", 0.001), ("5E+2", 500.0), ("-2.5e-4", -0.00025), ("3", 3.0)])
+def test_yaml_1_1_exponent_numbers_are_numbers(tmp_path, text, value):
+    # PyYAML (YAML 1.1) reads 1e-3 as the string '1e-3'; what the user wrote is a number.
+    assert load_config(_write(tmp_path, f"train:\n  lr: {text}\n"), ClsConfig).train.lr == value
+
+
+def test_strings_that_are_not_numbers_stay_errors(tmp_path):
+    for text in ("fast", "1e", "e5", "'1,5'"):
+        with pytest.raises(ConfigError, match="train.lr: expected a number"):
+            load_config(_write(tmp_path, f"train:\n  lr: {text}\n"), ClsConfig)

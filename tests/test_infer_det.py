@@ -87,8 +87,9 @@ def test_threshold_one_draws_nothing(shapes, checkpoint, tmp_path):
                            "--score-threshold", "1.0"]) == 0  # fmt: skip
     untouched = np.asarray(Image.open(out / "plain.png"))
     assert np.array_equal(untouched, np.asarray(Image.open(png_source)))
+    # The first run's drawing is only replaced on request.
     assert infer_det.main([str(png_source), "--checkpoint", str(checkpoint), "--out", str(out),
-                           "--score-threshold", "0.0"]) == 0  # fmt: skip
+                           "--score-threshold", "0.0", "--overwrite"]) == 0  # fmt: skip
     assert not np.array_equal(np.asarray(Image.open(out / "plain.png")), untouched)
 
 

@@ -26,10 +26,14 @@ import re
 import struct
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Mapping
 
 import numpy as np
 
-__all__ = ["TFCheckpointError", "TensorEntry", "read_tf_checkpoint", "read_tf_checkpoint_entries", "crc32c"]
+__all__ = [
+    "TFCheckpointError", "TensorEntry", "read_tf_checkpoint", "read_tf_checkpoint_entries", "crc32c",
+    "check_finite_tensors",
+]  # fmt: skip
 
 _TABLE_MAGIC = 0xDB4775248B80FB57
 _FOOTER_SIZE = 48  # two BlockHandles padded to 40 bytes, then the 8-byte magic
@@ -380,6 +384,25 @@ def _decode_tensor(entry: TensorEntry, raw: memoryview, where: str, verify: bool
     if entry.dtype == _DT_BFLOAT16:
         return (array.astype(np.uint32) << 16).view(np.float32)
     return array.astype(dtype.newbyteorder("="), copy=True)
+
+
+def check_finite_tensors(tensors: Mapping[str, Any], source: str, *, error: type[ValueError] = ValueError) -> Mapping:
+    """Refuse imported weights holding NaN or infinity, naming the first such tensor.
+
+    A NaN BatchNorm scale imports without complaint and only shows up as ``nan%`` scores
+    later; the importers check the tensors that become model parameters here (numpy arrays or
+    torch tensors). Non-float tensors (step counters, strings) pass. Graph constants a source
+    also holds (a reshape target stored as float bits) are not weights and are not checked.
+    """
+    for name, value in tensors.items():
+        array = value.detach().cpu().numpy() if hasattr(value, "detach") else np.asarray(value)
+        if array.dtype.kind in "fc" and array.size and not np.isfinite(array).all():
+            bad = int(array.size - np.isfinite(array).sum())
+            raise error(
+                f"{source}: tensor {name!r} holds {bad} NaN or infinite value(s) of {array.size}; the weights are "
+                "damaged (or were saved from a diverged run): use an intact copy"
+            )
+    return tensors
 
 
 def read_tf_checkpoint(prefix_or_index_path: str | os.PathLike, *, verify: bool = True) -> dict[str, np.ndarray]:

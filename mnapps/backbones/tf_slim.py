@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from .mobilenet_v1 import BLOCK_SETTINGS, MobileNetV1
-from .tf_checkpoint import read_tf_checkpoint
+from .tf_checkpoint import check_finite_tensors, read_tf_checkpoint
 
 __all__ = [
     "TF_SCOPE",
@@ -65,13 +65,16 @@ def read_tf_slim_tensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
             checkpoint prefix ``mobilenet_v1_1.0_224.ckpt`` (the ``.index``/``.data-*``
             files beside it, read by :func:`mnapps.backbones.tf_checkpoint.read_tf_checkpoint`
             without TensorFlow).
+
+    Raises:
+        ValueError: a weight (not a graph constant) holding NaN or infinity, named.
     """
     path = Path(path)
     if path.suffix == ".npz":
         if not path.is_file():
             raise FileNotFoundError(f"TF-slim weights file {path} does not exist")
         with np.load(path, allow_pickle=False) as data:
-            return {name: data[name] for name in data.files}
+            return _finite_weights({name: data[name] for name in data.files}, path)
     # A TF checkpoint is named by its prefix; accept the .index/.data-* file too.
     prefix = re.sub(r"\.(index|meta|data-\d+-of-\d+)$", "", str(path))
     if not Path(prefix + ".index").is_file():
@@ -79,7 +82,13 @@ def read_tf_slim_tensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
             f"{path} is neither an .npz file nor a TensorFlow checkpoint (no {prefix}.index); "
             "pass the .npz of TF-slim tensors or the .ckpt prefix of the official release"
         )
-    return read_tf_checkpoint(prefix)
+    return _finite_weights(read_tf_checkpoint(prefix), Path(prefix))
+
+
+def _finite_weights(tensors: dict[str, np.ndarray], path: Path) -> dict[str, np.ndarray]:
+    # Only the weights: graph constants (a reshape target stored as float bits) may hold anything.
+    check_finite_tensors({k: v for k, v in tensors.items() if not NOT_WEIGHTS.search(k)}, str(path))
+    return tensors
 
 
 def stage_scopes(num_blocks: int = len(BLOCK_SETTINGS)) -> list[tuple[str, str]]:

@@ -8,6 +8,13 @@ padding. Plain tensors are little-endian ``float32``/``int32``/``bool``; quantiz
 tensors, as tfjs does) or ``float16`` values. The manifest may be a ``*weights_manifest.json``
 file or the ``weightsManifest`` of a ``model.json``. Every byte of every shard must be used, so a
 manifest that does not describe its shards is an error naming the file, not silently wrong weights.
+
+A manifest is data from elsewhere: its shard ``paths`` must name files inside the manifest's own
+folder (an absolute path or ``../`` would read any file of the machine into a weight tensor)
+unless ``MNAPPS_ALLOW_OUTSIDE_PATHS=1`` is set (:func:`mnapps.files.inside_folder`); every
+field is type-checked with a message naming the manifest, the tensor and the field. (NaN or
+infinite weights are refused where tensors become model parameters, see
+:func:`mnapps.backbones.tf_checkpoint.check_finite_tensors`; graph constants may hold anything.)
 """
 
 from __future__ import annotations
@@ -18,6 +25,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from mnapps.files import inside_folder
 
 __all__ = ["TfjsWeightsError", "find_tfjs_manifest", "read_tfjs_weights"]
 
@@ -57,22 +66,45 @@ def _manifest_groups(manifest: Path) -> list[dict[str, Any]]:
         isinstance(g, dict) and isinstance(g.get("paths"), list) and isinstance(g.get("weights"), list) for g in data
     ):
         raise TfjsWeightsError(f"{manifest}: expected a list of {{'paths': [...], 'weights': [...]}} groups")
+    for g, group in enumerate(data):
+        for k, name in enumerate(group["paths"]):
+            if not isinstance(name, str) or not name:
+                raise TfjsWeightsError(f"{manifest}: weightsManifest[{g}].paths[{k}] is {name!r}; each path is the "
+                                       "file name of a shard beside the manifest, a string")
+            problem = inside_folder(name, source=str(manifest), field=f"weightsManifest[{g}].paths[{k}]")
+            if problem:
+                raise TfjsWeightsError(problem)
     return data
+
+
+def _shape(spec: dict[str, Any], where: str) -> list[int]:
+    shape = spec.get("shape")
+    if not (isinstance(shape, list) and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)):
+        raise TfjsWeightsError(f"{where}: tensor {spec.get('name')!r} has shape {shape!r}; a shape is a list of "
+                               "whole numbers >= 0, e.g. [3, 3, 3, 32]")
+    return shape
 
 
 def _decode(spec: dict[str, Any], buffer: memoryview, pos: int, where: str) -> tuple[np.ndarray, int]:
     """One tensor from ``buffer`` at ``pos``; returns it and the position after it."""
-    name, dtype, shape = spec.get("name"), spec.get("dtype"), spec.get("shape")
-    if not isinstance(name, str) or not isinstance(shape, list):
-        raise TfjsWeightsError(f"{where}: a weights entry lacks its 'name' or 'shape': {spec}")
-    if dtype not in _PLAIN_DTYPES:
+    if not isinstance(spec, dict):
+        raise TfjsWeightsError(f"{where}: a weights entry is {spec!r}, not an object {{'name', 'shape', 'dtype'}}")
+    name, dtype = spec.get("name"), spec.get("dtype")
+    if not isinstance(name, str):
+        raise TfjsWeightsError(f"{where}: a weights entry lacks its 'name': {spec}")
+    shape = _shape(spec, where)
+    if not isinstance(dtype, str) or dtype not in _PLAIN_DTYPES:
         raise TfjsWeightsError(f"{where}: tensor {name!r} has dtype {dtype!r}; supported: {sorted(_PLAIN_DTYPES)}")
     count = int(np.prod(shape, dtype=np.int64))
     quant = spec.get("quantization")
-    stored = _PLAIN_DTYPES[dtype] if quant is None else _QUANTIZED_DTYPES.get(quant.get("dtype"))
+    if quant is not None and not isinstance(quant, dict):
+        raise TfjsWeightsError(f"{where}: tensor {name!r} has quantization {quant!r}; it is an object such as "
+                               "{'dtype': 'uint8', 'scale': 0.01, 'min': -1.0}, or left out")
+    qdtype = None if quant is None else quant.get("dtype")
+    stored = _PLAIN_DTYPES[dtype] if quant is None else _QUANTIZED_DTYPES.get(qdtype if isinstance(qdtype, str) else "")
     if stored is None:
         raise TfjsWeightsError(
-            f"{where}: tensor {name!r} has quantization dtype {quant.get('dtype')!r}; supported: "
+            f"{where}: tensor {name!r} has quantization dtype {qdtype!r}; supported: "
             f"{sorted(_QUANTIZED_DTYPES)}"
         )
     end = pos + count * stored.itemsize
@@ -106,7 +138,8 @@ def read_tfjs_weights(folder_or_manifest: str | os.PathLike) -> dict[str, np.nda
 
     Raises:
         FileNotFoundError: the manifest or a shard is missing (the message names it).
-        TfjsWeightsError: unknown dtypes, duplicate names, or shards whose size does not match
+        TfjsWeightsError: unknown dtypes, malformed fields, duplicate names, shard paths outside
+            the manifest's folder, or shards whose size does not match
             the manifest (too short, or bytes left over).
     """
     manifest = find_tfjs_manifest(folder_or_manifest)

@@ -25,6 +25,7 @@ from mnapps.config import CONFIG_DIR, ConfigError
 from mnapps.distill.teacher import PRETRAINED_TEACHERS, TeacherWeightsError
 from mnapps.engine.distributed import resolve_device
 from mnapps.engine.loop import NonFiniteLossError
+from mnapps.engine.run_lock import claim_run_folder, report_interrupt
 from mnapps.tasks.face import benchmark_distill_step, distill_face, load_distill_config
 
 DEFAULT_CONFIG = CONFIG_DIR / "face_mnv1_a050_r160_synthetic.yaml"
@@ -130,10 +131,13 @@ def main(argv: list[str] | None = None) -> int:
             print(_benchmark_report(benchmark_distill_step(cfg, steps=args.benchmark_steps, device=args.device,
                                                            weights_backbone=args.weights_backbone)))
             return 0
-        summary = distill_face(cfg, output_dir=args.output_dir, resume=args.resume or None, device=args.device,
-                               weights_backbone=args.weights_backbone, overwrite=args.overwrite)
+        with claim_run_folder(args.output_dir, resume=args.resume or None, overwrite=args.overwrite) as claim:
+            summary = distill_face(cfg, output_dir=args.output_dir, resume=args.resume or None, device=args.device,
+                                   weights_backbone=args.weights_backbone, overwrite=claim.overwrite)
     except (ConfigError, FileNotFoundError, ValueError, TeacherWeightsError, NonFiniteLossError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        return report_interrupt(args.output_dir, "tools/distill_face.py", argv)
     print(_report(summary))
     return 0

@@ -13,7 +13,8 @@ Both print COCO's standard 12-line summary (AP, AP50, AP75, APs, APm, APl, AR1, 
 ARm, ARl; -1 means no ground truth in that area range) and a per-class AP@[.5:.95] table, and
 write eval_metrics.json (those 12 keys at top level, plus per_class_AP) into --out-dir, by
 default the folder of the checkpoint or results file, or the current folder when that one is
-read-only. It never touches the training run's own metrics.json.
+read-only. It never touches the training run's own metrics.json, and an existing eval_metrics.json
+(an earlier evaluation, e.g. of best.pt before last.pt) is only replaced with --overwrite.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ import torch
 from mnapps.data.coco import collate_fn
 from mnapps.engine.distributed import build_eval_loader, resolve_device
 from mnapps.eval.coco import evaluate_detector, evaluate_results, format_per_class_table, write_metrics_json
-from mnapps.files import check_output_path
+from mnapps.files import check_output_path, check_writable_folder, refuse_existing_outputs
 from mnapps.tasks.detection import build_eval_dataset, load_detector
 
 #: The file evaluation writes; a training run's own record is metrics.json, never replaced here.
@@ -73,6 +74,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help=f"where {METRICS_FILE} goes (default: beside the checkpoint/results)",
     )
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    parser.add_argument("--overwrite", action="store_true", help=f"replace an existing {METRICS_FILE}")
     args = parser.parse_args(argv)
     if (args.results is None) == (args.checkpoint is None):
         parser.error("pass exactly one of --results F (with --val-ann F) or --checkpoint F")
@@ -122,20 +124,22 @@ def _metrics_path(args: argparse.Namespace, source: Path) -> Path:
             print(f"{out_dir} is read-only; writing {METRICS_FILE} to the current folder instead")
             out_dir = Path.cwd()
     inputs = [p for p in (args.results, args.checkpoint, args.val_ann, args.config) if p is not None]
-    return check_output_path(out_dir / METRICS_FILE, inputs, what="metrics file")
+    path = check_output_path(out_dir / METRICS_FILE, inputs, what="metrics file")
+    check_writable_folder(out_dir, flag="--out-dir")
+    refuse_existing_outputs([path], flag="--out-dir", overwrite=args.overwrite)  # an earlier evaluation's record
+    return path
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
+        # Where the metrics go is settled before the evaluation, so a refusal costs nothing.
+        path = _metrics_path(args, args.results if args.results is not None else args.checkpoint)
         if args.results is not None:
             metrics, per_class, summary = evaluate_results(args.val_ann, args.results)
             extra = {"results": str(args.results), "val_ann": str(args.val_ann)}
-            source = args.results
         else:
             metrics, per_class, summary, extra = _evaluate_checkpoint(args)
-            source = args.checkpoint
-        path = _metrics_path(args, source)
     except (FileNotFoundError, ValueError) as err:  # the library's messages already name the fix
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -195,9 +195,8 @@ def _write_crops(results: list[PhotoResult], pair_files: set[Path], pair_root: P
     return fallbacks
 
 
-def _verify(args: argparse.Namespace, crops_root: Path, device) -> dict[str, dict]:
+def _verify(args: argparse.Namespace, crops_root: Path, device, teacher) -> dict[str, dict]:
     pairs = read_pairs(args.pairs)
-    teacher = build_teacher(weights=args.teacher_weights, device=device or "cpu")
     scores = {}
     for pipeline in ("mtcnn", "ssd_mtcnn", "ssd_square"):
         result = evaluate_face_verification(pairs, crops_root / pipeline, {"teacher": teacher}, device=device or "cpu")
@@ -237,6 +236,8 @@ def _print_verification(report: dict) -> None:
 
 def _run(args: argparse.Namespace, device) -> dict:
     torch.set_num_threads(args.threads)
+    # Every input file is read before the long detection pass, so a bad one fails in seconds.
+    teacher = build_teacher(weights=args.teacher_weights, device=device or "cpu")
     model, _ = load_detector(args.detector_weights, device=device or "cpu")
     ssd = BoxFaceAligner(box_detector(model, device=device or "cpu"), margin=args.margin, min_score=args.min_score)
     mtcnn = FaceAligner(margin=args.margin, device=device or "cpu")
@@ -257,7 +258,7 @@ def _run(args: argparse.Namespace, device) -> dict:
     }
     _print_detection(report, len(results))
     report["fallbacks"] = _write_crops(results, pair_files, args.pair_images, args.out / "crops")
-    report["verification"] = _verify(args, args.out / "crops", device)
+    report["verification"] = _verify(args, args.out / "crops", device, teacher)
     _print_verification(report)
     return report
 

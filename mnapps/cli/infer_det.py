@@ -2,8 +2,10 @@
 write a COCO results JSON (original category ids) for tools/eval_det.py --results.
 
 Drawn images go to --out with the input's name (JPEG and PNG keep their name, any other format
-gets ".png" appended: photo.bmp -> photo.bmp.png, so no two inputs share an output). --out must
-not be, or lie inside, the input folder, and no output ever replaces an input file. Only
+gets ".png" appended: photo.bmp -> photo.bmp.png; should that still clash with another input,
+photo.bmp~2.png). --out must not be, or lie inside, the input folder; no file that existed in
+--out before the run is replaced unless --overwrite is given, and files are replaced by renaming,
+so an --out holding hard links or symlinks to the photos never changes the photos. Only
 detections scoring at least --score-threshold are drawn; the results JSON keeps every detection
 the model returns (COCO AP needs the low-scoring ones too). Image ids in the JSON come from --ann
 (the annotation file listing the images), else from numeric file names, else 1..N. Unreadable
@@ -21,7 +23,7 @@ from pathlib import Path
 from mnapps.data.image_io import IMAGE_EXTENSIONS, list_images
 from mnapps.engine.distributed import resolve_device
 from mnapps.eval.coco import predictions_to_coco_results
-from mnapps.files import atomic_write, check_output_path
+from mnapps.files import atomic_write, check_output_path, check_writable_folder, refuse_existing_outputs, unique_output_names
 from mnapps.tasks.detection import draw_detections, image_ids_for, load_detector, predict_images
 
 EXAMPLES = """examples:
@@ -45,6 +47,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--ann", type=Path, metavar="F", help="COCO annotation file naming the images (for image ids)")
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
     parser.add_argument("--batch-size", type=int, default=4, help="images per forward pass (default 4)")
+    parser.add_argument("--overwrite", action="store_true", help="replace files that already exist in --out")
     args = parser.parse_args(argv)
     if not 0.0 <= args.score_threshold <= 1.0:
         parser.error(f"--score-threshold must be in [0, 1], got {args.score_threshold}")
@@ -64,10 +67,12 @@ def _check_outputs(args: argparse.Namespace, paths: list[Path]) -> None:
         raise ValueError(f"--out {args.out} is an existing file; give a folder for the drawn images")
     inputs = [args.source, args.checkpoint] + ([args.ann] if args.ann else [])
     check_output_path(args.out, inputs, what="--out folder")
+    check_writable_folder(args.out, flag="--out")
+    args.names = unique_output_names(paths, output_name)
     # A single input file drawn into its own folder would be written over by its drawing.
     originals = {path.resolve() for path in paths}
     for path in paths:
-        if (args.out / output_name(path)).resolve() in originals:
+        if args.out.resolve() / args.names[path] in originals:  # the folder resolved, not a link in it
             raise ValueError(
                 f"drawing {path} into --out {args.out} would write over the input {path}; choose another --out folder"
             )
@@ -75,6 +80,8 @@ def _check_outputs(args: argparse.Namespace, paths: list[Path]) -> None:
         if args.results_json.is_dir():
             raise ValueError(f"--results-json {args.results_json} is a folder; give a file name such as results.json")
         check_output_path(args.results_json, inputs, what="--results-json file")
+    targets = [args.out / name for name in args.names.values()] + ([args.results_json] if args.results_json else [])
+    refuse_existing_outputs(targets, flag="--out", overwrite=args.overwrite)
 
 
 def _predict(args: argparse.Namespace, model, paths: list[Path], device) -> list[dict]:
@@ -92,11 +99,10 @@ def _draw(args: argparse.Namespace, predictions: list[dict], names: list[str]) -
     for pred in predictions:
         keep = pred["scores"] >= args.score_threshold
         drawn = draw_detections(pred["image"], pred["boxes"][keep], pred["labels"][keep], pred["scores"][keep], names)
-        target = args.out / output_name(pred["path"])
-        if target.suffix.lower() in (".jpg", ".jpeg"):
-            drawn.save(target, quality=95)
-        else:
-            drawn.save(target, format="PNG")
+        target = args.out / args.names[pred["path"]]
+        # A new file renamed into place: an old one that links to a photo is replaced, never written through.
+        jpeg = target.suffix.lower() in (".jpg", ".jpeg")
+        atomic_write(target, lambda handle: drawn.save(handle, format="JPEG", quality=95) if jpeg else drawn.save(handle, format="PNG"))
         shown = [f"{names[int(l)]} {s:.2f}" for l, s in zip(pred["labels"][keep], pred["scores"][keep])]
         found = ", ".join(shown[:5]) + (f", ... (+{len(shown) - 5})" if len(shown) > 5 else "")
         print(f"{pred['path'].name}: {int(keep.sum())} detection(s) >= {args.score_threshold:g}{': ' + found if found else ''}")

@@ -16,6 +16,7 @@ from pathlib import Path
 from mnapps.config import CONFIG_DIR, ConfigError, load_config
 from mnapps.engine.distributed import resolve_device
 from mnapps.engine.loop import NonFiniteLossError
+from mnapps.engine.run_lock import claim_run_folder, report_interrupt
 from mnapps.tasks.classification import ClsConfig, train_classifier
 
 DEFAULT_CONFIG = CONFIG_DIR / "cls_mnv1_a050_r64_shapes.yaml"
@@ -54,15 +55,20 @@ def main(argv: list[str] | None = None) -> int:
                       (args.epochs, "train.epochs"), (args.batch_size, "train.batch_size")):
         if flag is not None:
             overrides.append(f"{key}={flag!r}" if isinstance(flag, str) else f"{key}={flag}")
+    output_dir = args.output_dir
     try:
         resolve_device(args.device)
         cfg = load_config(args.config, ClsConfig, overrides)
         output_dir = args.output_dir or Path("runs") / args.config.stem
         resume = True if args.resume == "last" else args.resume
-        result = train_classifier(cfg, output_dir=output_dir, resume=resume, device=args.device, overwrite=args.overwrite)
+        with claim_run_folder(output_dir, resume=resume, overwrite=args.overwrite) as claim:
+            result = train_classifier(cfg, output_dir=output_dir, resume=resume, device=args.device,
+                                      overwrite=claim.overwrite)
     except (ValueError, ConfigError, FileNotFoundError, NonFiniteLossError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        return report_interrupt(output_dir, "tools/train_cls.py", argv)
     if "top1" in result:
         print(
             f"validation top-1 {result['top1']:.2%}, top-5 {result['top5']:.2%} "

@@ -23,6 +23,7 @@ from pathlib import Path
 from mnapps.config import CONFIG_DIR, ConfigError, load_config
 from mnapps.engine.distributed import resolve_device
 from mnapps.engine.loop import NonFiniteLossError
+from mnapps.engine.run_lock import claim_run_folder, report_interrupt
 from mnapps.heads import HEADS, head_spec
 from mnapps.tasks.detection import DetConfig, fine_tune_config, train_detector
 
@@ -97,20 +98,24 @@ def resolve_config(args: argparse.Namespace) -> tuple[DetConfig, Path | None]:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    output_dir = args.output_dir
     try:
         resolve_device(args.device)
         cfg, config_path = resolve_config(args)
         output_dir = args.output_dir or Path("runs") / config_path.stem
-        train_detector(
-            cfg,
-            output_dir=output_dir,
-            resume=args.resume,
-            weights_backbone=args.weights_backbone,
-            device=args.device,
-            overwrite=args.overwrite,
-            weights=args.weights,
-        )
+        with claim_run_folder(output_dir, resume=args.resume, overwrite=args.overwrite) as claim:
+            train_detector(
+                cfg,
+                output_dir=output_dir,
+                resume=args.resume,
+                weights_backbone=args.weights_backbone,
+                device=args.device,
+                overwrite=claim.overwrite,
+                weights=args.weights,
+            )
     except (ValueError, ConfigError, FileNotFoundError, NonFiniteLossError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        return report_interrupt(output_dir, "tools/train_det.py", argv)
     return 0

@@ -36,7 +36,8 @@ from .faces import list_images
 from .image_io import ImageReadError, load_rgb
 
 __all__ = [
-    "FaceAligner", "DetectedFace", "AlignReport", "align_folder", "crop_names", "NO_FACE_REPORT", "UNREADABLE_REPORT",
+    "FaceAligner", "DetectedFace", "AlignReport", "align_folder", "crop_names", "extra_crop_names", "NO_FACE_REPORT",
+    "UNREADABLE_REPORT",
 ]
 
 #: Report files written into the destination folder by :func:`align_folder`.
@@ -196,8 +197,13 @@ class AlignReport:
 
 
 def crop_names(relatives: Sequence[str]) -> dict[str, str]:
-    """Relative photo path -> relative crop path: ``a/b.jpg`` -> ``a/b.png``, or ``a/b.jpg.png``
-    when another photo in the same folder is also called ``b`` (``a/b.png``, ``a/b.jpeg``)."""
+    """Relative photo path -> relative crop path, distinct for every photo.
+
+    ``a/b.jpg`` -> ``a/b.png``, or ``a/b.jpg.png`` when another photo in the same folder is also
+    called ``b`` (``a/b.png``, ``a/b.jpeg``). A photo whose own name is another's crop name
+    (``x.jpg.png`` beside ``x.jpg`` and ``x.png``) also keeps its full name (``x.jpg.png.png``),
+    repeated until no two photos share a crop: the full names are distinct, so this ends.
+    """
     stems: dict[str, int] = {}
     for relative in relatives:
         stem = Path(relative).with_suffix("").as_posix()
@@ -206,6 +212,31 @@ def crop_names(relatives: Sequence[str]) -> dict[str, str]:
     for relative in relatives:
         stem = Path(relative).with_suffix("").as_posix()
         names[relative] = f"{relative}.png" if stems[stem] > 1 else f"{stem}.png"
+    while True:
+        owners: dict[str, list[str]] = {}
+        for relative, name in names.items():
+            owners.setdefault(name, []).append(relative)
+        clashes = [r for group in owners.values() if len(group) > 1 for r in group if names[r] != f"{r}.png"]
+        if not clashes:
+            return names
+        for relative in clashes:
+            names[relative] = f"{relative}.png"
+
+
+def extra_crop_names(target: Path, count: int, reserved: set[str] | frozenset[str] = frozenset()) -> list[Path]:
+    """Where the ``count`` extra faces of the photo cropped to ``target`` go: ``NAME_1.png``, ...
+
+    A name in ``reserved`` (another photo's main crop, as an absolute path string) is skipped
+    with a trailing ``_`` (``NAME_1_.png``), so an extra face never takes, or is mistaken by a
+    resumed run for, the crop of the photo ``NAME_1.jpg``.
+    """
+    stem = target.name[: -len(".png")]
+    names = []
+    for k in range(1, count + 1):
+        candidate = target.with_name(f"{stem}_{k}.png")
+        while str(candidate) in reserved:
+            candidate = candidate.with_name(candidate.name[: -len(".png")] + "_.png")
+        names.append(candidate)
     return names
 
 
@@ -215,13 +246,12 @@ def _read_report(path: Path) -> list[str]:
     return [line.split("\t", 1)[0] for line in path.read_text().splitlines() if line and not line.startswith("#")]
 
 
-def _write_crops(faces: Sequence[DetectedFace], target: Path) -> None:
-    """The main crop at ``target``, extra faces beside it as ``NAME_1.png``, ``NAME_2.png``, ..."""
+def _write_crops(faces: Sequence[DetectedFace], target: Path, reserved: set[str] | frozenset[str] = frozenset()) -> None:
+    """The main crop at ``target``, extra faces beside it (:func:`extra_crop_names`)."""
     target.parent.mkdir(parents=True, exist_ok=True)
     # Extra faces first, the main crop last (atomically): its existence marks the image as done.
-    stem = target.name[: -len(".png")]
-    for k, face in enumerate(faces[1:], start=1):
-        Image.fromarray(face.crop).save(target.with_name(f"{stem}_{k}.png"))
+    for face, path in zip(faces[1:], extra_crop_names(target, len(faces) - 1, reserved)):
+        Image.fromarray(face.crop).save(path)
     tmp = target.with_name(f".{target.name}.tmp.png")
     Image.fromarray(faces[0].crop).save(tmp)
     os.replace(tmp, target)
@@ -257,9 +287,10 @@ def align_folder(
     Args:
         src: a folder of photos (identity sub-folders optional, searched recursively).
         dst: output folder; ``a/b.jpg`` becomes ``dst/a/b.png`` (with ``keep_all`` the extra
-            faces of one photo become ``b_1.png``, ``b_2.png``, ...); when ``a/b.jpg`` and
+            faces of one photo become ``b_1.png``, ``b_2.png``, ..., or ``b_1_.png`` when a photo
+            ``b_1.jpg`` owns ``b_1.png``: :func:`extra_crop_names`); when ``a/b.jpg`` and
             ``a/b.png`` are both there, their crops are ``b.jpg.png`` and ``b.png.png``
-            (:func:`crop_names`), which pair lists naming either still find.
+            (:func:`crop_names`, no two photos share a crop), which pair lists still find.
         aligner: the :class:`FaceAligner` (default settings when None).
         keep_all: write every face found, not only the selected one.
         resume: skip images whose crop exists or that an earlier run reported; False redoes all.
@@ -293,6 +324,7 @@ def align_folder(
     names = crop_names([path.relative_to(src).as_posix() for path in everything])
     report = AlignReport(total=len(files))
     report.shared_stems = sorted(r for r, name in names.items() if name == f"{r}.png")
+    reserved = {str(dst / name) for name in names.values()}  # main crops: no extra face may take one
     bar = tqdm(files, desc=f"aligning {src.name}", unit="img", disable=not progress)
     for path in bar:
         relative = path.relative_to(src).as_posix()
@@ -314,7 +346,7 @@ def align_folder(
             with no_face_path.open("a") as handle:
                 handle.write(f"{relative}\n")
             continue
-        _write_crops(faces, target)
+        _write_crops(faces, target, reserved)
         report.aligned += 1
         report.faces_written += len(faces)
         bar.set_postfix(no_face=len(no_face), refresh=False)

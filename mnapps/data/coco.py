@@ -20,7 +20,10 @@ and making real-world files safe to train on:
   orientation); an unreadable image is warned about once, counted, and its sample is ``None``,
   which :func:`collate_fn` drops, so one bad file never stops a long run;
 * a missing annotation file or image folder, malformed JSON, and annotations referencing
-  unknown images or categories are clear errors at construction naming the file and the fix.
+  unknown images or categories are clear errors at construction naming the file and the fix;
+* a ``file_name`` that is absolute or climbs out of the image folder with ``..`` is an error
+  naming the entry (it could read any file, or a validation image into training), unless the
+  user sets ``MNAPPS_ALLOW_OUTSIDE_PATHS=1`` (:func:`mnapps.files.inside_folder`).
 
 Sample contract: ``dataset[i]`` is ``(image, target)`` with ``image: FloatTensor[3, H, W]`` in
 [0, 1] and ``target = {"boxes": FloatTensor[N, 4] (x1, y1, x2, y2) in pixels of that image,
@@ -46,6 +49,7 @@ from torch.utils.data import Dataset
 from mnapps.data.coco_index import CocoIndex, blob_string, load_coco_index, load_coco_json
 from mnapps.data.image_io import ImageReadError, load_rgb
 from mnapps.data.transforms import sample_to_tensors
+from mnapps.files import inside_folder
 
 __all__ = ["CocoDetection", "BoxStats", "collate_fn", "load_coco_json"]
 
@@ -153,6 +157,7 @@ class CocoDetection(Dataset):
         self._positions = self._sorted_order[np.searchsorted(self._sorted_ids, self._sample_ids)]
         self._file_names, self._file_name_offsets = index.file_names, index.file_name_offsets
         self._widths, self._heights = index.widths, index.heights
+        self._check_file_names(index.image_ids)
         self._check_image_dir()
 
         self.box_stats = BoxStats()
@@ -172,6 +177,14 @@ class CocoDetection(Dataset):
 
     def _file_name(self, position: int) -> str:
         return blob_string(self._file_names, self._file_name_offsets, position)
+
+    def _check_file_names(self, image_ids: np.ndarray) -> None:
+        """Every selected image's ``file_name`` stays inside ``image_dir`` (see :func:`inside_folder`)."""
+        for position in np.unique(self._positions).tolist():
+            problem = inside_folder(self._file_name(position), source=str(self.ann_file),
+                                    field=f"images[{position}] (id {int(image_ids[position])}) file_name")
+            if problem:
+                raise ValueError(problem)
 
     def _check_image_dir(self) -> None:
         probe = self._positions[:_IMAGE_DIR_PROBE]

@@ -36,6 +36,7 @@ from typing import Any, Iterator
 import numpy as np
 
 from mnapps.data.cache import default_cache_dir
+from mnapps.files import file_mode
 
 __all__ = [
     "CocoIndex",
@@ -48,8 +49,9 @@ __all__ = [
     "CACHE_SUFFIX",
 ]
 
-#: Bumped whenever the arrays or their meaning change; older cache files are then rebuilt.
-INDEX_VERSION = 1
+#: Bumped whenever the arrays, their meaning or the validation change; older cache files are then
+#: rebuilt (2: stricter ids, iscrowd and area checks, which a cache made before must not bypass).
+INDEX_VERSION = 2
 CACHE_SUFFIX = ".mnapps-index.npz"
 _STAMP_BYTES = 1 << 20  # the digest covers this much at each end of the JSON
 
@@ -97,7 +99,9 @@ def load_coco_json(ann_file: str | Path) -> dict[str, Any]:
     Raises:
         FileNotFoundError: the file does not exist.
         ValueError: not JSON, or a required field is missing / malformed / refers to an unknown
-            image or category; the message names the file, the entry and the fix.
+            image or category (ids must be integers, not bools or strings; ``iscrowd`` 0/1 or a
+            bool; ``area`` a number; annotation ids unique); the message names the file, the
+            entry, the field and the fix.
     """
     ann_file = Path(ann_file)
     if not ann_file.is_file():
@@ -166,16 +170,34 @@ def _validate_coco_dict(data: Any, ann_file: Path) -> None:
         if ann["id"] in ann_ids:
             raise _fail(ann_file, where, "repeats its id", "annotation ids must be unique")
         ann_ids.add(ann["id"])
-        if ann.get("image_id") not in image_ids:
-            raise _fail(ann_file, where, f"refers to image_id {ann.get('image_id')!r}, which is not in 'images'",
-                        "fix the export or remove the annotation")
-        if ann.get("category_id") not in cat_ids:
-            raise _fail(ann_file, where, f"refers to category_id {ann.get('category_id')!r}, which is not in "
-                        f"'categories' (ids {sorted(cat_ids)})", "fix the export or add the category")
-        bbox = ann.get("bbox")
-        if not (isinstance(bbox, (list, tuple)) and len(bbox) == 4 and all(_is_number(v) for v in bbox)):
-            raise _fail(ann_file, where, f"has bbox={bbox!r}",
-                        "a COCO bbox is [x, y, width, height] in pixels (4 numbers)")
+        _check_annotation_fields(ann, ann_file, where, image_ids, cat_ids)
+
+
+def _check_annotation_fields(ann: dict, ann_file: Path, where: str, image_ids: set[int], cat_ids: set[int]) -> None:
+    """Types and references of one annotation: what pycocotools would silently misread."""
+    for key, known, what in (("image_id", image_ids, "images"), ("category_id", cat_ids, "categories")):
+        value = ann.get(key)
+        if not _is_int(value):
+            # true == 1 and "3" != 3 in Python: a bool or a string id would silently name another entry.
+            raise _fail(ann_file, where, f"has {key}={value!r} ({type(value).__name__})",
+                        f"{key} is an integer id of an entry of '{what}'")
+        if value not in known:
+            extra = f" (ids {sorted(known)})" if key == "category_id" else ""
+            raise _fail(ann_file, where, f"refers to {key} {value!r}, which is not in '{what}'{extra}",
+                        "fix the export or remove the annotation" if key == "image_id"
+                        else "fix the export or add the category")
+    bbox = ann.get("bbox")
+    if not (isinstance(bbox, (list, tuple)) and len(bbox) == 4 and all(_is_number(v) for v in bbox)):
+        raise _fail(ann_file, where, f"has bbox={bbox!r}",
+                    "a COCO bbox is [x, y, width, height] in pixels (4 numbers)")
+    crowd = ann.get("iscrowd", 0)
+    # pycocotools tests iscrowd for truth: the string "0" would make a normal box a crowd region.
+    if not (type(crowd) in (int, bool) and crowd in (0, 1)):
+        raise _fail(ann_file, where, f"has iscrowd={crowd!r} ({type(crowd).__name__})",
+                    "iscrowd is 0, 1, true or false (without quotes)")
+    if "area" in ann and not _is_number(ann["area"]):
+        raise _fail(ann_file, where, f"has area={ann['area']!r} ({type(ann['area']).__name__})",
+                    "area is a number of pixels (or leave it out: it is then the box's width x height)")
 
 
 def _is_int(value: Any) -> bool:
@@ -309,7 +331,7 @@ class CocoIndex:
         try:
             with os.fdopen(fd, "wb") as f:
                 np.savez(f, **arrays)
-            os.chmod(tmp, 0o644)  # mkstemp makes it private; other users may read the same dataset
+            os.chmod(tmp, file_mode())  # mkstemp makes it private; other users may read the same dataset
             os.replace(tmp, path)
         except BaseException:
             with contextlib.suppress(OSError):

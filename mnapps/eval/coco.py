@@ -33,6 +33,7 @@ from pycocotools.cocoeval import COCOeval
 from torch import nn
 from tqdm import tqdm
 
+from mnapps.data.coco_index import load_coco_json
 from mnapps.files import atomic_write
 
 __all__ = [
@@ -61,23 +62,21 @@ _SCORE_DECIMALS = 5
 def load_coco_gt(coco_gt: COCO | str | os.PathLike) -> COCO:
     """Return a pycocotools ``COCO`` ground truth, loading it (quietly) from a path if needed.
 
+    A path is read and checked by :func:`mnapps.data.coco_index.load_coco_json`, the same reader
+    training uses: duplicate annotation ids, ``iscrowd`` other than 0/1/bool, non-numeric
+    ``area`` and ids that are bools or strings are errors naming the entry.
+
     Raises:
         FileNotFoundError: the annotation file does not exist.
-        ValueError: the file is not a COCO annotation JSON.
+        ValueError: the file is not a valid COCO annotation JSON.
     """
     if isinstance(coco_gt, COCO):
         return coco_gt
     path = Path(coco_gt)
     if not path.is_file():
         raise FileNotFoundError(f"COCO annotation file not found: {path} (pass an instances_*.json file)")
-    data = _read_json(path, what="COCO annotation file")
-    if not isinstance(data, dict) or "images" not in data or "annotations" not in data:
-        raise ValueError(
-            f"{path} is not a COCO annotation file: expected a JSON object with 'images', "
-            f"'annotations' and 'categories' keys"
-        )
     gt = COCO()
-    gt.dataset = data
+    gt.dataset = load_coco_json(path)
     with contextlib.redirect_stdout(io.StringIO()):  # createIndex prints progress lines
         gt.createIndex()
     return gt
@@ -170,29 +169,57 @@ def _valid_gt_box(ann: Mapping[str, Any]) -> bool:
     return all(math.isfinite(v) for v in box) and box[2] > 0 and box[3] > 0
 
 
-def _without_bad_gt_boxes(gt: COCO, img_ids: Iterable[int] | None) -> tuple[COCO, int]:
-    """Ground truth without boxes that are non-finite, malformed or of non-positive size.
+def _valid_area(ann: Mapping[str, Any]) -> bool:
+    area = ann.get("area")
+    return _is_number(area) and math.isfinite(area) and area >= 0
 
-    pycocotools counts a NaN overlap as a match, so one NaN ground-truth box makes random
-    detections "correct" and inflates AP. Annotations without ``area`` (optional in many
-    exporters, required by COCOeval's area ranges) get the box area. Returns a filtered copy (the caller's ``COCO`` is
-    left as it is) and how many such boxes fall on the evaluated images (all images when
+
+def _without_bad_gt_boxes(gt: COCO, img_ids: Iterable[int] | None) -> tuple[COCO, dict[str, int]]:
+    """Ground truth as pycocotools can score it honestly, and counts of what was changed.
+
+    * Boxes that are non-finite, malformed or of non-positive size are left out: pycocotools
+      counts a NaN overlap as a match, so one NaN box makes random detections "correct".
+    * ``area`` missing (optional in many exporters, needed by COCOeval's area ranges), negative
+      or non-finite is replaced by the box's width x height: COCOeval would otherwise drop a
+      valid box from every area range (negative) or compare against NaN.
+    * Annotation id 0 is renumbered (to one above the largest id): COCOeval records a match as
+      the matched ground truth's id and tests it for truth, so a box with id 0 can never count
+      as found, and 0-based exporters lose one box per image.
+
+    Returns a cleaned copy (the caller's ``COCO`` is left as it is) and
+    ``{"dropped", "area_fixed", "renumbered"}`` counted on the evaluated images (all images when
     ``img_ids`` is None).
     """
     annotations = gt.dataset.get("annotations", [])
     bad = [ann for ann in annotations if not _valid_gt_box(ann)]
-    no_area = any("area" not in ann for ann in annotations)
-    if not bad and not no_area:
-        return gt, 0
+    no_area = [ann for ann in annotations if "area" not in ann]
+    wrong_area = [ann for ann in annotations if "area" in ann and not _valid_area(ann)]
+    zero_id = [ann for ann in annotations if ann.get("id") == 0]
+    wanted = None if img_ids is None else {int(i) for i in img_ids}
+
+    def count(anns: list) -> int:
+        return sum(1 for ann in anns if wanted is None or ann.get("image_id") in wanted)
+
     bad_ids = {id(ann) for ann in bad}
-    kept = [ann if "area" in ann else {**ann, "area": float(ann["bbox"][2]) * float(ann["bbox"][3])}
-            for ann in annotations if id(ann) not in bad_ids]  # COCOeval's area ranges need "area"
+    counts = {"dropped": count(bad), "area_fixed": count([a for a in wrong_area if id(a) not in bad_ids]),
+              "renumbered": count([a for a in zero_id if id(a) not in bad_ids])}
+    if not (bad or no_area or wrong_area or zero_id):
+        return gt, counts
+    next_id = max((int(ann["id"]) for ann in annotations if _is_id(ann.get("id"))), default=0) + 1
+    kept = []
+    for ann in annotations:
+        if id(ann) in bad_ids:
+            continue
+        if not _valid_area(ann):
+            ann = {**ann, "area": float(ann["bbox"][2]) * float(ann["bbox"][3])}
+        if ann.get("id") == 0:
+            ann = {**ann, "id": next_id}
+        kept.append(ann)
     filtered = COCO()
     filtered.dataset = {**gt.dataset, "annotations": kept}
     with contextlib.redirect_stdout(io.StringIO()):
         filtered.createIndex()
-    wanted = None if img_ids is None else {int(i) for i in img_ids}
-    return filtered, sum(1 for ann in bad if wanted is None or ann.get("image_id") in wanted)
+    return filtered, counts
 
 
 def _empty_detections(gt: COCO) -> COCO:
@@ -282,12 +309,9 @@ def evaluate_results(
     _check_results(detections, gt, iou_type, source)
     note, dropped = "", 0
     if iou_type == "bbox":
-        gt, dropped = _without_bad_gt_boxes(gt, img_ids)
-    if dropped:
-        note = (
-            f"note: {dropped} ground-truth box(es) with a non-finite, malformed, zero or negative-size bbox "
-            f"were left out of the evaluation; fix them in {_gt_name(coco_gt)}\n"
-        )
+        gt, changed = _without_bad_gt_boxes(gt, img_ids)
+        dropped = changed["dropped"]
+        note = _cleaning_note(changed, _gt_name(coco_gt))
     with contextlib.redirect_stdout(io.StringIO()):  # loadRes/evaluate/accumulate chatter
         if detections:
             dets = gt.loadRes(detections)
@@ -313,6 +337,20 @@ def evaluate_results(
     if dropped:
         metrics["num_gt_dropped"] = dropped
     return metrics, _per_class_ap(evaluator, gt), note + summary.getvalue()
+
+
+def _cleaning_note(changed: Mapping[str, int], name: str) -> str:
+    note = ""
+    if changed["dropped"]:
+        note += (f"note: {changed['dropped']} ground-truth box(es) with a non-finite, malformed, zero or negative-size "
+                 f"bbox were left out of the evaluation; fix them in {name}\n")
+    if changed["area_fixed"]:
+        note += (f"note: {changed['area_fixed']} ground-truth annotation(s) with a negative or non-finite area were "
+                 f"scored with the box's width x height instead; fix them in {name}\n")
+    if changed["renumbered"]:
+        note += (f"note: {changed['renumbered']} ground-truth annotation(s) with id 0 were renumbered for COCOeval "
+                 f"(which cannot match a box whose id is 0); ids in {name} should start at 1\n")
+    return note
 
 
 def _gt_name(coco_gt: COCO | str | os.PathLike) -> str:
