@@ -54,6 +54,7 @@ from mnapps.data.align import FaceAligner, align_folder
 from mnapps.data.faces import FaceFolder, RepeatedFaces, build_face_transforms, face_collate, split_holdout
 from mnapps.data.synthetic_faces import ensure_synthetic_faces
 from mnapps.distill.losses import DistillationLoss, DistillLossConfig
+from mnapps.distill.protocol import person_groups_by_name, prepare_pool, write_training_set
 from mnapps.distill.teacher import (
     PRETRAINED_TEACHERS,
     FacenetTeacher,
@@ -173,6 +174,10 @@ class FaceDataConfig:
     seed: int = 0
     synthetic_identities: int = 40
     synthetic_images_per_identity: int = 8
+    # Clean, identity-disjoint pools (real teacher only; mnapps.distill.protocol.prepare_pool).
+    min_face_score: float = 0.0  # drop crops MTCNN, looking again at the crop, scores below this
+    exclude_people: list[str] = field(default_factory=list)  # folders of crops whose people stay out
+    person_threshold: float = 1.1  # teacher L2 distance below which two crops show one person
 
 
 def _default_face_train() -> TrainConfig:
@@ -210,8 +215,9 @@ class FaceDistillData:
     val: FaceFolder  # held-out crops, un-augmented
 
 
-def build_distill_data(cfg: FaceDataConfig) -> FaceDistillData:
-    """Build the training and held-out face folders described by ``cfg``."""
+def build_distill_data(cfg: FaceDataConfig, pool: tuple[FaceFolder, list[str]] | None = None) -> FaceDistillData:
+    """Build the training and held-out face folders described by ``cfg`` (from ``pool``: crops and
+    person labels of :func:`mnapps.distill.protocol.prepare_pool`, when given)."""
     plain = build_face_transforms(False, cfg.image_size)
     augment = (build_face_transforms(True, cfg.image_size, strength=cfg.augment_strength, erasing=cfg.random_erasing)
                if cfg.augment else plain)
@@ -222,12 +228,12 @@ def build_distill_data(cfg: FaceDataConfig) -> FaceDistillData:
         val_root: str | Path | None = cfg.val_root or paths.val
     else:
         roots, val_root = list(cfg.roots), cfg.val_root
-    everything = FaceFolder(roots, transform=plain)
+    everything = pool[0].with_transform(plain) if pool else FaceFolder(roots, transform=plain)
     if val_root:
         train_plain = everything
         val = FaceFolder(val_root, transform=plain)
     else:
-        groups = everything.identities if cfg.split_by_identity else None
+        groups = (pool[1] if pool else person_groups_by_name(everything)) if cfg.split_by_identity else None
         train_idx, val_idx = split_holdout(len(everything), cfg.val_fraction, seed=cfg.seed, groups=groups)
         train_plain, val = everything.subset(train_idx), everything.subset(val_idx)
     train = train_plain.with_transform(augment)
@@ -467,13 +473,14 @@ def _distill_face(
     _check_distill_config(cfg)
     check_output_path(output_dir, [*cfg.data.roots, *([cfg.data.val_root] if cfg.data.val_root else [])],
                       what="output folder")
-    data = build_distill_data(cfg.data)
+    data = build_distill_data(cfg.data, pool=_clean_pool(cfg, device, info.is_main))
     teacher = prepare_teacher(cfg.teacher, data, device=device, batch_size=batch_size)
     weights = None if resume else (weights_backbone or cfg.model.backbone.weights)
     student = build_face_embedder(cfg.model, weights_backbone=weights).to(device)
     output_dir.mkdir(parents=True, exist_ok=True)
     if info.is_main:
         save_config(cfg, output_dir / "config.yaml")
+        write_training_set(output_dir / "train_crops.txt", data.train_plain)
     cache_dir = Path(cfg.data.cache_dir) if cfg.data.cache_dir else output_dir
     val_targets = torch.from_numpy(np.array(_teacher_cache(teacher, data.val, cache_dir / "teacher_val.npy",
                                                            batch_size, device, info)))
@@ -502,6 +509,22 @@ def _distill_face(
             print(warning, file=sys.stderr)
     summary["fit"] = result
     return summary
+
+
+def _clean_pool(cfg: FaceDistillConfig, device: torch.device, verbose: bool) -> tuple[FaceFolder, list[str]] | None:
+    """A real teacher's clean, person-labelled crops (:func:`mnapps.distill.protocol.prepare_pool`), or None."""
+    data = cfg.data
+    real = cfg.teacher.weights is not None or cfg.teacher.name in PRETRAINED_TEACHERS
+    if not real or not data.roots or not (data.min_face_score > 0 or data.exclude_people or data.split_by_identity):
+        return None
+    teacher = build_teacher(cfg.teacher.name if cfg.teacher.weights is None else None, weights=cfg.teacher.weights,
+                            input_size=cfg.teacher.input_size, device=device)
+    pool, labels, report = prepare_pool(FaceFolder(data.roots, image_size=data.image_size), teacher,
+                                        min_face_score=data.min_face_score, exclude=data.exclude_people,
+                                        threshold=data.person_threshold, batch_size=data.eval_batch_size, device=device)
+    if verbose:
+        tqdm.write(f"training pool: {report}")
+    return pool, labels
 
 
 def _final_summary(result: dict[str, Any], clock: _TeacherClock, cached: bool, val_images: int) -> dict[str, Any]:
@@ -607,6 +630,9 @@ class VerificationResult:
     spreads: dict[str, dict]
     curves: dict[str, tuple[np.ndarray, np.ndarray]]
     agreement: float | None = None  # mean student-teacher cosine over the images
+    distances: dict[str, np.ndarray] = field(default_factory=dict)  # per model label: L2 per pair
+    embeddings: dict[str, Tensor] = field(default_factory=dict)  # per model label: [len(files), D]
+    index_pairs: list[tuple[int, int]] = field(default_factory=list)  # each pair as indices into files
 
     def summary(self) -> dict[str, Any]:
         """A JSON-ready record (``metrics.json``)."""
@@ -657,11 +683,11 @@ def evaluate_face_verification(
     files = sorted({p for pair in resolved for p in pair})
     position = {path: i for i, path in enumerate(files)}
     index_pairs = [(position[a], position[b]) for a, b in resolved]
-    results, spreads, curves, embeddings = {}, {}, {}, {}
+    results, spreads, curves, embeddings, all_distances = {}, {}, {}, {}, {}
     for label, model in models.items():
         embeddings[label] = embed_faces(model, files, image_size=image_size, batch_size=batch_size, device=device,
                                         flip_tta=flip_tta, desc=f"embedding ({label})")
-        distances = pair_distances(embeddings[label], index_pairs)
+        distances = all_distances[label] = pair_distances(embeddings[label], index_pairs)
         results[label] = verification_metrics(distances, pairs.issame, n_folds=pairs.n_folds, fars=fars,
                                               threshold=threshold)
         spreads[label] = embedding_spread(embeddings[label])
@@ -670,7 +696,8 @@ def evaluate_face_verification(
     agreement = None
     if "student" in embeddings and "teacher" in embeddings:
         agreement = float((embeddings["student"] * embeddings["teacher"]).sum(1).mean())
-    return VerificationResult(pairs, Path(image_dir), files, results, spreads, curves, agreement)
+    return VerificationResult(pairs, Path(image_dir), files, results, spreads, curves, agreement, all_distances,
+                              embeddings, index_pairs)
 
 
 # ------------------------------------------------------------------------------------------
