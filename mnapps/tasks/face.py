@@ -54,6 +54,7 @@ from mnapps.data.align import FaceAligner, align_folder
 from mnapps.data.faces import FaceFolder, RepeatedFaces, build_face_transforms, face_collate, split_holdout
 from mnapps.data.synthetic_faces import ensure_synthetic_faces
 from mnapps.distill.losses import DistillationLoss, DistillLossConfig
+from mnapps.distill.ood import RandomPhotoCrops
 from mnapps.distill.protocol import person_groups_by_name, prepare_pool, write_training_set
 from mnapps.distill.teacher import (
     PRETRAINED_TEACHERS,
@@ -136,7 +137,10 @@ class FaceDataConfig:
             embedded generated faces (:func:`mnapps.data.synthetic_faces.ensure_synthetic_faces`).
         val_root: a folder of held-out crops; when empty a share of ``roots`` is held out.
         val_fraction: that share (of files, or of identities with ``split_by_identity``).
-        split_by_identity: hold out whole identity folders, so no person is on both sides.
+        split_by_identity: hold out whole persons, so no person is on both sides: persons are
+            named by identity folders and, with a real teacher, joined by its same-person
+            distance (:func:`mnapps.distill.protocol.prepare_pool`); without one, a crop that no
+            folder names is its own group.
         image_size: side of the crops fed to teacher and student (the student resizes to its
             own ``model.input_size``).
         augment: augment the training crops.
@@ -154,6 +158,11 @@ class FaceDataConfig:
         seed: seed of the held-out split.
         synthetic_identities, synthetic_images_per_identity: size of the generated training
             set used when ``roots`` is empty (its 10 held-out identities are always the same).
+        min_face_score: drop crops that MTCNN, looking again at the crop alone, scores below
+            this (:class:`mnapps.data.face_check.FaceCheck`; 0 keeps every crop).
+        exclude_people: folders of crops whose people must stay out of training (e.g. the
+            evaluation's aligned photos): a crop within ``person_threshold`` of any is dropped.
+        person_threshold: the teacher's same-person L2 distance.
     """
 
     roots: list[str] = field(default_factory=list)
@@ -174,10 +183,9 @@ class FaceDataConfig:
     seed: int = 0
     synthetic_identities: int = 40
     synthetic_images_per_identity: int = 8
-    # Clean, identity-disjoint pools (real teacher only; mnapps.distill.protocol.prepare_pool).
-    min_face_score: float = 0.0  # drop crops MTCNN, looking again at the crop, scores below this
-    exclude_people: list[str] = field(default_factory=list)  # folders of crops whose people stay out
-    person_threshold: float = 1.1  # teacher L2 distance below which two crops show one person
+    min_face_score: float = 0.0
+    exclude_people: list[str] = field(default_factory=list)
+    person_threshold: float = 1.1
 
 
 def _default_face_train() -> TrainConfig:
@@ -371,6 +379,11 @@ def _warm_start(cfg: FaceDistillConfig, data: FaceDistillData, student: FaceEmbe
     def batches():
         plain = torch.utils.data.DataLoader(data.train_plain, batch_size=batch_size, collate_fn=face_collate)
         yield from (images for images, _, _ in plain)
+        if warm.extra_images and warm.extra_views > 0:  # out-of-domain crops: the teacher off the faces
+            extra = RandomPhotoCrops(warm.extra_images, warm.extra_views, image_size=cfg.data.image_size,
+                                     seed=cfg.train.seed)
+            yield from (images for images, _, _ in torch.utils.data.DataLoader(extra, batch_size=batch_size,
+                                                                              collate_fn=face_collate))
         views = torch.utils.data.DataLoader(data.train_plain.with_transform(augment), batch_size=batch_size,
                                             shuffle=True, collate_fn=face_collate)
         while True:
