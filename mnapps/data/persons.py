@@ -50,6 +50,9 @@ GENERIC_FOLDERS = frozenset({
 #: person: the CASIA-WebFace FaceNet classifies deepface's 300 pairs at 0.9967 accuracy there.
 SAME_PERSON_DISTANCE = 1.1
 
+#: Teacher-distance grouping keeps an N x N distance matrix; beyond this, identity folders are needed.
+MAX_LINKED_CROPS = 20000
+
 
 def name_from_identity(identity: str) -> str | None:
     """The person a crop's folder names (its last part, lower-cased), or None when it names nobody.
@@ -138,6 +141,9 @@ def person_labels(
         if not (0 <= i < count and 0 <= j < count):
             raise ValueError(f"same-person pair ({i}, {j}) is out of range for {count} crops")
         groups.union(i, j)
+    if embeddings is not None and count > MAX_LINKED_CROPS:
+        raise ValueError(f"joining {count} crops by teacher distance needs a {count} x {count} matrix; above "
+                         f"{MAX_LINKED_CROPS} crops, file them in identity folders (names need no teacher)")
     if embeddings is not None and count > 1:
         for i, j in _average_linkage_merges(embeddings, threshold):
             groups.union(i, j)

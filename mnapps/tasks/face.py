@@ -52,6 +52,7 @@ from mnapps.checkpoint import load_checkpoint
 from mnapps.config import BackboneConfig, ConfigError, TrainConfig, from_dict, load_config, save_config, to_dict
 from mnapps.data.align import FaceAligner, align_folder
 from mnapps.data.faces import FaceFolder, RepeatedFaces, build_face_transforms, face_collate, split_holdout
+from mnapps.data.persons import name_from_identity
 from mnapps.data.synthetic_faces import ensure_synthetic_faces
 from mnapps.distill.losses import DistillationLoss, DistillLossConfig
 from mnapps.distill.ood import RandomPhotoCrops
@@ -530,9 +531,12 @@ def _clean_pool(cfg: FaceDistillConfig, device: torch.device, verbose: bool) -> 
     real = cfg.teacher.weights is not None or cfg.teacher.name in PRETRAINED_TEACHERS
     if not real or not data.roots or not (data.min_face_score > 0 or data.exclude_people or data.split_by_identity):
         return None
+    folder = FaceFolder(data.roots, image_size=data.image_size)
+    if not (data.min_face_score > 0 or data.exclude_people) and all(map(name_from_identity, folder.identities)):
+        return None  # identity folders name every crop (VGGFace2, LFW): the split needs no teacher
     teacher = build_teacher(cfg.teacher.name if cfg.teacher.weights is None else None, weights=cfg.teacher.weights,
                             input_size=cfg.teacher.input_size, device=device)
-    pool, labels, report = prepare_pool(FaceFolder(data.roots, image_size=data.image_size), teacher,
+    pool, labels, report = prepare_pool(folder, teacher,
                                         min_face_score=data.min_face_score, exclude=data.exclude_people,
                                         threshold=data.person_threshold, batch_size=data.eval_batch_size, device=device)
     if verbose:
