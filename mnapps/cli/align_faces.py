@@ -22,6 +22,7 @@ from pathlib import Path
 
 from mnapps.data.align import NO_FACE_REPORT, FaceAligner, align_folder
 from mnapps.data.box_crops import CROP_GEOMETRIES, BoxFaceAligner
+from mnapps.data.face_check import DEFAULT_MIN_FACE_SCORE, FaceCheck, FaceCheckingAligner
 from mnapps.engine.distributed import resolve_device
 from mnapps.tasks.detection import box_detector, load_detector
 
@@ -51,12 +52,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--select", choices=["largest", "probability"], default="largest",
                         help="which face to keep when a photo has several (default: largest)")
     parser.add_argument("--keep-all", action="store_true", help="write every face found (extra ones as NAME_1.png, ...)")
+    parser.add_argument("--min-face-score", type=float, default=DEFAULT_MIN_FACE_SCORE,
+                        help="drop a detection whose crop MTCNN, looking again at the crop alone, scores below this "
+                             f"(background patches, a cat; default {DEFAULT_MIN_FACE_SCORE}, 0 keeps every detection)")
     parser.add_argument("--resize-shorter", type=int, default=None, metavar="N",
                         help="resize photos so the shorter side is N pixels before detection "
                              "(512 reproduces facenet-pytorch's CI preprocessing)")
     parser.add_argument("--no-resume", action="store_true", help="redo every image instead of skipping finished ones")
     parser.add_argument("--device", default="cpu", help="device for MTCNN: cpu, cuda or cuda:N (default cpu)")
     args = parser.parse_args(argv)
+    if not 0.0 <= args.min_face_score <= 1.0:
+        parser.error(f"--min-face-score must be in [0, 1], got {args.min_face_score}")
     if not 0.0 <= args.min_score <= 1.0:
         parser.error(f"--min-score must be in [0, 1], got {args.min_score}")
     return args
@@ -87,11 +93,15 @@ def main(argv: list[str] | None = None) -> int:
         if args.dst.exists() and not args.dst.is_dir():
             raise ValueError(f"the destination {args.dst} is an existing file; give a folder for the crops")
         aligner = build_aligner(args, device)
+        if args.min_face_score > 0:
+            aligner = FaceCheckingAligner(aligner, FaceCheck(args.min_face_score, device=device or "cpu"))
         report = align_folder(args.src, args.dst, aligner=aligner, keep_all=args.keep_all, resume=not args.no_resume)
     except (FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(report)
+    if isinstance(aligner, FaceCheckingAligner):
+        print(f"{aligner.dropped} detection(s) dropped as not faces (crop re-detection score < {args.min_face_score:g})")
     if report.no_face:
         print(f"no face found in {len(report.no_face)} image(s), listed in {args.dst / NO_FACE_REPORT}:")
         for name in report.no_face:

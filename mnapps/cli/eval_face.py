@@ -8,8 +8,12 @@ crops they refer to (``tools/align_faces.py`` makes them; ``--align`` does it he
 no-distillation baseline (``--trunk CKPT``: the pooled features of a checkpoint's MobileNetV1
 trunk, e.g. the ImageNet import a student starts from), side by side. Beside the 10-fold
 accuracy it prints the accuracy of always giving the more common answer, and for every model
-the spread of its embeddings (a collapsed model is reported loudly). Writes
-``OUT/metrics.json`` and ``OUT/roc.png``.
+the spread of its embeddings (a collapsed model is reported loudly). With ``--train-data`` (the
+student's training crops: folders, or the ``train_crops.txt`` its run wrote) it also counts the
+pairs that involve a person seen in training (by name where the files say it, else by the
+teacher's distance to the nearest training crop, below ``--same-threshold``) and scores the
+unseen pairs and the seen pairs separately: the unseen figures are the ones that say whether a
+student generalises. Writes ``OUT/metrics.json`` and ``OUT/roc.png``.
 """
 
 from __future__ import annotations
@@ -22,6 +26,8 @@ from pathlib import Path
 
 import torch
 
+from mnapps.data.persons import SAME_PERSON_DISTANCE
+from mnapps.distill.protocol import mark_seen, score_subsets
 from mnapps.distill.teacher import PRETRAINED_TEACHERS, TeacherWeightsError, build_teacher
 from mnapps.engine.distributed import resolve_device
 from mnapps.eval.face import collapse_warning, format_verification_table, plot_roc, read_pairs
@@ -52,6 +58,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--trunk", type=Path, metavar="CKPT",
                         help="also score the pooled features of this checkpoint's trunk (no distillation), "
                              "e.g. runs/weights/mobilenet_v1_1.0_224_imagenet.pt")
+    parser.add_argument("--train-data", type=Path, nargs="+", metavar="PATH",
+                        help="the student's training crops (folders, or OUTPUT_DIR/train_crops.txt of its run): "
+                             "score pairs of people unseen in training separately (needs the teacher)")
+    parser.add_argument("--same-threshold", type=float, default=SAME_PERSON_DISTANCE,
+                        help="teacher L2 distance below which an image shows a person of the training crops "
+                             f"(default {SAME_PERSON_DISTANCE})")
     parser.add_argument("--flip-tta", action="store_true", help="embed image + mirrored image (normalised sum)")
     parser.add_argument("--threshold", type=float, default=None, help="also report accuracy at this L2 distance")
     parser.add_argument("--folds", type=int, default=None, help="number of folds (default: the file's, else 10)")
@@ -70,6 +82,8 @@ def _check_arguments(args: argparse.Namespace) -> None:
         raise ValueError("give a student --checkpoint, a teacher (--teacher-weights / --teacher), a --trunk, or several")
     if args.compare_teacher and not (args.checkpoint and has_teacher):
         raise ValueError("--compare-teacher needs --checkpoint and --teacher-weights (or --teacher)")
+    if args.train_data and not has_teacher:
+        raise ValueError("--train-data needs the teacher (--teacher-weights or --teacher) to tell who is in each image")
     if args.out.exists() and not args.out.is_dir():
         raise ValueError(f"--out {args.out} is an existing file; give a folder for metrics.json and roc.png")
     inputs = [p for p in (args.pairs, args.checkpoint, args.teacher_weights, args.trunk) if p is not None]
@@ -90,6 +104,25 @@ def _models(args: argparse.Namespace, device: torch.device) -> dict[str, torch.n
     return models
 
 
+def _mark_seen(args: argparse.Namespace, pairs, result, device: torch.device):
+    """Which pairs involve a person of the training crops (the teacher says who is who)."""
+    teacher = build_teacher(args.teacher, weights=args.teacher_weights, device=device)
+    return mark_seen(pairs, result.files, result.index_pairs, args.train_data, teacher,
+                     image_embeddings=result.embeddings.get("teacher"), threshold=args.same_threshold,
+                     image_size=args.image_size, batch_size=args.batch_size, device=device)
+
+
+def _seen_unseen(args: argparse.Namespace, pairs, result, seen) -> dict:
+    """Print the seen/unseen counts and a table per part; return them for metrics.json."""
+    print(seen)
+    parts = score_subsets(result.distances, pairs.issame, seen, n_folds=pairs.n_folds, fars=args.far,
+                          threshold=args.threshold)
+    for part, results in parts.items():
+        print(f"-- pairs of people {'NOT ' if part == 'unseen' else ''}seen in training ({part}):")
+        print(format_verification_table(results))
+    return {"seen_in_training": seen.summary(), "by_seen": parts}
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
@@ -107,6 +140,7 @@ def main(argv: list[str] | None = None) -> int:
                 pairs, images, models, image_size=args.image_size, batch_size=args.batch_size, device=device,
                 flip_tta=args.flip_tta, fars=args.far, threshold=args.threshold,
             )
+            seen = _mark_seen(args, pairs, result, device) if args.train_data else None
         for warning in {str(w.message) for w in caught if issubclass(w.category, UserWarning)}:
             print(f"warning: {warning}", file=sys.stderr)
     except (FileNotFoundError, ValueError, TeacherWeightsError) as err:
@@ -115,11 +149,12 @@ def main(argv: list[str] | None = None) -> int:
 
     print(f"{pairs.path} ({len(result.files)} images{', flip TTA' if args.flip_tta else ''})")
     print(format_verification_table(result.results, agreement=result.agreement, spreads=result.spreads))
+    subsets = _seen_unseen(args, pairs, result, seen) if seen is not None else None
     for label, spread in result.spreads.items():
         warning = collapse_warning(label, spread)
         if warning:
             print(warning, file=sys.stderr)
-    summary = {**result.summary(), "flip_tta": args.flip_tta}
+    summary = {**result.summary(), "flip_tta": args.flip_tta, **(subsets or {})}
     atomic_write(args.out / "metrics.json", lambda handle: handle.write(json.dumps(summary, indent=2).encode()))
     roc_path = plot_roc(result.curves, args.out / "roc.png", title=f"ROC on {args.pairs.name}")
     print(f"wrote {args.out / 'metrics.json'} and {roc_path}")

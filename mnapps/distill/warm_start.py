@@ -20,7 +20,7 @@ mode and, with batch statistics close to those of the views, in train mode too.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Iterable, Literal
 
 import torch
@@ -40,12 +40,19 @@ class WarmStartConfig:
         augment_strength: augmentation of those views (``light`` or ``strong``, as
             :func:`mnapps.data.faces.build_face_transforms`), independent of training's.
         mix_prob: mixup/cutmix share of those views (``data.mix_alpha``/``cutmix_share`` apply).
+        extra_images: folders of photos *without* the training people (any photos: street
+            scenes, animals); ``extra_views`` random crops of them are embedded by the teacher and
+            fitted on too, after the clean crops (:class:`mnapps.distill.ood.RandomPhotoCrops`).
+            They count towards ``views``.
+        extra_views: how many such crops.
     """
 
     views: int = 0
     ridge: float = 1.0
     augment_strength: Literal["light", "strong"] = "light"
     mix_prob: float = 0.0
+    extra_images: list[str] = field(default_factory=list)
+    extra_views: int = 0
 
 
 @torch.no_grad()

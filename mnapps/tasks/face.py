@@ -52,8 +52,11 @@ from mnapps.checkpoint import Checkpoint, read_checkpoint
 from mnapps.config import BackboneConfig, ConfigError, TrainConfig, from_dict, load_config
 from mnapps.data.align import FaceAligner, align_folder
 from mnapps.data.faces import FaceFolder, RepeatedFaces, build_face_transforms, face_collate, split_holdout
+from mnapps.data.persons import name_from_identity
 from mnapps.data.synthetic_faces import ensure_synthetic_faces
 from mnapps.distill.losses import DistillationLoss, DistillLossConfig
+from mnapps.distill.ood import RandomPhotoCrops
+from mnapps.distill.protocol import person_groups_by_name, prepare_pool, write_training_set
 from mnapps.distill.teacher import (
     PRETRAINED_TEACHERS,
     FacenetTeacher,
@@ -137,7 +140,10 @@ class FaceDataConfig:
             embedded generated faces (:func:`mnapps.data.synthetic_faces.ensure_synthetic_faces`).
         val_root: a folder of held-out crops; when empty a share of ``roots`` is held out.
         val_fraction: that share (of files, or of identities with ``split_by_identity``).
-        split_by_identity: hold out whole identity folders, so no person is on both sides.
+        split_by_identity: hold out whole persons, so no person is on both sides: persons are
+            named by identity folders and, with a real teacher, joined by its same-person
+            distance (:func:`mnapps.distill.protocol.prepare_pool`); without one, a crop that no
+            folder names is its own group.
         image_size: side of the crops fed to teacher and student (the student resizes to its
             own ``model.input_size``).
         augment: augment the training crops.
@@ -155,6 +161,11 @@ class FaceDataConfig:
         seed: seed of the held-out split.
         synthetic_identities, synthetic_images_per_identity: size of the generated training
             set used when ``roots`` is empty (its 10 held-out identities are always the same).
+        min_face_score: drop crops that MTCNN, looking again at the crop alone, scores below
+            this (:class:`mnapps.data.face_check.FaceCheck`; 0 keeps every crop).
+        exclude_people: folders of crops whose people must stay out of training (e.g. the
+            evaluation's aligned photos): a crop within ``person_threshold`` of any is dropped.
+        person_threshold: the teacher's same-person L2 distance.
     """
 
     roots: list[str] = field(default_factory=list)
@@ -175,6 +186,9 @@ class FaceDataConfig:
     seed: int = 0
     synthetic_identities: int = 40
     synthetic_images_per_identity: int = 8
+    min_face_score: float = 0.0
+    exclude_people: list[str] = field(default_factory=list)
+    person_threshold: float = 1.1
 
 
 def _default_face_train() -> TrainConfig:
@@ -212,8 +226,9 @@ class FaceDistillData:
     val: FaceFolder  # held-out crops, un-augmented
 
 
-def build_distill_data(cfg: FaceDataConfig) -> FaceDistillData:
-    """Build the training and held-out face folders described by ``cfg``."""
+def build_distill_data(cfg: FaceDataConfig, pool: tuple[FaceFolder, list[str]] | None = None) -> FaceDistillData:
+    """Build the training and held-out face folders described by ``cfg`` (from ``pool``: crops and
+    person labels of :func:`mnapps.distill.protocol.prepare_pool`, when given)."""
     plain = build_face_transforms(False, cfg.image_size)
     augment = (build_face_transforms(True, cfg.image_size, strength=cfg.augment_strength, erasing=cfg.random_erasing)
                if cfg.augment else plain)
@@ -224,12 +239,12 @@ def build_distill_data(cfg: FaceDataConfig) -> FaceDistillData:
         val_root: str | Path | None = cfg.val_root or paths.val
     else:
         roots, val_root = list(cfg.roots), cfg.val_root
-    everything = FaceFolder(roots, transform=plain)
+    everything = pool[0].with_transform(plain) if pool else FaceFolder(roots, transform=plain)
     if val_root:
         train_plain = everything
         val = FaceFolder(val_root, transform=plain)
     else:
-        groups = everything.identities if cfg.split_by_identity else None
+        groups = (pool[1] if pool else person_groups_by_name(everything)) if cfg.split_by_identity else None
         train_idx, val_idx = split_holdout(len(everything), cfg.val_fraction, seed=cfg.seed, groups=groups)
         train_plain, val = everything.subset(train_idx), everything.subset(val_idx)
     train = train_plain.with_transform(augment)
@@ -367,6 +382,11 @@ def _warm_start(cfg: FaceDistillConfig, data: FaceDistillData, student: FaceEmbe
     def batches():
         plain = torch.utils.data.DataLoader(data.train_plain, batch_size=batch_size, collate_fn=face_collate)
         yield from (images for images, _, _ in plain)
+        if warm.extra_images and warm.extra_views > 0:  # out-of-domain crops: the teacher off the faces
+            extra = RandomPhotoCrops(warm.extra_images, warm.extra_views, image_size=cfg.data.image_size,
+                                     seed=cfg.train.seed)
+            yield from (images for images, _, _ in torch.utils.data.DataLoader(extra, batch_size=batch_size,
+                                                                              collate_fn=face_collate))
         views = torch.utils.data.DataLoader(data.train_plain.with_transform(augment), batch_size=batch_size,
                                             shuffle=True, collate_fn=face_collate)
         while True:
@@ -464,7 +484,7 @@ def _distill_steps(request: RunRequest, state: dict[str, Any]) -> TaskSteps:
         _check_distill_config(cfg)
         check_output_path(output_dir, [*cfg.data.roots, *([cfg.data.val_root] if cfg.data.val_root else [])],
                           what="output folder")
-        data = build_distill_data(cfg.data)
+        data = build_distill_data(cfg.data, pool=_clean_pool(cfg, info.device, info.is_main))
         state["teacher"] = prepare_teacher(cfg.teacher, data, device=info.device, batch_size=cfg.data.eval_batch_size)
         return cfg, data
 
@@ -479,6 +499,7 @@ def _distill_steps(request: RunRequest, state: dict[str, Any]) -> TaskSteps:
         state["summary"] = {"train_images": len(data.train_plain), "views_per_epoch": len(data.train),
                             "val_images": len(data.val), "teacher": teacher.name}
         if info.is_main:
+            write_training_set(output_dir / "train_crops.txt", data.train_plain)
             state["summary"].update(_before_training(cfg, data, teacher, student, val_targets, train_targets, evaluate,
                                                      device, request.resume))
         state["clock"], state["cached"] = _TeacherClock(), train_targets is not None
@@ -503,6 +524,25 @@ def _distill_face(cfg: FaceDistillConfig, request: RunRequest, *, info: DistInfo
             print(warning, file=sys.stderr)
     summary["fit"] = result
     return summary
+
+
+def _clean_pool(cfg: FaceDistillConfig, device: torch.device, verbose: bool) -> tuple[FaceFolder, list[str]] | None:
+    """A real teacher's clean, person-labelled crops (:func:`mnapps.distill.protocol.prepare_pool`), or None."""
+    data = cfg.data
+    real = cfg.teacher.weights is not None or cfg.teacher.name in PRETRAINED_TEACHERS
+    if not real or not data.roots or not (data.min_face_score > 0 or data.exclude_people or data.split_by_identity):
+        return None
+    folder = FaceFolder(data.roots, image_size=data.image_size)
+    if not (data.min_face_score > 0 or data.exclude_people) and all(map(name_from_identity, folder.identities)):
+        return None  # identity folders name every crop (VGGFace2, LFW): the split needs no teacher
+    teacher = build_teacher(cfg.teacher.name if cfg.teacher.weights is None else None, weights=cfg.teacher.weights,
+                            input_size=cfg.teacher.input_size, device=device)
+    pool, labels, report = prepare_pool(folder, teacher,
+                                        min_face_score=data.min_face_score, exclude=data.exclude_people,
+                                        threshold=data.person_threshold, batch_size=data.eval_batch_size, device=device)
+    if verbose:
+        tqdm.write(f"training pool: {report}")
+    return pool, labels
 
 
 def _final_summary(result: dict[str, Any], clock: _TeacherClock, cached: bool, val_images: int) -> dict[str, Any]:
@@ -600,6 +640,9 @@ class VerificationResult:
     spreads: dict[str, dict]
     curves: dict[str, tuple[np.ndarray, np.ndarray]]
     agreement: float | None = None  # mean student-teacher cosine over the images
+    distances: dict[str, np.ndarray] = field(default_factory=dict)  # per model label: L2 per pair
+    embeddings: dict[str, Tensor] = field(default_factory=dict)  # per model label: [len(files), D]
+    index_pairs: list[tuple[int, int]] = field(default_factory=list)  # each pair as indices into files
 
     def summary(self) -> dict[str, Any]:
         """A JSON-ready record (``metrics.json``)."""
@@ -650,11 +693,11 @@ def evaluate_face_verification(
     files = sorted({p for pair in resolved for p in pair})
     position = {path: i for i, path in enumerate(files)}
     index_pairs = [(position[a], position[b]) for a, b in resolved]
-    results, spreads, curves, embeddings = {}, {}, {}, {}
+    results, spreads, curves, embeddings, all_distances = {}, {}, {}, {}, {}
     for label, model in models.items():
         embeddings[label] = embed_faces(model, files, image_size=image_size, batch_size=batch_size, device=device,
                                         flip_tta=flip_tta, desc=f"embedding ({label})")
-        distances = pair_distances(embeddings[label], index_pairs)
+        distances = all_distances[label] = pair_distances(embeddings[label], index_pairs)
         results[label] = verification_metrics(distances, pairs.issame, n_folds=pairs.n_folds, fars=fars,
                                               threshold=threshold)
         spreads[label] = embedding_spread(embeddings[label])
@@ -663,7 +706,8 @@ def evaluate_face_verification(
     agreement = None
     if "student" in embeddings and "teacher" in embeddings:
         agreement = float((embeddings["student"] * embeddings["teacher"]).sum(1).mean())
-    return VerificationResult(pairs, Path(image_dir), files, results, spreads, curves, agreement)
+    return VerificationResult(pairs, Path(image_dir), files, results, spreads, curves, agreement, all_distances,
+                              embeddings, index_pairs)
 
 
 # ------------------------------------------------------------------------------------------
