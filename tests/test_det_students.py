@@ -19,7 +19,8 @@ from mnapps.checkpoint import save_checkpoint
 from mnapps.config import BackboneConfig, to_dict
 from mnapps.heads.ssd import SSDConfig
 from mnapps.tasks.det_students import recalibrate_batchnorm, slim_state_dict, student_checkpoint
-from mnapps.tasks.detection import DetConfig, DetModelConfig, build_model, load_detector
+from mnapps.cli import make_student
+from mnapps.tasks.detection import DetConfig, DetModelConfig, build_model, load_detector, load_detector_weights
 
 SSD = SSDConfig(size=96, extra_depths=(64, 32, 32, 32), score_activation="sigmoid", preprocess="tf_pad_resize")
 
@@ -114,3 +115,23 @@ def test_student_checkpoint_rebuilds_at_the_new_size_and_width(tmp_path):
         student_checkpoint(path, output, photos, size=64)
     with pytest.raises(ValueError, match="above the teacher"):
         student_checkpoint(path, tmp_path / "wide.pt", photos, width_mult=1.0)
+
+
+def test_make_student_tool_writes_a_checkpoint_train_det_can_load(tmp_path, capsys):
+    teacher = _folded_model(0.5)
+    path = save_checkpoint(
+        {"task": "detection", "head": "ssd", "config": to_dict(_cfg(0.5)), "model": teacher.state_dict(),
+         "epoch": 0, "metrics": {}}, tmp_path / "teacher.pt",
+    )
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for index, image in enumerate(_images(2)):
+        Image.fromarray((image.permute(1, 2, 0).numpy() * 255).astype("uint8")).save(photos / f"p{index}.png")
+    output = tmp_path / "student.pt"
+    args = [str(path), "--size", "64", "--width-mult", "0.25", "--photos", str(photos), "--output", str(output)]
+    assert make_student.main(args) == 0
+    assert "MobileNetV1 x0.25, input 64" in capsys.readouterr().out
+    model = build_model(_cfg(0.25, 64), 2)
+    assert load_detector_weights(model, output, 2) == [f"loaded {len(model.state_dict())} of {len(model.state_dict())} tensors from {output}"]
+    assert make_student.main(args) == 2  # exists: refused without --overwrite
+    assert "already exists" in capsys.readouterr().err
