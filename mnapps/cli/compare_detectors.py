@@ -69,7 +69,7 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def plot(rows: list[dict], path: Path) -> None:
+def plot(rows: list[dict], path: Path, title: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -77,14 +77,15 @@ def plot(rows: list[dict], path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(6, 4.2), dpi=110)
     for r in rows:
-        ax.scatter(r["macs"] / 1e6, r["torch_fp32_AP50"], s=40, marker="*" if r["name"] == "teacher" else "o")
+        ax.scatter(r["macs"] / 1e6, r["torch_fp32_AP50"], s=40, marker="*" if r["name"].startswith("teacher") else "o")
         ax.annotate(r["name"], (r["macs"] / 1e6, r["torch_fp32_AP50"]), textcoords="offset points", xytext=(5, -10),
                     fontsize=8)
     ax.set_xscale("log")
     ax.set_xlabel("multiply-adds per photo (millions, log scale)")
     ax.set_ylabel("AP50 against the teacher's faces")
     ax.grid(True, which="both", alpha=0.3)
-    ax.set_title("Face SSD-MobileNetV1 students: held-out AP50 vs MACs", fontsize=10)
+    ax.set_ylim(-0.03, 1.07)
+    ax.set_title(title, fontsize=10)
     fig.tight_layout()
     atomic_write(path, lambda handle: fig.savefig(handle, format="png"))
     plt.close(fig)
@@ -110,6 +111,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"wrote {args.json}")
     if args.plot is not None:
         args.plot.parent.mkdir(parents=True, exist_ok=True)
-        plot(rows, args.plot)
+        plot(rows, args.plot, f"AP50 against multiply-adds, {args.ann.name} ({len(rows)} models)")
         print(f"wrote {args.plot}")
     return 0
