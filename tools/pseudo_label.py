@@ -1,0 +1,9 @@
+#!/usr/bin/env python
+"""`mnapps-pseudo-label`: see mnapps/cli/pseudo_label.py (or run with --help)."""
+
+import sys
+
+from mnapps.cli.pseudo_label import main
+
+if __name__ == "__main__":
+    sys.exit(main())
