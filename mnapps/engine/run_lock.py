@@ -31,7 +31,7 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-from mnapps.checkpoint import load_checkpoint
+from mnapps.checkpoint import read_checkpoint
 from mnapps.files import check_writable_folder
 
 __all__ = ["LOCK_NAME", "RunFolderBusy", "RunLock", "claim_run_folder", "report_interrupt"]
@@ -148,11 +148,10 @@ def _check_resume_source(path: Path) -> None:
             f"cannot resume: checkpoint {path} does not exist; pass the last.pt of the run to continue, or leave "
             f"--resume out to start a new run"
         )
-    checkpoint = load_checkpoint(path)  # every refusal of a bad file is a one-line ValueError
-    missing = [k for k in ("model", "optimizer", "scheduler", "epoch") if k not in checkpoint]
-    if missing:
+    checkpoint = read_checkpoint(path)  # every refusal of a bad file is a one-line ValueError
+    if checkpoint.training is None:
         raise ValueError(
-            f"{path} is not a training checkpoint (lacks {', '.join(missing)}); resume needs the last.pt or best.pt "
+            f"{path} is not a training checkpoint (it holds no optimizer state); resume needs the last.pt or best.pt "
             f"written by a training run"
         )
 
@@ -255,7 +254,7 @@ def report_interrupt(output_dir: str | os.PathLike | None, tool: str, argv: Sequ
               f"command again", file=sys.stderr)
         return 130
     try:
-        epoch = f" (after epoch {int(load_checkpoint(last)['epoch'])})"
+        epoch = f" (after epoch {int(read_checkpoint(last).epoch)})"
     except (ValueError, KeyError, TypeError, OSError):
         epoch = ""
     print(f"interrupted: the last checkpoint is {last}{epoch}; continue with: {_resume_command(tool, argv)}",

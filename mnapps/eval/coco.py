@@ -1,17 +1,12 @@
 """COCO detection metrics for every mnapps detector, computed by pycocotools' own COCOeval.
 
-This module owns the path from model outputs to COCO numbers: turning torchvision-style
-predictions (contiguous labels, xyxy pixel boxes) into a COCO results list with the dataset's
-ORIGINAL category ids, running ``pycocotools.cocoeval.COCOeval`` on it (imported, never copied,
-so the numbers are exactly the published ones), reading out the standard 12 summary numbers,
-per-class AP@[.5:.95] and the printed summary, and writing ``metrics.json``. Ground-truth boxes
-that pycocotools would mis-score (NaN overlaps count as matches) are left out and counted, and a
-results entry that is not four finite numbers with integer ids and a finite score is refused
-with a message naming the entry. It also runs a detector over a loader under
-``torch.inference_mode`` (:func:`evaluate_detector`), restricting COCOeval to the images
-actually evaluated so that ``max_images`` or skipped unreadable images do not count as missed
-detections. Metric conventions are COCO's: ``-1`` means "no ground truth in
-that area range", not a score.
+This module owns the path from model outputs to COCO numbers: torchvision-style predictions
+(contiguous labels, xyxy pixel boxes) become a COCO results list with the dataset's ORIGINAL category
+ids, scored by ``pycocotools.cocoeval.COCOeval`` (imported, never copied); it reads out the 12
+summary numbers, per-class AP and the printed summary, and writes ``metrics.json``. Ground-truth
+boxes pycocotools would mis-score are left out and counted; a results entry that is not four finite
+numbers with integer ids and a finite score is refused naming the entry. :func:`evaluate_detector`
+restricts COCOeval to the images actually evaluated. ``-1`` means "no ground truth in that range".
 """
 
 from __future__ import annotations

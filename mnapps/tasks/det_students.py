@@ -27,7 +27,7 @@ from typing import Any, Iterable, Sequence
 import torch
 from torch import Tensor, nn
 
-from mnapps.checkpoint import load_checkpoint, save_checkpoint
+from mnapps.checkpoint import Checkpoint, read_checkpoint
 from mnapps.config import from_dict, to_dict
 from mnapps.data.image_io import load_rgb
 from mnapps.data.transforms import build_det_transforms
@@ -165,8 +165,8 @@ def student_checkpoint(
     output = Path(output)
     if output.exists() and not overwrite:
         raise FileExistsError(f"{output} already exists; pass overwrite=True or choose another output")
-    data = load_checkpoint(teacher)
-    _, teacher_cfg = load_detector(data)
+    teacher_weights = read_checkpoint(teacher).weights
+    _, teacher_cfg = load_detector(teacher)
     model_cfg = teacher_cfg.model
     ssd = dataclasses.replace(model_cfg.ssd, size=size or model_cfg.ssd.size)
     backbone = model_cfg.backbone
@@ -178,21 +178,16 @@ def student_checkpoint(
     cfg = from_dict(DetConfig, to_dict(cfg))  # validated like any loaded config
     student = build_model(cfg, cfg.model.num_classes)
     if backbone.width_mult == model_cfg.backbone.width_mult:
-        student.load_state_dict(data["model"])
+        student.load_state_dict(teacher_weights)
     else:
-        student.load_state_dict(slim_state_dict(data["model"], student.state_dict(), ssd.feature_maps))
+        student.load_state_dict(slim_state_dict(teacher_weights, student.state_dict(), ssd.feature_maps))
     resize = build_det_transforms(False, ssd.size)
     empty_boxes, empty_labels = torch.zeros((0, 4)).numpy(), torch.zeros((0,), dtype=torch.int64).numpy()
     images = (resize(load_rgb(path), empty_boxes, empty_labels)[0] for path in photos)
     count = recalibrate_batchnorm(student, images)
-    payload = {
-        "task": "detection",
-        "head": cfg.model.head,
-        "config": to_dict(cfg),
-        "model": student.state_dict(),
-        "epoch": 0,
-        "metrics": {},
-        "source": f"student of {Path(teacher).name}: size {ssd.size}, width {backbone.width_mult:g}, "
+    checkpoint = Checkpoint(
+        task="detection", head=cfg.model.head, config=to_dict(cfg), weights=student.state_dict(),
+        source=f"student of {Path(teacher).name}: size {ssd.size}, width {backbone.width_mult:g}, "
         f"BatchNorm recalibrated on {len(photos)} photos",
-    }
-    return save_checkpoint(payload, output), {"config": cfg, "recalibrated": count}
+    )
+    return checkpoint.save(output), {"config": cfg, "recalibrated": count}

@@ -14,6 +14,7 @@ import zipfile
 from pathlib import Path
 from typing import Sequence
 
+from mnapps.backbones.tf_checkpoint import check_finite_tensors
 from mnapps.checkpoint import Checkpoint
 from mnapps.config import to_dict
 from mnapps.heads.tf_od_api import InterpolatedAnchor, TFImportedSSD, import_tf_od_api_ssd, keep_first_classes
@@ -99,8 +100,10 @@ def import_tf_od_api_ssd_checkpoint(
         head="ssd", backbone=imported.backbone, ssd=ssd_cfg, num_classes=imported.num_classes,
         class_names=("__background__",) + names,
     )
+    weights = imported.model.state_dict()
+    check_finite_tensors(weights, str(source))  # NaN/inf weights: an error naming the tensor
     checkpoint = Checkpoint(
-        task="detection", head="ssd", config=to_dict(DetConfig(model=model_cfg)), weights=imported.model.state_dict(),
+        task="detection", head="ssd", config=to_dict(DetConfig(model=model_cfg)), weights=weights,
         source=f"TF OD API SSD {Path(source).name} ({imported.layout} layout)",
     )
     return checkpoint.save(output), dataclasses.replace(imported, ssd=ssd_cfg, class_names=names)
