@@ -20,10 +20,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from mnapps.data.align import NO_FACE_REPORT, FaceAligner, align_folder
-from mnapps.data.box_crops import CROP_GEOMETRIES, BoxFaceAligner
-from mnapps.engine.distributed import resolve_device
-from mnapps.tasks.detection import box_detector, load_detector
+from mnapps.cli.choices import CROP_GEOMETRY_NAMES
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -43,7 +40,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="mnapps detection checkpoint of the SSD face detector (for --detector ssd)")
     parser.add_argument("--min-score", type=float, default=0.5,
                         help="SSD boxes scoring below this are not faces (default 0.5, face-api.js's)")
-    parser.add_argument("--crop", choices=sorted(CROP_GEOMETRIES), default="mtcnn",
+    parser.add_argument("--crop", choices=list(CROP_GEOMETRY_NAMES), default="mtcnn",
                         help="SSD crop region: the box moved onto where MTCNN's box would be (mtcnn, default) "
                         "or the square around it")
     parser.add_argument("--margin", type=int, default=0, help="extra pixels around the box in the crop (default 0)")
@@ -80,8 +77,18 @@ def build_aligner(args: argparse.Namespace, device) -> FaceAligner | BoxFaceAlig
                           select=args.select)
 
 
+def _import_heavy() -> None:
+    """Import torch and the tasks, after the arguments are parsed: --help answers at once."""
+    global NO_FACE_REPORT, FaceAligner, align_folder, CROP_GEOMETRIES, BoxFaceAligner, resolve_device, box_detector, load_detector
+    from mnapps.data.align import NO_FACE_REPORT, FaceAligner, align_folder
+    from mnapps.data.box_crops import CROP_GEOMETRIES, BoxFaceAligner
+    from mnapps.engine.distributed import resolve_device
+    from mnapps.tasks.detection import box_detector, load_detector
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    _import_heavy()
     try:
         device = resolve_device(args.device)
         if args.dst.exists() and not args.dst.is_dir():

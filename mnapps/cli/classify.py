@@ -16,8 +16,6 @@ import sys
 from pathlib import Path
 
 from mnapps.data.image_io import IMAGE_EXTENSIONS, list_images
-from mnapps.engine.distributed import resolve_device
-from mnapps.tasks.classification import classify_files, default_imagenet_checkpoint, load_classifier
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -39,8 +37,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def _import_heavy() -> None:
+    """Import torch and the tasks, after the arguments are parsed: --help answers at once."""
+    global resolve_device, classify_files, default_imagenet_checkpoint, load_classifier
+    from mnapps.engine.distributed import resolve_device
+    from mnapps.tasks.classification import classify_files, default_imagenet_checkpoint, load_classifier
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    _import_heavy()
     checkpoint = args.checkpoint or default_imagenet_checkpoint()
     if not checkpoint.is_file():
         how = (

@@ -24,13 +24,8 @@ import stat
 import sys
 from pathlib import Path
 
-import torch
 
-from mnapps.data.coco import collate_fn
-from mnapps.engine.distributed import build_eval_loader, resolve_device
-from mnapps.eval.coco import evaluate_detector, evaluate_results, format_per_class_table, write_metrics_json
 from mnapps.files import check_output_path
-from mnapps.tasks.detection import build_eval_dataset, load_detector
 
 #: The file evaluation writes; a training run's own record is metrics.json, never replaced here.
 METRICS_FILE = "eval_metrics.json"
@@ -125,8 +120,19 @@ def _metrics_path(args: argparse.Namespace, source: Path) -> Path:
     return check_output_path(out_dir / METRICS_FILE, inputs, what="metrics file")
 
 
+def _import_heavy() -> None:
+    """Import torch and the tasks, after the arguments are parsed: --help answers at once."""
+    global torch, collate_fn, build_eval_loader, resolve_device, evaluate_detector, evaluate_results, format_per_class_table, write_metrics_json, build_eval_dataset, load_detector
+    import torch
+    from mnapps.data.coco import collate_fn
+    from mnapps.engine.distributed import build_eval_loader, resolve_device
+    from mnapps.eval.coco import evaluate_detector, evaluate_results, format_per_class_table, write_metrics_json
+    from mnapps.tasks.detection import build_eval_dataset, load_detector
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    _import_heavy()
     try:
         if args.results is not None:
             metrics, per_class, summary = evaluate_results(args.val_ann, args.results)

@@ -20,13 +20,9 @@ import sys
 import warnings
 from pathlib import Path
 
-import torch
 
-from mnapps.distill.teacher import PRETRAINED_TEACHERS, TeacherWeightsError, build_teacher
-from mnapps.engine.distributed import resolve_device
-from mnapps.eval.face import collapse_warning, format_verification_table, plot_roc, read_pairs
+from mnapps.cli.choices import PRETRAINED_TEACHER_NAMES
 from mnapps.files import atomic_write, check_output_path
-from mnapps.tasks.face import align_pair_images, evaluate_face_verification, load_face_embedder, load_trunk_embedder
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -47,7 +43,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="with --align: resize photos to shorter side N before detection")
     parser.add_argument("--checkpoint", type=Path, help="student checkpoint (best.pt) from tools/distill_face.py")
     parser.add_argument("--teacher-weights", type=Path, help="local InceptionResnetV1 state dict of the teacher")
-    parser.add_argument("--teacher", choices=sorted(PRETRAINED_TEACHERS), help="facenet-pytorch's pretrained teacher")
+    parser.add_argument("--teacher", choices=list(PRETRAINED_TEACHER_NAMES), help="facenet-pytorch's pretrained teacher")
     parser.add_argument("--compare-teacher", action="store_true", help="evaluate the teacher beside the student")
     parser.add_argument("--trunk", type=Path, metavar="CKPT",
                         help="also score the pooled features of this checkpoint's trunk (no distillation), "
@@ -90,8 +86,19 @@ def _models(args: argparse.Namespace, device: torch.device) -> dict[str, torch.n
     return models
 
 
+def _import_heavy() -> None:
+    """Import torch and the tasks, after the arguments are parsed: --help answers at once."""
+    global torch, PRETRAINED_TEACHERS, TeacherWeightsError, build_teacher, resolve_device, collapse_warning, format_verification_table, plot_roc, read_pairs, align_pair_images, evaluate_face_verification, load_face_embedder, load_trunk_embedder
+    import torch
+    from mnapps.distill.teacher import PRETRAINED_TEACHERS, TeacherWeightsError, build_teacher
+    from mnapps.engine.distributed import resolve_device
+    from mnapps.eval.face import collapse_warning, format_verification_table, plot_roc, read_pairs
+    from mnapps.tasks.face import align_pair_images, evaluate_face_verification, load_face_embedder, load_trunk_embedder
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    _import_heavy()
     try:
         _check_arguments(args)
         device = resolve_device(args.device) or torch.device("cuda" if torch.cuda.is_available() else "cpu")

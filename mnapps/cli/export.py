@@ -21,8 +21,6 @@ import json
 import sys
 from pathlib import Path
 
-from mnapps.export.onnx import ParityError
-from mnapps.export.pipeline import evaluate_export, export_checkpoint, load_export_spec
 from mnapps.files import atomic_write, check_output_path
 
 EXAMPLES = """examples:
@@ -84,8 +82,16 @@ def _check_outputs(args: argparse.Namespace, out: Path) -> None:
         check_output_path(path, inputs, what=f"{flag} file")
 
 
+def _import_heavy() -> None:
+    """Import torch and the tasks, after the arguments are parsed: --help answers at once."""
+    global ParityError, evaluate_export, export_checkpoint, load_export_spec
+    from mnapps.export.onnx import ParityError
+    from mnapps.export.pipeline import evaluate_export, export_checkpoint, load_export_spec
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    _import_heavy()
     out = args.out or args.checkpoint.with_suffix(".onnx")
     try:
         _check_outputs(args, out)

@@ -25,19 +25,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import torch
 from PIL import Image
-from torchvision.ops import box_iou
 
-from mnapps.data.align import FaceAligner, crop_names
-from mnapps.data.box_crops import CROP_GEOMETRIES, BoxFaceAligner, crop_region, cut_crop
 from mnapps.data.image_io import ImageReadError, list_images, load_rgb
-from mnapps.distill.teacher import TeacherWeightsError, build_teacher
-from mnapps.engine.distributed import resolve_device
-from mnapps.eval.face import read_pairs, resolve_pairs
 from mnapps.files import atomic_write, check_output_path
-from mnapps.tasks.detection import box_detector, load_detector
-from mnapps.tasks.face import evaluate_face_verification
 
 EXAMPLES = """example (figures in docs/tf_od_api.md):
   python tools/import_weights.py --kind ssd ../shared/data/faceapi_ssd_mobilenetv1 --output runs/weights/faceapi_ssd.pt
@@ -262,8 +253,23 @@ def _run(args: argparse.Namespace, device) -> dict:
     return report
 
 
+def _import_heavy() -> None:
+    """Import torch and the tasks, after the arguments are parsed: --help answers at once."""
+    global torch, box_iou, FaceAligner, crop_names, CROP_GEOMETRIES, BoxFaceAligner, crop_region, cut_crop, TeacherWeightsError, build_teacher, resolve_device, read_pairs, resolve_pairs, box_detector, load_detector, evaluate_face_verification
+    import torch
+    from torchvision.ops import box_iou
+    from mnapps.data.align import FaceAligner, crop_names
+    from mnapps.data.box_crops import CROP_GEOMETRIES, BoxFaceAligner, crop_region, cut_crop
+    from mnapps.distill.teacher import TeacherWeightsError, build_teacher
+    from mnapps.engine.distributed import resolve_device
+    from mnapps.eval.face import read_pairs, resolve_pairs
+    from mnapps.tasks.detection import box_detector, load_detector
+    from mnapps.tasks.face import evaluate_face_verification
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    _import_heavy()
     try:
         device = resolve_device(args.device)
         if args.out.exists() and not args.out.is_dir():

@@ -19,10 +19,7 @@ import warnings
 from pathlib import Path
 
 from mnapps.data.image_io import IMAGE_EXTENSIONS, list_images
-from mnapps.engine.distributed import resolve_device
-from mnapps.eval.coco import predictions_to_coco_results
 from mnapps.files import atomic_write, check_output_path
-from mnapps.tasks.detection import draw_detections, image_ids_for, load_detector, predict_images
 
 EXAMPLES = """examples:
   python tools/infer_det.py --checkpoint runs/ssd_mnv1_a050_r192_shapes/best.pt \\
@@ -102,8 +99,17 @@ def _draw(args: argparse.Namespace, predictions: list[dict], names: list[str]) -
         print(f"{pred['path'].name}: {int(keep.sum())} detection(s) >= {args.score_threshold:g}{': ' + found if found else ''}")
 
 
+def _import_heavy() -> None:
+    """Import torch and the tasks, after the arguments are parsed: --help answers at once."""
+    global resolve_device, predictions_to_coco_results, draw_detections, image_ids_for, load_detector, predict_images
+    from mnapps.engine.distributed import resolve_device
+    from mnapps.eval.coco import predictions_to_coco_results
+    from mnapps.tasks.detection import draw_detections, image_ids_for, load_detector, predict_images
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    _import_heavy()
     try:
         device = resolve_device(args.device)
         paths = list_images(args.source, recursive=False)

@@ -15,8 +15,6 @@ import sys
 
 from tqdm import tqdm
 
-from mnapps.stats import ROWS, StatsRow, measure
-
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
@@ -54,8 +52,15 @@ def _millions(value: float | None) -> str:
     return "" if value is None else f"{value / 1e6:.2f}"
 
 
+def _import_heavy() -> None:
+    """Import torch and the tasks, after the arguments are parsed: --help answers at once."""
+    global ROWS, StatsRow, measure
+    from mnapps.stats import ROWS, StatsRow, measure
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    _import_heavy()
     rows = ROWS
     if args.only:
         known = {row.name for row in ROWS}

@@ -20,11 +20,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from mnapps.cli.choices import HEAD_NAMES
 from mnapps.config import CONFIG_DIR, ConfigError, load_config
-from mnapps.engine.distributed import resolve_device
-from mnapps.engine.loop import NonFiniteLossError
-from mnapps.heads import HEADS, head_spec
-from mnapps.tasks.detection import DetConfig, fine_tune_config, train_detector
 
 EXAMPLES = """examples:
   python tools/train_det.py --head ssd                 # embedded shapes dataset, a few minutes on a CPU
@@ -45,7 +42,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         description=__doc__.split("\n\n")[0], epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument(
-        "--head", help=f"detector head, one of {sorted(HEADS)} (default: the config's, else ssd)"
+        "--head", help=f"detector head, one of {list(HEAD_NAMES)} (default: the config's, else ssd)"
     )
     parser.add_argument("--config", type=Path, help="YAML config (default: the head's config for the embedded dataset)")
     parser.add_argument("--train-ann", metavar="F", help="COCO-format training annotation JSON")
@@ -95,8 +92,18 @@ def resolve_config(args: argparse.Namespace) -> tuple[DetConfig, Path | None]:
     return load_config(config_path, DetConfig, overrides), config_path
 
 
+def _import_heavy() -> None:
+    """Import torch and the tasks, after the arguments are parsed: --help answers at once."""
+    global resolve_device, NonFiniteLossError, HEADS, head_spec, DetConfig, fine_tune_config, train_detector
+    from mnapps.engine.distributed import resolve_device
+    from mnapps.engine.loop import NonFiniteLossError
+    from mnapps.heads import HEADS, head_spec
+    from mnapps.tasks.detection import DetConfig, fine_tune_config, train_detector
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    _import_heavy()
     try:
         resolve_device(args.device)
         cfg, config_path = resolve_config(args)
