@@ -18,6 +18,7 @@ parsing stay fast.
 
 from __future__ import annotations
 
+import argparse
 import difflib
 import hashlib
 import http.client
@@ -44,6 +45,7 @@ __all__ = [
     "get_weights",
     "download",
     "sha256_of",
+    "weights_arg",
 ]
 
 Kind = Literal["classifier", "ssd", "face_teacher"]
@@ -345,3 +347,11 @@ def _download_all(
         notes.append(f"{file.name}: sha256 {digest}" + (" (matches)" if expected else
                      " (upstream publishes no hash; pin this one with --sha256 next time)"))  # fmt: skip
     return (staging if len(spec.files) > 1 else staging / spec.files[0].name), notes
+
+
+def weights_arg(value: str) -> Path:
+    """``argparse`` ``type=`` of every weights option: a path, or a known NAME as its cached checkpoint."""
+    try:
+        return resolve_weights(value)
+    except WeightsError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None

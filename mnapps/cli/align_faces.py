@@ -21,6 +21,7 @@ import sys
 from pathlib import Path
 
 from mnapps.cli.choices import CROP_GEOMETRY_NAMES
+from mnapps.weights import weights_arg
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -28,7 +29,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         description=__doc__.splitlines()[0],
         epilog="examples:\n  python tools/align_faces.py ../shared/data/faces/deepface runs/aligned/deepface\n"
         "  python tools/align_faces.py ../shared/data/faces/deepface runs/aligned/deepface_ssd --detector ssd "
-        "--detector-weights runs/weights/faceapi_ssd.pt",
+        "--detector-weights faceapi_ssd_mobilenetv1",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("src", type=Path, help="folder of photos (identity sub-folders optional)")
@@ -36,7 +37,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--image-size", type=int, default=160, help="crop side in pixels (default 160, FaceNet's)")
     parser.add_argument("--detector", choices=["mtcnn", "ssd"], default="mtcnn",
                         help="face detector: facenet-pytorch's MTCNN (default) or an mnapps SSD (--detector-weights)")
-    parser.add_argument("--detector-weights", type=Path, metavar="CKPT",
+    parser.add_argument("--detector-weights", type=weights_arg, metavar="CKPT",
                         help="mnapps detection checkpoint of the SSD face detector (for --detector ssd)")
     parser.add_argument("--min-score", type=float, default=0.5,
                         help="SSD boxes scoring below this are not faces (default 0.5, face-api.js's)")

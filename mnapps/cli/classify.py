@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 from mnapps.data.image_io import IMAGE_EXTENSIONS, list_images
+from mnapps.weights import weights_arg
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -25,7 +26,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         epilog="\n\n".join(__doc__.split("\n\n")[1:]),
     )
     parser.add_argument("images", nargs="+", type=Path, metavar="IMAGE", help="image files or folders of images")
-    parser.add_argument("--checkpoint", type=Path, help="classification checkpoint (default: runs/weights/mobilenet_v1_1.0_224_imagenet.pt)")
+    parser.add_argument("--checkpoint", type=weights_arg, help="classification checkpoint (default: runs/weights/mobilenet_v1_1.0_224_imagenet.pt)")
     parser.add_argument("--resolution", type=int, help="input size (default: the checkpoint's)")
     parser.add_argument("--topk", type=int, default=5, help="labels per image (default 5)")
     parser.add_argument("--batch-size", type=int, default=32, help="images per forward pass (default 32)")

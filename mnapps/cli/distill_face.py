@@ -29,8 +29,8 @@ DEFAULT_CONFIG = CONFIG_DIR / "face_mnv1_a050_r160_synthetic.yaml"
 EXAMPLES = """examples:
   python tools/distill_face.py                       # offline smoke run: random teacher, generated faces
   python tools/distill_face.py --config configs/face_mnv1_a100_r160_fewshot_casia.yaml \\
-      --teacher-weights path/to/20180408-102900-casia-webface-features.pt \\
-      --weights-backbone runs/weights/mobilenet_v1_1.0_224_imagenet.pt --output-dir runs/face_fewshot
+      --teacher-weights facenet_casia_webface \\
+      --weights-backbone mobilenet_v1_1.0_224_imagenet --output-dir runs/face_fewshot
   python tools/distill_face.py --config configs/face_mnv1_a100_r160.yaml --data aligned/vggface2 \\
       --val-data aligned/val --teacher vggface2 --output-dir runs/face_vggface2
   python tools/distill_face.py --set train.epochs=5 --set loss.relational_weight=1.0 --overwrite

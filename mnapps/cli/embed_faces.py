@@ -20,6 +20,7 @@ import numpy as np
 from mnapps.cli.choices import PRETRAINED_TEACHER_NAMES
 from mnapps.data.image_io import list_images
 from mnapps.files import atomic_write, check_output_path
+from mnapps.weights import weights_arg
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -30,8 +31,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("dir", type=Path, help="folder of face crops (searched recursively)")
     parser.add_argument("--out", type=Path, required=True, help="output .npz (embeddings + files) or .npy (+ .txt list)")
     source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--checkpoint", type=Path, help="a student checkpoint from tools/distill_face.py")
-    source.add_argument("--teacher-weights", type=Path, help="a local InceptionResnetV1 state dict (the teacher)")
+    source.add_argument("--checkpoint", type=weights_arg, help="a student checkpoint from tools/distill_face.py")
+    source.add_argument("--teacher-weights", type=weights_arg, help="a local InceptionResnetV1 state dict (the teacher)")
     source.add_argument("--teacher", choices=list(PRETRAINED_TEACHER_NAMES), help="facenet-pytorch's pretrained teacher")
     parser.add_argument("--image-size", type=int, default=160, help="side the crops are resized to (default 160)")
     parser.add_argument("--batch-size", type=int, default=64)

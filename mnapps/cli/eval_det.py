@@ -26,6 +26,7 @@ from pathlib import Path
 
 
 from mnapps.files import check_output_path
+from mnapps.weights import weights_arg
 
 #: The file evaluation writes; a training run's own record is metrics.json, never replaced here.
 METRICS_FILE = "eval_metrics.json"
@@ -45,7 +46,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     source = parser.add_argument_group("what to evaluate (exactly one of)")
     source.add_argument("--results", type=Path, metavar="F", help="COCO results JSON to score (needs --val-ann)")
-    source.add_argument("--checkpoint", type=Path, metavar="F", help="mnapps detector checkpoint (.pt) to run")
+    source.add_argument("--checkpoint", type=weights_arg, metavar="F", help="mnapps detector checkpoint (.pt) to run")
     data = parser.add_argument_group("data")
     data.add_argument(
         "--val-ann", type=Path, metavar="F", help="COCO annotation JSON (with --checkpoint: default the config's)"

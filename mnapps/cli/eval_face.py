@@ -23,6 +23,7 @@ from pathlib import Path
 
 from mnapps.cli.choices import PRETRAINED_TEACHER_NAMES
 from mnapps.files import atomic_write, check_output_path
+from mnapps.weights import weights_arg
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -32,7 +33,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             "example: python tools/eval_face.py --pairs path/to/faces/deepface/master.csv "
             "--images path/to/faces/deepface --align --checkpoint runs/face/best.pt "
             "--teacher-weights path/to/20180408-102900-casia-webface-features.pt --compare-teacher "
-            "--trunk runs/weights/mobilenet_v1_1.0_224_imagenet.pt"
+            "--trunk mobilenet_v1_1.0_224_imagenet"
         ),
     )
     parser.add_argument("--pairs", type=Path, required=True, help="pairs.txt (LFW format) or a CSV pair list")
@@ -41,13 +42,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="align the photos the pairs use with MTCNN first (into OUT/aligned)")
     parser.add_argument("--resize-shorter", type=int, default=None, metavar="N",
                         help="with --align: resize photos to shorter side N before detection")
-    parser.add_argument("--checkpoint", type=Path, help="student checkpoint (best.pt) from tools/distill_face.py")
-    parser.add_argument("--teacher-weights", type=Path, help="local InceptionResnetV1 state dict of the teacher")
+    parser.add_argument("--checkpoint", type=weights_arg, help="student checkpoint (best.pt) from tools/distill_face.py")
+    parser.add_argument("--teacher-weights", type=weights_arg, help="local InceptionResnetV1 state dict of the teacher")
     parser.add_argument("--teacher", choices=list(PRETRAINED_TEACHER_NAMES), help="facenet-pytorch's pretrained teacher")
     parser.add_argument("--compare-teacher", action="store_true", help="evaluate the teacher beside the student")
-    parser.add_argument("--trunk", type=Path, metavar="CKPT",
+    parser.add_argument("--trunk", type=weights_arg, metavar="CKPT",
                         help="also score the pooled features of this checkpoint's trunk (no distillation), "
-                             "e.g. runs/weights/mobilenet_v1_1.0_224_imagenet.pt")
+                             "e.g. mobilenet_v1_1.0_224_imagenet")
     parser.add_argument("--flip-tta", action="store_true", help="embed image + mirrored image (normalised sum)")
     parser.add_argument("--threshold", type=float, default=None, help="also report accuracy at this L2 distance")
     parser.add_argument("--folds", type=int, default=None, help="number of folds (default: the file's, else 10)")

@@ -29,10 +29,11 @@ from PIL import Image
 
 from mnapps.data.image_io import ImageReadError, list_images, load_rgb
 from mnapps.files import atomic_write, check_output_path
+from mnapps.weights import weights_arg
 
 EXAMPLES = """example (figures in docs/tf_od_api.md):
-  python tools/import_weights.py --kind ssd ../shared/data/faceapi_ssd_mobilenetv1 --output runs/weights/faceapi_ssd.pt
-  python tools/face_pipeline_bench.py --detector-weights runs/weights/faceapi_ssd.pt --out runs/face_pipeline
+  mnapps weights get faceapi_ssd_mobilenetv1
+  python tools/face_pipeline_bench.py --detector-weights faceapi_ssd_mobilenetv1 --out runs/face_pipeline
 """
 CASIA_TEACHER = Path("facenet_casia") / "20180408-102900-casia-webface-features.pt"
 
@@ -42,7 +43,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1] + "\n" + EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--detector-weights", type=Path, required=True, metavar="CKPT",
+    parser.add_argument("--detector-weights", type=weights_arg, required=True, metavar="CKPT",
                         help="mnapps detection checkpoint of a face detector (label 1 = face)")
     parser.add_argument("--data", type=Path, default=Path("../shared/data"),
                         help="shared data folder (default ../shared/data)")
@@ -51,7 +52,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--pairs", type=Path, help="pair list (default DATA/faces/deepface/master.csv)")
     parser.add_argument("--pair-images", type=Path, metavar="DIR",
                         help="folder of the photos the pairs name (default: the pair list's folder)")
-    parser.add_argument("--teacher-weights", type=Path, help=f"FaceNet state dict (default DATA/{CASIA_TEACHER})")
+    parser.add_argument("--teacher-weights", type=weights_arg, help=f"FaceNet state dict (default DATA/{CASIA_TEACHER})")
     parser.add_argument("--out", type=Path, default=Path("runs") / "face_pipeline", help="output folder")
     parser.add_argument("--min-score", type=float, default=0.5,
                         help="SSD boxes scoring below are not faces (default 0.5, face-api.js's)")

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from mnapps.data.image_io import IMAGE_EXTENSIONS, list_images
 from mnapps.files import atomic_write, check_output_path
+from mnapps.weights import weights_arg
 
 EXAMPLES = """examples:
   python tools/infer_det.py --checkpoint runs/ssd_mnv1_a050_r192_shapes/best.pt \\
@@ -34,7 +35,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         description=__doc__.split("\n\n")[0], epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("source", type=Path, metavar="IMAGE_OR_DIR", help="an image file or a folder of images")
-    parser.add_argument("--checkpoint", type=Path, required=True, metavar="F", help="mnapps detection checkpoint (.pt)")
+    parser.add_argument("--checkpoint", type=weights_arg, required=True, metavar="F", help="mnapps detection checkpoint (.pt)")
     parser.add_argument("--out", type=Path, required=True, metavar="D",
                         help="folder for the drawn images (not the input folder, nor inside it)")
     parser.add_argument("--score-threshold", type=float, default=0.3, help="draw detections scoring at least this (default 0.3)")
