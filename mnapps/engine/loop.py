@@ -44,6 +44,7 @@ from mnapps.config import TrainConfig, to_dict
 from mnapps.checkpoint import load_checkpoint, save_checkpoint
 from mnapps.engine.distributed import DistInfo, current_dist_info
 from mnapps.engine.optim import build_optimizer, build_scheduler
+from mnapps.engine.run_log import log_epoch
 from mnapps.files import remove_stale_temporaries
 
 __all__ = [
@@ -773,6 +774,7 @@ def _finish_epoch(run: _Run, evaluate: EvaluateFn | None, epoch_number: int, *, 
         _save(run, epoch_number, improved=improved, pending=False)
     if run.info.is_main:
         tqdm.write(_epoch_summary(run, run.history[-1], improved))
+        log_epoch(run.output_dir, run.history)  # metrics.csv, results.png, TensorBoard
 
 
 # ------------------------------------------------------------------------------------------

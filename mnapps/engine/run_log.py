@@ -1,0 +1,125 @@
+"""What every training run leaves in its folder as it goes: metrics.csv, TensorBoard, results.png.
+
+Task-agnostic: it reads only :func:`mnapps.engine.loop.fit`'s history, a list of
+``{"epoch", "train": {loss terms..., "lr", "images_per_s", "time_s"}, "metrics": {...}}``.
+:func:`log_epoch` is called on rank 0 after each epoch with the whole history, and rewrites
+``metrics.csv`` (one row per epoch: losses, lr, speed, every validation metric) and
+``results.png`` (one panel per column) from it, so a resumed run's files hold every epoch
+exactly once. When the optional ``tensorboard`` package is installed, the epoch's scalars also
+go to TensorBoard event files in ``tensorboard/``; the first call says where (or how to get them).
+"""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import io
+import math
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+from matplotlib.figure import Figure
+from tqdm import tqdm
+
+from mnapps.files import atomic_write
+
+__all__ = ["log_epoch", "history_rows", "write_metrics_csv", "plot_results"]
+
+METRICS_CSV = "metrics.csv"
+RESULTS_PNG = "results.png"
+TENSORBOARD_DIR = "tensorboard"
+
+_writers: dict[Path, Any] = {}  # one TensorBoard writer per run folder and process
+
+
+def _number(value: Any) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        try:
+            value = float(value)  # numpy scalars
+        except (TypeError, ValueError):
+            return None
+    return float(value)
+
+
+def history_rows(history: Sequence[Mapping[str, Any]]) -> tuple[list[str], list[dict[str, float]]]:
+    """The CSV's columns and rows: ``epoch``, ``train/<term>``, ``lr``, ``images_per_s``, ``time_s``, ``val/<metric>``."""
+    columns: dict[str, None] = {"epoch": None}
+    rows = []
+    for entry in history:
+        row: dict[str, float] = {"epoch": entry["epoch"]}
+        for key, value in entry.get("train", {}).items():
+            name = key if key in ("lr", "images_per_s", "time_s") else f"train/{key}"
+            if (number := _number(value)) is not None:
+                row[name] = number
+        for key, value in (entry.get("metrics") or {}).items():
+            if (number := _number(value)) is not None:
+                row[f"val/{key}"] = number
+        columns.update(dict.fromkeys(row))
+        rows.append(row)
+    return list(columns), rows
+
+
+def write_metrics_csv(path: Path, history: Sequence[Mapping[str, Any]]) -> Path:
+    """Rewrite ``path`` from the whole history (blank where an epoch has no such value)."""
+    columns, rows = history_rows(history)
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=columns, lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: (f"{v:.6g}" if k != "epoch" else int(v)) for k, v in row.items()})
+    return atomic_write(path, lambda handle: handle.write(text.getvalue().encode("utf-8")))
+
+
+def plot_results(history: Sequence[Mapping[str, Any]], path: Path) -> Path:
+    """One small panel per CSV column (losses, lr, speed, validation metrics) against the epoch."""
+    columns, rows = history_rows(history)
+    panels = [c for c in columns if c not in ("epoch", "time_s")]
+    ncols = min(5, max(1, len(panels)))
+    nrows = max(1, math.ceil(len(panels) / ncols))
+    figure = Figure(figsize=(3.2 * ncols, 2.4 * nrows), dpi=100, layout="constrained")
+    for index, name in enumerate(panels):
+        axes = figure.add_subplot(nrows, ncols, index + 1)
+        points = [(row["epoch"], row[name]) for row in rows if name in row]
+        colour = "tab:blue" if name.startswith("train/") else "tab:orange" if name.startswith("val/") else "tab:gray"
+        axes.plot([p[0] for p in points], [p[1] for p in points], marker="o", markersize=3, color=colour)
+        axes.set_title(name, fontsize=10)
+        axes.set_xlabel("epoch", fontsize=8)
+        axes.tick_params(labelsize=7)
+        axes.grid(alpha=0.3)
+        if name == "lr":
+            axes.ticklabel_format(axis="y", style="sci", scilimits=(0, 0))
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png")
+    return atomic_write(path, lambda handle: handle.write(buffer.getvalue()))
+
+
+def _tensorboard(folder: Path, history: Sequence[Mapping[str, Any]], log: Callable[[str], None]) -> None:
+    if folder not in _writers:
+        if importlib.util.find_spec("tensorboard") is None:
+            _writers[folder] = None
+            log(f"run log: {folder / METRICS_CSV}, {folder / RESULTS_PNG} (pip install tensorboard for TensorBoard "
+                f"event files too)")  # fmt: skip
+            return
+        # Imported only here: tensorboard is optional, and it takes a while to import.
+        from torch.utils.tensorboard import SummaryWriter
+
+        _writers[folder] = SummaryWriter(str(folder / TENSORBOARD_DIR))
+        log(f"run log: {folder / METRICS_CSV}, {folder / RESULTS_PNG}; TensorBoard: "
+            f"tensorboard --logdir {folder / TENSORBOARD_DIR}")  # fmt: skip
+    writer = _writers[folder]
+    if writer is None:
+        return
+    columns, rows = history_rows(history[-1:])
+    for name in columns[1:]:
+        writer.add_scalar(name, rows[0][name], global_step=int(rows[0]["epoch"]))
+    writer.flush()
+
+
+def log_epoch(output_dir: str | Path, history: Sequence[Mapping[str, Any]], log: Callable[[str], None] = tqdm.write):
+    """Bring the run folder's metrics.csv, results.png and TensorBoard events up to ``history``."""
+    if not history:
+        return
+    folder = Path(output_dir)
+    write_metrics_csv(folder / METRICS_CSV, history)
+    _tensorboard(folder, history, log)
+    plot_results(history, folder / RESULTS_PNG)
