@@ -11,7 +11,9 @@ Two modes:
 
 Both print COCO's standard 12-line summary (AP, AP50, AP75, APs, APm, APl, AR1, AR10, AR100, ARs,
 ARm, ARl; -1 means no ground truth in that area range) and a per-class AP@[.5:.95] table, and
-write eval_metrics.json (those 12 keys at top level, plus per_class_AP) into --out-dir, by
+write eval_metrics.json (those 12 keys at top level, plus per_class_AP), and for --checkpoint
+eval_pr_curves.png (per-class precision-recall) and eval_val_predictions.png (ground truth beside
+prediction), into --out-dir, by
 default the folder of the checkpoint or results file, or the current folder when that one is
 read-only. It never touches the training run's own metrics.json.
 """
@@ -107,7 +109,7 @@ def _evaluate_checkpoint(args: argparse.Namespace):
         model, loader, dataset, device, max_images=args.max_images, progress=not args.no_progress
     )
     extra = {"checkpoint": str(args.checkpoint), "val_ann": str(dataset.ann_file), "device": str(device)}
-    return metrics, per_class, summary, extra
+    return metrics, per_class, summary, extra, (model, dataset, device)
 
 
 def _metrics_path(args: argparse.Namespace, source: Path) -> Path:
@@ -123,11 +125,12 @@ def _metrics_path(args: argparse.Namespace, source: Path) -> Path:
 
 def _import_heavy() -> None:
     """Import torch and the tasks, after the arguments are parsed: --help answers at once."""
-    global torch, collate_fn, build_eval_loader, resolve_device, evaluate_detector, evaluate_results, format_per_class_table, write_metrics_json, build_eval_dataset, load_detector
+    global torch, write_detection_report, collate_fn, build_eval_loader, resolve_device, evaluate_detector, evaluate_results, format_per_class_table, write_metrics_json, build_eval_dataset, load_detector
     import torch
     from mnapps.data.coco import collate_fn
     from mnapps.engine.distributed import build_eval_loader, resolve_device
     from mnapps.eval.coco import evaluate_detector, evaluate_results, format_per_class_table, write_metrics_json
+    from mnapps.eval.plots import write_detection_report
     from mnapps.tasks.detection import build_eval_dataset, load_detector
 
 
@@ -140,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
             extra = {"results": str(args.results), "val_ann": str(args.val_ann)}
             source = args.results
         else:
-            metrics, per_class, summary, extra = _evaluate_checkpoint(args)
+            metrics, per_class, summary, extra, evaluated = _evaluate_checkpoint(args)
             source = args.checkpoint
         path = _metrics_path(args, source)
     except (FileNotFoundError, ValueError) as err:  # the library's messages already name the fix
@@ -151,4 +154,7 @@ def main(argv: list[str] | None = None) -> int:
     print(format_per_class_table(per_class), end="")
     path = write_metrics_json(path, metrics, per_class, extra)
     print(f"wrote {path}")
+    if args.results is None:  # eval_pr_curves.png, eval_val_predictions.png beside it (a run's own stay)
+        write_detection_report(evaluated[0], evaluated[1], path.parent, device=evaluated[2], max_images=args.max_images,
+                               log=print, prefix="eval_")
     return 0

@@ -15,10 +15,12 @@ import csv
 import importlib.util
 import io
 import math
+import re
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 from tqdm import tqdm
 
 from mnapps.files import atomic_write
@@ -70,23 +72,41 @@ def write_metrics_csv(path: Path, history: Sequence[Mapping[str, Any]]) -> Path:
     return atomic_write(path, lambda handle: handle.write(text.getvalue().encode("utf-8")))
 
 
+def _panel(column: str) -> str:
+    """The panel a column is drawn in: every train loss together, AP50/APs/... with AP, AR1/ARs/... with AR."""
+    if column.startswith("train/"):
+        return "train losses"
+    if column.startswith("val/"):
+        base = re.sub(r"(\d+|(?<=[A-Z])[sml]|_\w+)$", "", column[4:])
+        return "val/" + (base if len(base) > 1 else column[4:])  # l2 stays l2
+    return column
+
+
 def plot_results(history: Sequence[Mapping[str, Any]], path: Path) -> Path:
-    """One small panel per CSV column (losses, lr, speed, validation metrics) against the epoch."""
+    """Losses, lr, speed and validation metrics against the epoch, related curves in one panel."""
     columns, rows = history_rows(history)
-    panels = [c for c in columns if c not in ("epoch", "time_s")]
+    panels: dict[str, list[str]] = {}
+    for column in columns:
+        if column not in ("epoch", "time_s"):
+            panels.setdefault(_panel(column), []).append(column)
     ncols = min(5, max(1, len(panels)))
     nrows = max(1, math.ceil(len(panels) / ncols))
-    figure = Figure(figsize=(3.2 * ncols, 2.4 * nrows), dpi=100, layout="constrained")
-    for index, name in enumerate(panels):
+    figure = Figure(figsize=(3.6 * ncols, 2.8 * nrows), dpi=100, layout="constrained")
+    for index, (title, names) in enumerate(panels.items()):
         axes = figure.add_subplot(nrows, ncols, index + 1)
-        points = [(row["epoch"], row[name]) for row in rows if name in row]
-        colour = "tab:blue" if name.startswith("train/") else "tab:orange" if name.startswith("val/") else "tab:gray"
-        axes.plot([p[0] for p in points], [p[1] for p in points], marker="o", markersize=3, color=colour)
-        axes.set_title(name, fontsize=10)
+        for name in names:
+            points = [(row["epoch"], row[name]) for row in rows if name in row]
+            label = name.split("/", 1)[-1]
+            axes.plot([p[0] for p in points], [p[1] for p in points], marker="o", markersize=3, label=label,
+                      linewidth=2.0 if label in ("loss", "AP", "AR1") else 1.2)  # fmt: skip
+        axes.set_title(title, fontsize=10)
         axes.set_xlabel("epoch", fontsize=8)
+        axes.xaxis.set_major_locator(MaxNLocator(integer=True))
         axes.tick_params(labelsize=7)
         axes.grid(alpha=0.3)
-        if name == "lr":
+        if len(names) > 1:
+            axes.legend(fontsize=7)
+        if title == "lr":
             axes.ticklabel_format(axis="y", style="sci", scilimits=(0, 0))
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png")

@@ -34,7 +34,7 @@ from typing import Any, Iterable, Literal, Sequence
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image
 from torch import Tensor, nn
 from tqdm import tqdm
 
@@ -58,6 +58,7 @@ from mnapps.data.transforms import RECIPES, build_det_transforms, sample_to_tens
 from mnapps.engine.distributed import DistInfo, build_eval_loader, build_train_loader, run_distributed
 from mnapps.engine.loop import capture_rng_state, check_run_folder, fit, restore_rng_state, seed_everything
 from mnapps.eval.coco import evaluate_detector, format_per_class_table, write_metrics_json
+from mnapps.eval.plots import draw_boxes, write_detection_report
 from mnapps.heads import HEADS, head_spec
 from mnapps.heads.faster_rcnn import FasterRCNNConfig
 from mnapps.heads.ssd import SSDConfig
@@ -436,7 +437,8 @@ def _evaluator(cfg: DetConfig, val_set: CocoDetection, device: torch.device, las
             )
         finally:
             restore_rng_state(rng_state)
-        last_eval.update(metrics=metrics, per_class_ap=per_class, summary=summary, epoch=epoch)
+        images = min(len(val_set), cfg.data.eval_max_images or len(val_set))
+        last_eval.update(metrics=metrics, per_class_ap=per_class, summary=summary, epoch=epoch, images=images)
         return metrics
 
     return evaluate
@@ -502,6 +504,9 @@ def _train_detector(
         "output_dir": str(output_dir),
         "time_s": time.perf_counter() - started,
     }
+    if info.is_main and last_eval:  # pr_curves.png and val_predictions.png: one more pass over the evaluated images
+        write_detection_report(model, val_set, output_dir, device=info.device, max_images=cfg.data.eval_max_images,
+                               batch_size=cfg.data.eval_batch_size, log=print)
     if info.is_main:
         _report(result, engine, counter, output_dir, last_eval)
     return result
@@ -511,7 +516,7 @@ def _report(
     result: dict[str, Any], engine: dict[str, Any], counter: _BatchCounter, output_dir: Path, last_eval: dict
 ) -> None:
     if last_eval:
-        print(f"\nCOCO bbox evaluation of the final model (epoch {last_eval['epoch']}):")
+        print(f"\nCOCO bbox evaluation of the final model (epoch {last_eval['epoch']}, {last_eval['images']} val images):")
         print(last_eval["summary"], end="")
         print(format_per_class_table(last_eval["per_class_ap"]), end="")
         extra = {
@@ -665,13 +670,6 @@ def predict_images(
 # ------------------------------------------------------------------------------------------
 # drawing and results files
 
-# Distinct, readable colours cycled over class labels.
-_PALETTE = (
-    (230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48), (145, 30, 180),
-    (70, 240, 240), (240, 50, 230), (210, 245, 60), (250, 190, 212), (0, 128, 128), (220, 190, 255),
-)
-
-
 def draw_detections(
     image: np.ndarray, boxes: Tensor, labels: Tensor, scores: Tensor, class_names: Sequence[str]
 ):
@@ -685,22 +683,9 @@ def draw_detections(
     Returns:
         A ``PIL.Image.Image`` (RGB).
     """
-    canvas = Image.fromarray(image).convert("RGB")
-    draw = ImageDraw.Draw(canvas)
-    font = ImageFont.load_default()
-    line = max(2, round(min(canvas.size) / 200))
-    for box, label, score in zip(boxes.tolist(), labels.tolist(), scores.tolist()):
-        colour = _PALETTE[int(label) % len(_PALETTE)]
-        name = class_names[int(label)] if 0 <= int(label) < len(class_names) else f"class_{int(label)}"
-        x1, y1, x2, y2 = box
-        draw.rectangle([x1, y1, x2, y2], outline=colour, width=line)
-        caption = f"{name} {score:.2f}"
-        left, top, right, bottom = draw.textbbox((0, 0), caption, font=font)
-        text_w, text_h = right - left, bottom - top
-        y_text = y1 - text_h - 4 if y1 - text_h - 4 >= 0 else y1
-        draw.rectangle([x1, y_text, x1 + text_w + 4, y_text + text_h + 4], fill=colour)
-        draw.text((x1 + 2, y_text + 2 - top), caption, fill=(0, 0, 0), font=font)
-    return canvas
+    # torchvision's draw_bounding_boxes, captions in a TrueType font scaled to the image.
+    drawn = draw_boxes(image, boxes, labels.tolist(), class_names, scores.tolist())
+    return Image.fromarray(drawn.permute(1, 2, 0).numpy())
 
 
 def image_ids_for(paths: Sequence[Path], ann_file: str | os.PathLike | None = None) -> list[int]:
