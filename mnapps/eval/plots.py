@@ -220,11 +220,12 @@ def write_detection_report(
         "AP": COCOeval's AP@[.5:.95]}``.
     """
     out_dir = Path(out_dir)
+    pr_path, grid_path = out_dir / f"{prefix}{PR_CURVES}", out_dir / f"{prefix}{VAL_GRID}"
     results, evaluated, kept = _collect(model, dataset, device, max_images, batch_size, grid_images)
     evaluator = coco_precision(dataset.coco, results, evaluated)
     names = {cat_id: cat["name"] for cat_id, cat in dataset.coco.cats.items()}
     count = len(set(evaluated))
-    ap50 = plot_pr_curves(evaluator, names, out_dir / f"{prefix}{PR_CURVES}",
+    ap50 = plot_pr_curves(evaluator, names, pr_path,
                           title=f"precision-recall per class, {count} val images (COCOeval)")  # fmt: skip
     class_names = ["background"] + [names[dataset.label_to_cat_id[label]] for label in sorted(dataset.label_to_cat_id)]
     pairs = []
@@ -235,9 +236,9 @@ def write_detection_report(
             draw_boxes(image, output["boxes"][keep], output["labels"][keep].tolist(), class_names,
                        output["scores"][keep].tolist()),
         ))  # fmt: skip
-    grid = _grid(pairs, out_dir / f"{prefix}{VAL_GRID}", f"first {len(pairs)} val images: ground truth | prediction "
+    grid = _grid(pairs, grid_path, f"first {len(pairs)} val images: ground truth | prediction "
                  f"(score >= {score_threshold:g})")  # fmt: skip
     if log is not None:
-        log(f"wrote {out_dir / f"{prefix}{PR_CURVES}"} (per-class precision-recall, {count} val images) and {grid}")
-    return {"pr_curves": out_dir / f"{prefix}{PR_CURVES}", "val_predictions": grid, "images": count, "AP50": ap50,
+        log(f"wrote {pr_path} (per-class precision-recall, {count} val images) and {grid}")
+    return {"pr_curves": pr_path, "val_predictions": grid, "images": count, "AP50": ap50,
             "AP": float(evaluator.stats[0]) if evaluator.stats is not None and len(evaluator.stats) else None}  # fmt: skip
