@@ -8,7 +8,7 @@ Rows (images/s at each --batch, warm-up then the median of repeats, --threads th
   one SSD300 training step (batch --train-batch) vs torchvision SSDLite's.
 Also measures the float32 GEMM peak (a large torch.mm) and prints, per row, the ratio to the
 peer, the achieved GFLOP/s (multiply-adds counted by mnapps.stats.count_macs) and its share of
-the peak, then the issue's speed targets. All models have random weights (speed does not
+the peak, then the speed targets. All models have random weights (speed does not
 depend on them; accuracy after export is measured by tools/export.py --evaluate).
 Run it on a quiet machine: other processes on the cores make every figure meaningless.
 """

@@ -882,7 +882,7 @@ def summarise(result: dict[str, Any], target_workers: int = 8) -> list[dict[str,
 
 
 def check_acceptance(result: dict[str, Any]) -> list[dict[str, Any]]:
-    """The issue's targets at the largest size measured, for mnapps (torchvision shown beside).
+    """The acceptance targets at the largest size measured, for mnapps (torchvision shown beside).
 
     Returns:
         ``[{"name", "mnapps", "torchvision", "target", "ok"}]``; ``ok`` is None when the figure

@@ -21,7 +21,7 @@ background logit bias is therefore set (once, by bisection on the benchmark imag
 
 Each row reports images/s, GFLOP/s (multiply-adds counted by :func:`mnapps.stats.count_macs`,
 2 FLOPs each) and its share of the measured peak; :func:`check_targets` compares ratios with
-the issue's targets. Timings are only comparable within one run on a quiet machine.
+the speed targets. Timings are only comparable within one run on a quiet machine.
 """
 
 from __future__ import annotations
@@ -380,7 +380,7 @@ def _fill_ratios(rows: list[BenchRow], peaks: dict[str, float]) -> None:
 # ------------------------------------------------------------------------------------------
 # reporting
 
-# (row, reference row or "peak", minimum ratio, batch) from issue 6.
+# (row, reference row or "peak", minimum ratio, batch): the speed targets.
 TARGETS = (
     ("mnapps fused channels_last", "timm mobilenetv1_100 eager", 2.2, 32),
     ("mnapps torch.compile", "timm mobilenetv1_100 eager", 3.0, 32),
@@ -391,7 +391,7 @@ TARGETS = (
 
 
 def check_targets(result: dict[str, Any]) -> list[dict[str, Any]]:
-    """The issue's speed targets, evaluated on ``result`` (rows present in it only).
+    """The speed targets, evaluated on ``result`` (rows present in it only).
 
     The ORT fp32 target is relative to the peak-implied rate ``peak / (2 x MACs)``, i.e. its
     ``fraction_of_peak``. Batch 32 targets use the largest measured batch when 32 was not run.
@@ -446,7 +446,7 @@ def format_table(result: dict[str, Any]) -> str:
     checks = check_targets(result)
     if checks:
         lines.append("")
-        lines.append("targets (issue 6):")
+        lines.append("speed targets:")
         for c in checks:
             reference = "sgemm-peak-implied rate" if c["reference"] == "peak" else c["reference"]
             lines.append(f"  {c['row']} / {reference} @ batch {c['batch']} ({c['device']}): {c['value']:.2f} "
