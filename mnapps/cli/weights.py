@@ -61,6 +61,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.verb == "list":
         print(list_weights())
         return 0
+    if args.name in WEIGHTS and checkpoint_path(args.name).is_file() and not args.overwrite:
+        print(f"{args.name} is already in the cache (--overwrite fetches it again)", file=sys.stderr)
+        print(checkpoint_path(args.name))
+        return 0
     # torch and the tasks load only now: `--help` and `list` stay instant (see tests/test_layout.py).
     from mnapps.cli.weight_importers import IMPORTERS
 
