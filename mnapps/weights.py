@@ -96,11 +96,11 @@ WEIGHTS: dict[str, Weights] = {
                 None, None),),
             license="Apache-2.0",
             source="https://github.com/tensorflow/models/blob/master/research/slim/nets/mobilenet_v1.md",
-            approx_size="about 90 MB archive",
+            approx_size="17 MB of weights; the archive adds frozen-graph and TFLite copies",
             note="Upstream publishes no checksum. The archive holds the TF checkpoint "
             "mobilenet_v1_1.0_224.ckpt.{index,data-*}, which mnapps reads without TensorFlow. "
             "--from takes the .tgz, the extracted folder or .ckpt prefix, or an .npz of the same "
-            "tensors under their TF-slim names (what mnapps's own tests hold).",
+            "tensors under their TF-slim names (name -> array).",
         ),
         Weights(
             name="faceapi_ssd_mobilenetv1",
@@ -131,7 +131,7 @@ WEIGHTS: dict[str, Weights] = {
             approx_size="111 MB",
             note="Upstream publishes no checksum. The release file also holds the 10575-way "
             "classifier, which mnapps drops (a teacher needs the 512-d features only). --from takes "
-            "that file or a features-only state dict (94 MB, what mnapps's tests hold).",
+            "that file or a features-only InceptionResnetV1 state dict (94 MB).",
         ),
         Weights(
             name="facenet_vggface2",
@@ -143,8 +143,7 @@ WEIGHTS: dict[str, Weights] = {
             "(research use) apply to the data it was trained on",
             source="https://github.com/timesler/facenet-pytorch",
             approx_size="107 MB",
-            note="Upstream publishes no checksum, and no copy is held here, so it is tested only as "
-            "a file of the same form. The release file also holds the 8631-way classifier, which "
+            note="Upstream publishes no checksum. The release file also holds the 8631-way classifier, which "
             "mnapps drops. --from takes that file or a features-only state dict.",
         ),
     )
