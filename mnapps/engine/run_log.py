@@ -89,7 +89,7 @@ def plot_results(history: Sequence[Mapping[str, Any]], path: Path) -> Path:
     for column in columns:
         if column not in ("epoch", "time_s"):
             panels.setdefault(_panel(column), []).append(column)
-    ncols = min(5, max(1, len(panels)))
+    ncols = min(3, max(1, len(panels)))
     nrows = max(1, math.ceil(len(panels) / ncols))
     figure = Figure(figsize=(3.6 * ncols, 2.8 * nrows), dpi=100, layout="constrained")
     for index, (title, names) in enumerate(panels.items()):
@@ -105,7 +105,7 @@ def plot_results(history: Sequence[Mapping[str, Any]], path: Path) -> Path:
         axes.tick_params(labelsize=7)
         axes.grid(alpha=0.3)
         if len(names) > 1:
-            axes.legend(fontsize=7)
+            axes.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
         if title == "lr":
             axes.ticklabel_format(axis="y", style="sci", scilimits=(0, 0))
     buffer = io.BytesIO()
