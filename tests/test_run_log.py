@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import csv
+import sys
+import types
 
 import pytest
 import torch
@@ -66,3 +68,32 @@ def test_a_resumed_run_lists_every_epoch_once(tmp_path):
     assert [int(r["epoch"]) for r in rows] == [1, 2, 3]
     assert [r["val/acc"] for r in rows] == [r["val/acc"] for r in _read_csv(tmp_path / "full" / "metrics.csv")]
     assert [e["metrics"]["acc"] for e in full["history"]] == pytest.approx([float(r["val/acc"]) for r in rows])
+
+
+def test_tensorboard_gets_every_scalar_of_the_epoch_when_installed(tmp_path, capsys, monkeypatch):
+    # tensorboard is an optional extra; a stand-in SummaryWriter records what the run log sends it.
+    calls = []
+
+    class FakeWriter:
+        def __init__(self, log_dir):
+            calls.append(("open", log_dir))
+
+        def add_scalar(self, name, value, global_step):
+            calls.append((name, value, global_step))
+
+        def flush(self):
+            calls.append(("flush",))
+
+    fake = types.ModuleType("torch.utils.tensorboard")
+    fake.SummaryWriter = FakeWriter
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", fake)
+    monkeypatch.setattr(run_log.importlib.util, "find_spec", lambda name: object())
+    history = [{"epoch": 1, "train": {"loss": 2.0, "lr": 0.1, "images_per_s": 5.0, "time_s": 1.0}, "metrics": {}},
+               {"epoch": 2, "train": {"loss": 1.0, "lr": 0.05, "images_per_s": 6.0, "time_s": 1.0},
+                "metrics": {"AP": 0.5}}]  # fmt: skip
+    run_log.log_epoch(tmp_path, history[:1], log=print)
+    run_log.log_epoch(tmp_path, history, log=print)
+    assert calls[0] == ("open", str(tmp_path / "tensorboard"))
+    assert ("train/loss", 2.0, 1) in calls and ("train/loss", 1.0, 2) in calls and ("val/AP", 0.5, 2) in calls
+    assert sum(1 for c in calls if c[0] == "open") == 1  # one writer per run folder
+    assert f"tensorboard --logdir {tmp_path / 'tensorboard'}" in capsys.readouterr().out
