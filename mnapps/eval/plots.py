@@ -30,7 +30,8 @@ from torchvision.utils import draw_bounding_boxes
 
 from mnapps.data.coco import collate_fn
 from mnapps.engine.distributed import build_eval_loader
-from mnapps.eval.coco import predictions_to_coco_results
+# The metrics' own ground-truth filter and empty-result object, so the curves match the printed AP.
+from mnapps.eval.coco import _empty_detections, _without_bad_gt_boxes, predictions_to_coco_results
 from mnapps.files import atomic_write
 
 __all__ = ["draw_boxes", "caption_font_size", "plot_pr_curves", "coco_precision", "write_detection_report"]
@@ -97,12 +98,13 @@ def _save_png(figure: Figure, path: Path) -> Path:
 
 
 def coco_precision(coco_gt: Any, results: list[dict[str, Any]], img_ids: Sequence[int]) -> COCOeval:
-    """pycocotools' COCOeval on ``results`` over ``img_ids``, evaluated and accumulated (quietly)."""
+    """pycocotools' COCOeval on ``results`` over ``img_ids``, evaluated, accumulated and summarised (quietly).
+
+    Ground-truth boxes that are non-finite or empty are left out first, as for the printed metrics.
+    """
+    coco_gt, _ = _without_bad_gt_boxes(coco_gt, img_ids)
     with contextlib.redirect_stdout(io.StringIO()):
-        if results:
-            detections = coco_gt.loadRes(results)
-        else:  # loadRes refuses an empty list; an empty result set is still a valid (zero) answer
-            detections = coco_gt.loadRes(np.zeros((0, 7)))
+        detections = coco_gt.loadRes(results) if results else _empty_detections(coco_gt)
         evaluator = COCOeval(coco_gt, detections, iouType="bbox")
         evaluator.params.imgIds = sorted(set(int(i) for i in img_ids))
         evaluator.evaluate()
@@ -217,9 +219,19 @@ def write_detection_report(
 
     Returns:
         ``{"pr_curves": path, "val_predictions": path, "images": evaluated count, "AP50": {class: AP50},
-        "AP": COCOeval's AP@[.5:.95]}``.
+        "AP": COCOeval's AP@[.5:.95]}``; ``{}`` after logging a note when drawing fails (a run keeps its metrics).
     """
-    out_dir = Path(out_dir)
+    try:
+        return _write_detection_report(model, dataset, Path(out_dir), device, max_images, batch_size, score_threshold,
+                                       grid_images, log, prefix)  # fmt: skip
+    except Exception as exc:  # pictures are extras: they never cost a run its metrics or exit status
+        if log is not None:
+            log(f"note: pr_curves/val_predictions not written ({type(exc).__name__}: {exc})")
+        return {}
+
+
+def _write_detection_report(model, dataset, out_dir: Path, device, max_images, batch_size, score_threshold,
+                            grid_images, log, prefix) -> dict[str, Any]:  # fmt: skip
     pr_path, grid_path = out_dir / f"{prefix}{PR_CURVES}", out_dir / f"{prefix}{VAL_GRID}"
     results, evaluated, kept = _collect(model, dataset, device, max_images, batch_size, grid_images)
     evaluator = coco_precision(dataset.coco, results, evaluated)
