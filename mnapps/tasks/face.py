@@ -239,8 +239,8 @@ def build_distill_data(cfg: FaceDataConfig) -> FaceDistillData:
 def prepare_teacher(cfg: TeacherConfig, data: FaceDistillData, *, device: str | torch.device = "cpu",
                     batch_size: int = 64) -> FacenetTeacher:
     """Build the teacher of ``cfg``; a random one gets BatchNorm statistics re-estimated (``calibrate_bn``)."""
-    teacher = build_teacher(cfg.name if cfg.weights is None else None, weights=resolve_weights(cfg.weights), seed=cfg.seed,
-                            input_size=cfg.input_size, device=device)
+    teacher = build_teacher(cfg.name if cfg.weights is None else None, weights=resolve_weights(cfg.weights),
+                            seed=cfg.seed, input_size=cfg.input_size, device=device)
     if cfg.weights is None and cfg.name == "random" and cfg.calibrate_bn != "none":
         count = min(cfg.calibration_images, len(data.train_plain))
         subset = data.train_plain.subset(range(count))
