@@ -13,7 +13,8 @@ the importers, which live with the tasks) and moves the checkpoint into place. E
 happens in a staging folder inside the cache, so a refused hash, a broken connection or a
 failed import leaves nothing behind. ``source=`` does the same from a local copy (machines
 without internet). Only the standard library is imported here: ``mnapps --help`` and argument
-parsing stay fast.
+parsing stay fast; the modules only a download needs (urllib, http.client, tarfile, tqdm: half a
+second on a busy machine) are imported by the functions that use them.
 """
 
 from __future__ import annotations
@@ -21,18 +22,12 @@ from __future__ import annotations
 import argparse
 import difflib
 import hashlib
-import http.client
 import os
 import shutil
-import tarfile
 import tempfile
-import urllib.error
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Literal
-
-from tqdm import tqdm
 
 __all__ = [
     "WEIGHTS",
@@ -208,6 +203,8 @@ def sha256_of(path: Path) -> str:
 
 
 def _progress_bar(total: int | None, label: str, enabled: bool):
+    from tqdm import tqdm
+
     return tqdm(total=total, desc=label, unit="B", unit_scale=True, unit_divisor=1024, disable=not enabled,
                 dynamic_ncols=True)  # fmt: skip
 
@@ -219,6 +216,10 @@ def download(url: str, dest: Path, *, name: str, progress: bool = True, timeout:
         WeightsError: no connection (the message names ``--from``), an HTTP error, or a
             transfer that stopped before the announced length.
     """
+    import http.client
+    import urllib.error
+    import urllib.request
+
     offline = (f"on a machine without internet, download it elsewhere and run "
                f"`mnapps weights get {name} --from FILE`")  # fmt: skip
     try:
@@ -259,6 +260,8 @@ def _check_file(path: Path, file: WeightFile, sha256: str | None, actual: str | 
 
 def _unpack(archive: Path, into: Path) -> Path:
     """Extract a .tgz safely and return what the importer reads: a TF checkpoint prefix or an .npz."""
+    import tarfile
+
     into.mkdir()
     with tarfile.open(archive) as tar:
         tar.extractall(into, filter="data")  # no absolute paths, links out of the folder or devices
