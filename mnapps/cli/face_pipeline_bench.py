@@ -25,23 +25,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import torch
 from PIL import Image
-from torchvision.ops import box_iou
 
-from mnapps.data.align import FaceAligner, crop_names
-from mnapps.data.box_crops import CROP_GEOMETRIES, BoxFaceAligner, crop_region, cut_crop
 from mnapps.data.image_io import ImageReadError, list_images, load_rgb
-from mnapps.distill.teacher import TeacherWeightsError, build_teacher
-from mnapps.engine.distributed import resolve_device
-from mnapps.eval.face import read_pairs, resolve_pairs
 from mnapps.files import atomic_write, check_output_path
-from mnapps.tasks.detection import box_detector, load_detector
-from mnapps.tasks.face import evaluate_face_verification
+from mnapps.weights import weights_arg
 
 EXAMPLES = """example (figures in docs/tf_od_api.md):
-  python tools/import_weights.py --kind ssd ../shared/data/faceapi_ssd_mobilenetv1 --output runs/weights/faceapi_ssd.pt
-  python tools/face_pipeline_bench.py --detector-weights runs/weights/faceapi_ssd.pt --out runs/face_pipeline
+  mnapps weights get faceapi_ssd_mobilenetv1
+  python tools/face_pipeline_bench.py --detector-weights faceapi_ssd_mobilenetv1 --out runs/face_pipeline
 """
 CASIA_TEACHER = Path("facenet_casia") / "20180408-102900-casia-webface-features.pt"
 
@@ -51,7 +43,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1] + "\n" + EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--detector-weights", type=Path, required=True, metavar="CKPT",
+    parser.add_argument("--detector-weights", type=weights_arg, required=True, metavar="CKPT",
                         help="mnapps detection checkpoint of a face detector (label 1 = face)")
     parser.add_argument("--data", type=Path, default=Path("../shared/data"),
                         help="shared data folder (default ../shared/data)")
@@ -60,7 +52,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--pairs", type=Path, help="pair list (default DATA/faces/deepface/master.csv)")
     parser.add_argument("--pair-images", type=Path, metavar="DIR",
                         help="folder of the photos the pairs name (default: the pair list's folder)")
-    parser.add_argument("--teacher-weights", type=Path, help=f"FaceNet state dict (default DATA/{CASIA_TEACHER})")
+    parser.add_argument("--teacher-weights", type=weights_arg, help=f"FaceNet state dict (default DATA/{CASIA_TEACHER})")
     parser.add_argument("--out", type=Path, default=Path("runs") / "face_pipeline", help="output folder")
     parser.add_argument("--min-score", type=float, default=0.5,
                         help="SSD boxes scoring below are not faces (default 0.5, face-api.js's)")
@@ -263,8 +255,23 @@ def _run(args: argparse.Namespace, device) -> dict:
     return report
 
 
+def _import_heavy() -> None:
+    """Import torch and the tasks, after the arguments are parsed: --help answers at once."""
+    global torch, box_iou, FaceAligner, crop_names, CROP_GEOMETRIES, BoxFaceAligner, crop_region, cut_crop, TeacherWeightsError, build_teacher, resolve_device, read_pairs, resolve_pairs, box_detector, load_detector, evaluate_face_verification
+    import torch
+    from torchvision.ops import box_iou
+    from mnapps.data.align import FaceAligner, crop_names
+    from mnapps.data.box_crops import CROP_GEOMETRIES, BoxFaceAligner, crop_region, cut_crop
+    from mnapps.distill.teacher import TeacherWeightsError, build_teacher
+    from mnapps.engine.distributed import resolve_device
+    from mnapps.eval.face import read_pairs, resolve_pairs
+    from mnapps.tasks.detection import box_detector, load_detector
+    from mnapps.tasks.face import evaluate_face_verification
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    _import_heavy()
     try:
         device = resolve_device(args.device)
         if args.out.exists() and not args.out.is_dir():

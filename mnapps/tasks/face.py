@@ -82,6 +82,7 @@ from mnapps.eval.face import (
 )
 from mnapps.files import check_output_path
 from mnapps.heads.face_embedding import FaceEmbedder, FaceModelConfig, PooledTrunkEmbedder, build_face_embedder
+from mnapps.weights import resolve_weights
 
 from .training import RunRequest, TaskSteps, train_task
 
@@ -255,8 +256,8 @@ def build_distill_data(cfg: FaceDataConfig, pool: tuple[FaceFolder, list[str]] |
 def prepare_teacher(cfg: TeacherConfig, data: FaceDistillData, *, device: str | torch.device = "cpu",
                     batch_size: int = 64) -> FacenetTeacher:
     """Build the teacher of ``cfg``; a random one gets BatchNorm statistics re-estimated (``calibrate_bn``)."""
-    teacher = build_teacher(cfg.name if cfg.weights is None else None, weights=cfg.weights, seed=cfg.seed,
-                            input_size=cfg.input_size, device=device)
+    teacher = build_teacher(cfg.name if cfg.weights is None else None, weights=resolve_weights(cfg.weights),
+                            seed=cfg.seed, input_size=cfg.input_size, device=device)
     if cfg.weights is None and cfg.name == "random" and cfg.calibrate_bn != "none":
         count = min(cfg.calibration_images, len(data.train_plain))
         subset = data.train_plain.subset(range(count))
