@@ -49,8 +49,9 @@ from tqdm.auto import tqdm
 
 from mnapps.backbones import prepare_trunk
 from mnapps.checkpoint import Checkpoint, read_checkpoint
-from mnapps.config import BackboneConfig, ConfigError, TrainConfig, from_dict, load_config
+from mnapps.config import BackboneConfig, ConfigError, TrainConfig, from_dict, load_config, to_dict
 from mnapps.data.align import FaceAligner, align_folder
+from mnapps.data.cache import default_cache_dir
 from mnapps.data.faces import FaceFolder, RepeatedFaces, build_face_transforms, face_collate, split_holdout
 from mnapps.data.persons import name_from_identity
 from mnapps.data.synthetic_faces import ensure_synthetic_faces
@@ -65,7 +66,7 @@ from mnapps.distill.teacher import (
     recalibrate_batchnorm,
 )
 from mnapps.distill.views import mix_faces
-from mnapps.distill.warm_start import WarmStartConfig, ridge_embedding_init
+from mnapps.distill.warm_start import WarmStartConfig, ridge_embedding_init, views_cache_path
 from mnapps.engine.distributed import DistInfo, build_train_loader, run_distributed
 from mnapps.engine.loop import TaskHooks, to_device
 from mnapps.eval.face import (
@@ -394,11 +395,14 @@ def _warm_start(cfg: FaceDistillConfig, data: FaceDistillData, student: FaceEmbe
             for images, _, _ in views:
                 yield mix_faces(images, prob=warm.mix_prob, alpha=cfg.data.mix_alpha, cutmix_share=cfg.data.cutmix_share)
 
+    # The views depend on the crops, both networks' weights and these settings only: cached by them.
+    settings = {"warm_start": to_dict(warm), "image_size": cfg.data.image_size, "batch_size": batch_size,
+                "seed": cfg.train.seed, "mix": [cfg.data.mix_alpha, cfg.data.cutmix_share]}
+    cache = views_cache_path(default_cache_dir(), student, teacher, data.train_plain.files, settings)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.train.seed)
-        progress = tqdm(batches(), desc="warm start (teacher on views)", unit="batch", leave=False)
-        return ridge_embedding_init(student, teacher, progress, max_views=cfg.warm_start.views,
-                                    ridge=cfg.warm_start.ridge, device=device)
+        return ridge_embedding_init(student, teacher, batches(), max_views=cfg.warm_start.views,
+                                    ridge=cfg.warm_start.ridge, device=device, cache=cache, progress=True)
 
 
 def _reference_points(data: FaceDistillData, teacher: FacenetTeacher, student: nn.Module, val_targets: Tensor,
@@ -435,7 +439,8 @@ def _before_training(cfg: FaceDistillConfig, data: FaceDistillData, teacher: Fac
         points["warm_start"] = {**warm, "time_s": time.perf_counter() - started, "cosine": after["cosine"],
                                 "pair_agreement": after["pair_agreement"]}
         line += (f"; after the embedding warm start on {int(warm['views'])} views "
-                 f"({points['warm_start']['time_s']:.0f} s): cosine {after['cosine']:.4f}, "
+                 f"({points['warm_start']['time_s']:.0f} s{', views read from the cache' if warm['cached'] else ''}): "
+                 f"cosine {after['cosine']:.4f}, "
                  f"pair agreement {after['pair_agreement']:.4f}")
     tqdm.write(line)
     return points
