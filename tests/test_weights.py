@@ -197,3 +197,20 @@ def test_configs_name_weights_by_name_not_by_relative_path():
         cfg = yaml.safe_load(path.read_text())
         for value in (cfg.get("model", {}).get("backbone", {}).get("weights"), cfg.get("teacher", {}).get("weights")):
             assert value is None or value in WEIGHTS, f"{path.name}: weights {value!r} is not a known name"
+
+
+def test_a_teacher_is_built_from_its_weights_name(tmp_path, monkeypatch):
+    """Configs name the teacher (teacher.weights: facenet_casia_webface): every path that builds one
+    reads the cached checkpoint, and a name not fetched yet says how to fetch it."""
+    from mnapps.distill.teacher import _inception_resnet_v1, load_teacher_state_dict
+    from mnapps.weights import WeightsError, checkpoint_path
+
+    monkeypatch.setenv("MNAPPS_CACHE", str(tmp_path / "cache"))
+    with pytest.raises(WeightsError, match="mnapps weights get facenet_casia_webface"):
+        load_teacher_state_dict("facenet_casia_webface")
+    state = _inception_resnet_v1().state_dict()
+    path = checkpoint_path("facenet_casia_webface")
+    path.parent.mkdir(parents=True)
+    torch.save(state, path)
+    loaded = load_teacher_state_dict("facenet_casia_webface")
+    assert loaded.keys() == state.keys() and torch.equal(loaded["last_linear.weight"], state["last_linear.weight"])
