@@ -27,11 +27,10 @@ from pathlib import Path
 
 import torch
 
-from mnapps.data.coco import collate_fn
-from mnapps.engine.distributed import build_eval_loader, resolve_device
-from mnapps.eval.coco import evaluate_detector, evaluate_results, format_per_class_table, write_metrics_json
+from mnapps.engine.distributed import resolve_device
+from mnapps.eval.coco import evaluate_results, format_per_class_table, write_metrics_json
 from mnapps.files import check_output_path, check_writable_folder, refuse_existing_outputs
-from mnapps.tasks.detection import build_eval_dataset, load_detector
+from mnapps.tasks.table import EvalRequest, evaluate_checkpoint
 
 #: The file evaluation writes; a training run's own record is metrics.json, never replaced here.
 METRICS_FILE = "eval_metrics.json"
@@ -104,16 +103,10 @@ def _writable(folder: Path) -> bool:
 
 def _evaluate_checkpoint(args: argparse.Namespace):
     device = resolve_device(args.device) or torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model, cfg = load_detector(args.checkpoint, device=device, config=args.config)
-    dataset = build_eval_dataset(cfg, args.val_ann, args.val_images)
-    batch_size = args.batch_size or cfg.data.eval_batch_size
-    workers = cfg.train.num_workers if args.workers is None else args.workers
-    loader = build_eval_loader(dataset, batch_size, collate_fn, workers)
-    metrics, per_class, summary = evaluate_detector(
-        model, loader, dataset, device, max_images=args.max_images, progress=not args.no_progress
-    )
-    extra = {"checkpoint": str(args.checkpoint), "val_ann": str(dataset.ann_file), "device": str(device)}
-    return metrics, per_class, summary, extra
+    result = evaluate_checkpoint(args.checkpoint, EvalRequest(device, args.config, args.val_ann, args.val_images,
+                                                              args.batch_size, args.workers, args.max_images,
+                                                              not args.no_progress))
+    return result.metrics, result.per_class, result.summary, result.extra
 
 
 def _metrics_path(args: argparse.Namespace, source: Path) -> Path:

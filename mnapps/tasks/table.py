@@ -1,14 +1,16 @@
 """:data:`TASKS`: the one table of mnapps tasks, beside :data:`mnapps.heads.HEADS`.
 
 Each entry (:class:`mnapps.tasks.spec.TaskSpec`) names the task's config class, training entry
-point, checkpoint loader, dataset factory and export plan. A checkpoint's ``task`` selects its
-entry, so export (and anything else that takes "any checkpoint") dispatches through this table
-rather than on model classes.
+point, checkpoint loader, dataset factory, export plan and evaluator. A checkpoint's ``task``
+selects its entry, so export and evaluation (:func:`evaluate_checkpoint`), and anything else that
+takes "any checkpoint", dispatch through this table rather than on model classes.
 """
 
 from __future__ import annotations
 
-from mnapps.checkpoint import Checkpoint
+import os
+
+from mnapps.checkpoint import Checkpoint, read_checkpoint
 
 from .classification import (
     ClsConfig,
@@ -23,13 +25,14 @@ from .detection import (
     build_det_datasets,
     det_export_plan,
     det_image_files,
+    evaluate_detection,
     load_detector,
     train_detector,
 )
 from .face import FaceDistillConfig, distill_face, face_datasets, face_export_plan, face_image_files, load_face_task
-from .spec import ExportPlan, TaskSpec
+from .spec import EvalRequest, Evaluation, ExportPlan, TaskSpec
 
-__all__ = ["TASKS", "task_spec", "TaskSpec", "ExportPlan"]
+__all__ = ["TASKS", "task_spec", "evaluate_checkpoint", "TaskSpec", "ExportPlan", "EvalRequest", "Evaluation"]
 
 
 TASKS: dict[str, TaskSpec] = {
@@ -38,7 +41,8 @@ TASKS: dict[str, TaskSpec] = {
         cls_export_plan,
     ),
     "detection": TaskSpec(
-        DetConfig, train_detector, load_detector, build_det_datasets, det_image_files, det_export_plan
+        DetConfig, train_detector, load_detector, build_det_datasets, det_image_files, det_export_plan,
+        evaluate_detection,
     ),
     "face": TaskSpec(
         FaceDistillConfig, distill_face, load_face_task, face_datasets, face_image_files, face_export_plan
@@ -55,3 +59,22 @@ def task_spec(checkpoint: Checkpoint) -> TaskSpec:
             "written by tools/train_cls.py, train_det.py, distill_face.py or import_weights.py)"
         )
     return TASKS[checkpoint.task]
+
+
+def evaluate_checkpoint(checkpoint: str | os.PathLike | Checkpoint, request: EvalRequest) -> Evaluation:
+    """Score a checkpoint with its task's evaluator (its :data:`TASKS` entry's ``evaluate``).
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: not an mnapps task checkpoint, a task without an evaluator, or the
+            evaluator's own errors (each named).
+    """
+    record = read_checkpoint(checkpoint)
+    spec = task_spec(record)
+    if spec.evaluate is None:
+        scored = ", ".join(sorted(name for name, entry in TASKS.items() if entry.evaluate is not None))
+        raise ValueError(
+            f"{record.origin}: a {record.task} checkpoint; only {scored} checkpoints are scored here "
+            "(face embedders are scored on verification pairs by tools/eval_face.py)"
+        )
+    return spec.evaluate(record, request)
