@@ -18,6 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from mnapps.checkpoint import Checkpoint
+from mnapps.config import TaskConfig
 
 __all__ = ["TaskSpec", "ExportPlan", "EvalRequest", "Evaluation"]
 
@@ -97,8 +98,9 @@ class TaskSpec:
     """Everything mnapps needs to know about one task (an entry of :data:`mnapps.tasks.table.TASKS`).
 
     Attributes:
-        config_cls: the task's top-level config dataclass.
-        train: ``train(cfg, *, output_dir, resume=None, device=None, overwrite=False, ...)``.
+        config_cls: the task's top-level config dataclass (a :class:`mnapps.config.TaskConfig`).
+        train: ``train(cfg, *, device=None, output_dir, resume=None, overwrite=False, ...)``: the
+            fields of :class:`mnapps.tasks.training.RunRequest` as keywords.
         load: ``load(checkpoint) -> (model in eval mode, typed config)``.
         datasets: ``datasets(cfg) -> (train, validation)`` datasets.
         image_files: ``image_files(cfg, split) -> files`` of the validation (``"parity"``) or
@@ -108,7 +110,7 @@ class TaskSpec:
             None for a task scored by a tool of its own (faces: ``tools/eval_face.py`` on pairs).
     """
 
-    config_cls: type
+    config_cls: type[TaskConfig]
     train: Callable[..., Any]
     load: Callable[[Checkpoint], tuple[nn.Module, Any]]
     datasets: Callable[[Any], tuple[Any, Any]]

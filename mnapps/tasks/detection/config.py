@@ -18,7 +18,7 @@ from typing import Any, Literal, Sequence
 from torch import nn
 
 from mnapps.checkpoint import read_checkpoint
-from mnapps.config import OMIT_IF_NONE, BackboneConfig, ConfigError, TrainConfig, load_config, read_yaml
+from mnapps.config import OMIT_IF_NONE, BackboneConfig, ConfigError, TaskConfig, load_config, read_yaml
 from mnapps.data.transforms import RECIPES
 from mnapps.heads import HEADS, head_spec
 
@@ -127,12 +127,16 @@ class DetDataConfig:
 
 
 @dataclass(frozen=True)
-class DetConfig:
-    """A detection experiment: ``model``, ``data`` and ``train`` (:class:`TrainConfig`)."""
+class DetConfig(TaskConfig):
+    """A detection experiment (``configs/ssd*.yaml``, ``configs/faster_rcnn*.yaml``).
+
+    ``model`` is the detector (:class:`DetModelConfig`), ``data`` the COCO-format files and
+    their augmentation (:class:`DetDataConfig`), ``train`` the optimisation settings
+    (:class:`mnapps.config.TrainConfig`, as in every task).
+    """
 
     model: DetModelConfig = field(default_factory=DetModelConfig)
     data: DetDataConfig = field(default_factory=DetDataConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
 
 
 def model_input_size(cfg: DetConfig) -> int | None:

@@ -12,7 +12,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Literal, Sequence
 
-from mnapps.config import TrainConfig, load_config
+from mnapps.config import TaskConfig, TrainConfig, load_config
 from mnapps.distill.losses import DistillLossConfig
 from mnapps.distill.teacher import PRETRAINED_TEACHERS
 from mnapps.distill.warm_start import WarmStartConfig
@@ -115,8 +115,9 @@ def _default_face_train() -> TrainConfig:
 
 
 @dataclass(frozen=True)
-class FaceDistillConfig:
-    """Everything ``tools/distill_face.py`` needs (one YAML file in ``configs/face_*.yaml``)."""
+class FaceDistillConfig(TaskConfig):
+    """Everything ``tools/distill_face.py`` needs (one YAML file in ``configs/face_*.yaml``): the
+    common sections and the ``teacher``, the ``loss`` and the embedding ``warm_start``."""
 
     model: FaceModelConfig = field(default_factory=FaceModelConfig)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)

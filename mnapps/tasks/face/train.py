@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import sys
 import time
 from dataclasses import dataclass
@@ -42,13 +41,13 @@ from mnapps.distill.protocol import write_training_set
 from mnapps.distill.teacher import FacenetTeacher
 from mnapps.distill.views import mix_faces
 from mnapps.distill.warm_start import ridge_embedding_init
-from mnapps.engine.distributed import DistInfo, build_train_loader, run_distributed
+from mnapps.engine.distributed import DistInfo, build_train_loader
 from mnapps.engine.loop import TaskHooks, to_device
 from mnapps.eval.face import collapse_warning, embed_faces, embedding_spread, is_collapsed
 from mnapps.files import check_output_path
 from mnapps.heads.face_embedding import FaceEmbedder, build_face_embedder
 
-from ..training import RunRequest, TaskSteps, train_task
+from ..training import RunRequest, TaskSteps, launch, train_task
 from .config import FaceDistillConfig, check_distill_config
 from .data import FaceDistillData, build_distill_data, clean_pool
 from .teacher import prepare_teacher, teacher_cache
@@ -194,27 +193,17 @@ def _before_training(cfg: FaceDistillConfig, data: FaceDistillData, teacher: Fac
     return points
 
 
-def distill_face(
-    cfg: FaceDistillConfig,
-    *,
-    output_dir: str | os.PathLike,
-    resume: str | os.PathLike | bool | None = None,
-    device: str | torch.device | None = None,
-    weights_backbone: str | os.PathLike | None = None,
-    overwrite: bool = False,
-) -> dict[str, Any]:
+def distill_face(cfg: FaceDistillConfig, *, device: str | torch.device | None = None, **run: Any) -> dict[str, Any]:
     """Distil the teacher of ``cfg`` into a MobileNetV1 face embedder.
 
     Args:
         cfg: the experiment.
-        output_dir: receives ``config.yaml``, ``last.pt``/``best.pt`` (task ``"face"``), the
-            teacher caches and ``distill_summary.json``.
-        resume: True or a checkpoint path to continue an interrupted run (see ``fit``).
         device: ``"cuda"``/``"cuda:N"``/``"cpu"``/None (CUDA when available); under
             ``torchrun`` each process takes its own GPU.
-        weights_backbone: an mnapps checkpoint whose MobileNetV1 trunk initialises the student;
-            default ``model.backbone.weights``; ignored when resuming.
-        overwrite: start over in an ``output_dir`` that already holds checkpoints.
+        run: the run, as :class:`mnapps.tasks.training.RunRequest`'s fields: ``output_dir``
+            receives ``config.yaml``, ``last.pt``/``best.pt`` (task ``"face"``), the teacher
+            caches and ``distill_summary.json``; ``resume``, ``overwrite``; ``weights_backbone``
+            starts the student's trunk.
 
     Returns:
         A summary: ``start_cosine`` (untrained student), ``constant_baseline_cosine``,
@@ -226,8 +215,7 @@ def distill_face(
         ValueError: a bad config, no images, or a run folder holding another run's checkpoints
             (:func:`mnapps.engine.loop.check_run_folder`).
     """
-    request = RunRequest(output_dir, resume=resume, overwrite=overwrite, weights_backbone=weights_backbone)
-    return run_distributed(_distill_face, device, cfg, request)
+    return launch(_distill_face, cfg, device, run)
 
 
 def _distill_steps(request: RunRequest, state: dict[str, Any]) -> TaskSteps:
