@@ -103,9 +103,10 @@ def _writable(folder: Path) -> bool:
 
 def _evaluate_checkpoint(args: argparse.Namespace):
     device = resolve_device(args.device) or torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    result = evaluate_checkpoint(args.checkpoint, EvalRequest(device, args.config, args.val_ann, args.val_images,
-                                                              args.batch_size, args.workers, args.max_images,
-                                                              not args.no_progress))
+    request = EvalRequest(device, config=args.config, val_ann=args.val_ann, val_images=args.val_images,
+                          batch_size=args.batch_size, workers=args.workers, max_images=args.max_images,
+                          progress=not args.no_progress)
+    result = evaluate_checkpoint(args.checkpoint, request)
     return result.metrics, result.per_class, result.summary, result.extra
 
 
