@@ -1,9 +1,10 @@
 """Typed experiment configuration: YAML files in ``configs/`` loaded into frozen dataclasses.
 
 This module owns the config *machinery* (``load_config``, ``from_dict``, ``apply_overrides``,
-``save_config``) and the schemas shared by several tools (``BackboneConfig``). Each task's
-own top-level schema (detection, classification, face distillation) is a dataclass defined
-next to the code that consumes it; loading is the same for all of them:
+``save_config``) and the schemas shared by several tools (``BackboneConfig``, ``TrainConfig``,
+and ``TaskConfig``, the ``model``/``data``/``train`` sections every task's schema has). Each
+task's own top-level schema (detection, classification, face distillation) is a subclass of
+``TaskConfig`` defined next to the code that consumes it; loading is the same for all of them:
 
 1. ``yaml.safe_load`` the file (no code runs),
 2. build nested dataclasses, raising on unknown keys with the valid ones listed,
@@ -43,6 +44,7 @@ __all__ = [
     "OMIT_IF_NONE",
     "BackboneConfig",
     "TrainConfig",
+    "TaskConfig",
     "ConfigError",
     "from_dict",
     "to_dict",
@@ -361,3 +363,19 @@ class TrainConfig:
     eval_every: int = 1  # evaluate every N epochs (and after the last); 0 = never
     log_every: int = 10  # progress-bar refresh, in iterations
     find_unused_parameters: bool = False  # DistributedDataParallel, for heads with unused branches
+
+
+@dataclass(frozen=True)
+class TaskConfig:
+    """The sections every task's top-level config has: ``model``, ``data`` and ``train``.
+
+    A task's schema (:class:`mnapps.tasks.detection.DetConfig`, ``ClsConfig``,
+    ``FaceDistillConfig``) subclasses it, narrowing ``model`` and ``data`` to its own sections
+    (``model`` always holds ``backbone``, a :class:`BackboneConfig`) and adding any others; the
+    training skeleton (:func:`mnapps.tasks.training.train_task`) reads a run's seed, trunk
+    weights and optimisation settings through these three names.
+    """
+
+    model: Any = None
+    data: Any = None
+    train: TrainConfig = field(default_factory=TrainConfig)

@@ -100,18 +100,13 @@ def _writable(folder: Path) -> bool:
     return folder.is_dir() and os.access(folder, os.W_OK) and bool(folder.stat().st_mode & stat.S_IWUSR)
 
 
-def _evaluate_checkpoint(args: argparse.Namespace):
+def _evaluate_checkpoint(args: argparse.Namespace, report_dir: Path):
     device = resolve_device(args.device) or torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model, cfg = load_detector(args.checkpoint, device=device, config=args.config)
-    dataset = build_eval_dataset(cfg, args.val_ann, args.val_images)
-    batch_size = args.batch_size or cfg.data.eval_batch_size
-    workers = cfg.train.num_workers if args.workers is None else args.workers
-    loader = build_eval_loader(dataset, batch_size, collate_fn, workers)
-    metrics, per_class, summary = evaluate_detector(
-        model, loader, dataset, device, max_images=args.max_images, progress=not args.no_progress
-    )
-    extra = {"checkpoint": str(args.checkpoint), "val_ann": str(dataset.ann_file), "device": str(device)}
-    return metrics, per_class, summary, extra, (model, dataset, device)
+    request = EvalRequest(device, config=args.config, val_ann=args.val_ann, val_images=args.val_images,
+                          batch_size=args.batch_size, workers=args.workers, max_images=args.max_images,
+                          progress=not args.no_progress, report_dir=report_dir)
+    result = evaluate_checkpoint(args.checkpoint, request)
+    return result.metrics, result.per_class, result.summary, result.extra
 
 
 def _metrics_path(args: argparse.Namespace, source: Path) -> Path:
@@ -130,13 +125,11 @@ def _metrics_path(args: argparse.Namespace, source: Path) -> Path:
 
 def _import_heavy() -> None:
     """Import torch and the tasks, after the arguments are parsed: --help answers at once."""
-    global torch, write_detection_report, collate_fn, build_eval_loader, resolve_device, evaluate_detector, evaluate_results, format_per_class_table, write_metrics_json, build_eval_dataset, load_detector
+    global torch, resolve_device, evaluate_results, format_per_class_table, write_metrics_json, EvalRequest, evaluate_checkpoint
     import torch
-    from mnapps.data.coco import collate_fn
-    from mnapps.engine.distributed import build_eval_loader, resolve_device
-    from mnapps.eval.coco import evaluate_detector, evaluate_results, format_per_class_table, write_metrics_json
-    from mnapps.eval.plots import write_detection_report
-    from mnapps.tasks.detection import build_eval_dataset, load_detector
+    from mnapps.engine.distributed import resolve_device
+    from mnapps.eval.coco import evaluate_results, format_per_class_table, write_metrics_json
+    from mnapps.tasks.table import EvalRequest, evaluate_checkpoint
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -149,7 +142,8 @@ def main(argv: list[str] | None = None) -> int:
             metrics, per_class, summary = evaluate_results(args.val_ann, args.results)
             extra = {"results": str(args.results), "val_ann": str(args.val_ann)}
         else:
-            metrics, per_class, summary, extra, evaluated = _evaluate_checkpoint(args)
+            # eval_pr_curves.png, eval_val_predictions.png beside the metrics (a run's own pictures stay)
+            metrics, per_class, summary, extra = _evaluate_checkpoint(args, path.parent)
     except (FileNotFoundError, ValueError) as err:  # the library's messages already name the fix
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -158,7 +152,4 @@ def main(argv: list[str] | None = None) -> int:
     print(format_per_class_table(per_class), end="")
     path = write_metrics_json(path, metrics, per_class, extra)
     print(f"wrote {path}")
-    if args.results is None:  # eval_pr_curves.png, eval_val_predictions.png beside it (a run's own stay)
-        write_detection_report(evaluated[0], evaluated[1], path.parent, device=evaluated[2], max_images=args.max_images,
-                               log=print, prefix="eval_")
     return 0

@@ -89,7 +89,7 @@ def resolve_config(args: argparse.Namespace) -> tuple[DetConfig, Path | None]:
             overrides.append(f"{key}={value!r}" if isinstance(value, str) else f"{key}={value}")
     overrides += args.set
     if args.weights is not None:
-        return fine_tune_config(args.weights, config_path, overrides), config_path
+        return fine_tune_config(args.weights, config_path, overrides, config_is_default=args.config is None), config_path
     return load_config(config_path, DetConfig, overrides), config_path
 
 

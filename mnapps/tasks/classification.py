@@ -35,15 +35,15 @@ from tqdm import tqdm
 from mnapps.backbones import MobileNetV1, prepare_trunk
 from mnapps.backbones.tf_slim import TfSlimImport, build_from_tf_slim, read_tf_slim_tensors
 from mnapps.checkpoint import Checkpoint, read_task_checkpoint
-from mnapps.config import BackboneConfig, TrainConfig, replace, to_dict
+from mnapps.config import BackboneConfig, TaskConfig, replace, to_dict
 from mnapps.data.image_io import ImageReadError, load_rgb
 from mnapps.data.imagefolder import ImageFolderDataset, build_cls_transforms, collate_cls
-from mnapps.engine.distributed import DistInfo, build_eval_loader, build_train_loader, run_distributed
+from mnapps.engine.distributed import DistInfo, build_eval_loader, build_train_loader
 from mnapps.data.synthetic_cls import ensure_shapes_classification
 from mnapps.engine.loop import TaskHooks, to_device
 
 from .spec import ExportPlan
-from .training import RunRequest, TaskSteps, train_task
+from .training import RunRequest, TaskSteps, launch, train_task
 
 __all__ = [
     "ClsModelConfig",
@@ -109,12 +109,12 @@ class ClsDataConfig:
 
 
 @dataclass(frozen=True)
-class ClsConfig:
-    """Top-level schema of ``configs/cls_*.yaml``."""
+class ClsConfig(TaskConfig):
+    """Top-level schema of ``configs/cls_*.yaml``: the common sections, and ``label_smoothing``
+    of the cross-entropy loss (0 = none)."""
 
     model: ClsModelConfig = field(default_factory=ClsModelConfig)
     data: ClsDataConfig = field(default_factory=ClsDataConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
     label_smoothing: float = 0.0
 
 
@@ -241,27 +241,20 @@ def evaluate_classifier(
     }
 
 
-def train_classifier(
-    cfg: ClsConfig,
-    *,
-    output_dir: str | os.PathLike,
-    resume: str | os.PathLike | bool | None = None,
-    device: str | torch.device | None = None,
-    overwrite: bool = False,
-) -> dict[str, Any]:
+def train_classifier(cfg: ClsConfig, *, device: str | torch.device | None = None, **run: Any) -> dict[str, Any]:
     """Train a MobileNetV1 classifier with the shared engine; returns the final metrics.
 
-    Writes ``output_dir/config.yaml`` (the resolved config), ``last.pt`` every epoch and
-    ``best.pt`` at the best validation top-1 (mnapps checkpoints, ``task="classification"``).
-    An ``output_dir`` that already holds checkpoints is refused unless ``resume`` (continue
-    it; True means ``output_dir/last.pt``) or ``overwrite`` (start over) is given.
+    ``run`` holds :class:`mnapps.tasks.training.RunRequest`'s fields: ``output_dir`` receives
+    ``config.yaml`` (the resolved config), ``last.pt`` every epoch and ``best.pt`` at the best
+    validation top-1 (mnapps checkpoints, ``task="classification"``); a folder that already
+    holds checkpoints is refused unless ``resume`` (continue it; True means
+    ``output_dir/last.pt``) or ``overwrite`` (start over) is given.
 
     Returns:
         ``{"top1", "top5", "loss", ...}`` of the last evaluation, plus ``"num_skipped_train"``
         (unreadable training images dropped) and ``"engine"`` (what ``fit`` returned).
     """
-    request = RunRequest(output_dir, resume=resume, overwrite=overwrite)
-    return run_distributed(_train_classifier, device, cfg, request)
+    return launch(_train_classifier, cfg, device, run)
 
 
 def _prepare_data(cfg: ClsConfig, info: DistInfo) -> tuple[ClsConfig, tuple[ImageFolderDataset, ImageFolderDataset]]:

@@ -1,21 +1,26 @@
-"""What a task tells the rest of mnapps about itself: :class:`TaskSpec` and its :class:`ExportPlan`.
+"""What a task tells the rest of mnapps about itself: :class:`TaskSpec`, its :class:`ExportPlan`
+and the evaluation contract (:class:`EvalRequest` in, :class:`Evaluation` out).
 
-This module owns the two records behind :data:`mnapps.tasks.table.TASKS`: each task's config
-class, training entry point, checkpoint loader, dataset factory and export description. Export
-(:mod:`mnapps.export.pipeline`) reads them instead of testing model classes.
+This module owns the records behind :data:`mnapps.tasks.table.TASKS`: each task's config class,
+training entry point, checkpoint loader, dataset factory, export description and evaluator.
+Export (:mod:`mnapps.export.pipeline`) and evaluation (:func:`mnapps.tasks.table.evaluate_checkpoint`)
+read them instead of testing model classes.
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+import torch
 from torch import Tensor, nn
 
 from mnapps.checkpoint import Checkpoint
+from mnapps.config import TaskConfig
 
-__all__ = ["TaskSpec", "ExportPlan"]
+__all__ = ["TaskSpec", "ExportPlan", "EvalRequest", "Evaluation"]
 
 
 @dataclass(frozen=True)
@@ -48,22 +53,70 @@ class ExportPlan:
 
 
 @dataclass(frozen=True)
+class EvalRequest:
+    """What an evaluation of a checkpoint is asked for (``tools/eval_det.py --checkpoint``).
+
+    Attributes:
+        device: where the model runs.
+        config: a YAML config to use instead of the one stored in the checkpoint.
+        val_ann, val_images: validation annotations and images instead of the config's.
+        batch_size: images per forward pass (None: the config's evaluation batch size).
+        workers: data-loading processes (None: the config's ``train.num_workers``).
+        max_images: score only the first N images (None: all).
+        progress: show a progress bar.
+        report_dir: where the task draws its pictures of the evaluation (detection:
+            ``eval_pr_curves.png`` and ``eval_val_predictions.png``); None draws none.
+    """
+
+    device: str | torch.device = "cpu"
+    config: str | os.PathLike | None = None
+    val_ann: str | os.PathLike | None = None
+    val_images: str | os.PathLike | None = None
+    batch_size: int | None = None
+    workers: int | None = None
+    max_images: int | None = None
+    progress: bool = True
+    report_dir: str | os.PathLike | None = None
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """What a task's evaluator measured.
+
+    Attributes:
+        metrics: the headline figures (detection: COCO's 12 numbers, ``AP`` ... ``ARl``).
+        per_class: a figure per class name (detection: AP@[.5:.95]).
+        summary: the evaluator's own text report (detection: COCOeval's 12 lines).
+        extra: what was evaluated, for the metrics file (checkpoint, data, device).
+    """
+
+    metrics: dict[str, float]
+    per_class: dict[str, float]
+    summary: str
+    extra: dict[str, Any]
+
+
+@dataclass(frozen=True)
 class TaskSpec:
     """Everything mnapps needs to know about one task (an entry of :data:`mnapps.tasks.table.TASKS`).
 
     Attributes:
-        config_cls: the task's top-level config dataclass.
-        train: ``train(cfg, *, output_dir, resume=None, device=None, overwrite=False, ...)``.
+        config_cls: the task's top-level config dataclass (a :class:`mnapps.config.TaskConfig`).
+        train: ``train(cfg, *, device=None, output_dir, resume=None, overwrite=False, ...)``: the
+            fields of :class:`mnapps.tasks.training.RunRequest` as keywords.
         load: ``load(checkpoint) -> (model in eval mode, typed config)``.
         datasets: ``datasets(cfg) -> (train, validation)`` datasets.
         image_files: ``image_files(cfg, split) -> files`` of the validation (``"parity"``) or
             training (``"calibration"``) split.
         export: ``export(checkpoint, model, cfg) -> ExportPlan``.
+        evaluate: ``evaluate(checkpoint, EvalRequest) -> Evaluation`` on the validation data, or
+            None for a task scored by a tool of its own (faces: ``tools/eval_face.py`` on pairs).
     """
 
-    config_cls: type
+    config_cls: type[TaskConfig]
     train: Callable[..., Any]
     load: Callable[[Checkpoint], tuple[nn.Module, Any]]
     datasets: Callable[[Any], tuple[Any, Any]]
     image_files: Callable[[Any, str], list[Path]]
     export: Callable[[Checkpoint, nn.Module, Any], ExportPlan] = field(repr=False)
+    evaluate: Callable[[Checkpoint, EvalRequest], Evaluation] | None = field(default=None, repr=False)

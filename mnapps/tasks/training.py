@@ -16,17 +16,18 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Mapping
 
+import torch
 from torch import nn
 
-from mnapps.config import save_config
-from mnapps.engine.distributed import DistInfo
+from mnapps.config import TaskConfig, save_config
+from mnapps.engine.distributed import DistInfo, run_distributed
 from mnapps.engine.loop import RunOptions, TaskHooks, fit
 from mnapps.engine.rng import seed_everything
 from mnapps.engine.run_folder import check_run_folder
 
-__all__ = ["RunRequest", "TaskSteps", "Trained", "initial_weights", "build_seeded", "train_task"]
+__all__ = ["RunRequest", "TaskSteps", "Trained", "initial_weights", "build_seeded", "train_task", "launch"]
 
 WeightsPath = str | os.PathLike | None
 
@@ -34,6 +35,9 @@ WeightsPath = str | os.PathLike | None
 @dataclass(frozen=True)
 class RunRequest:
     """What the user asked of a training run (the tools' ``--output-dir``, ``--resume``, ...).
+
+    Every task's entry point (``train_detector``, ``train_classifier``, ``distill_face``) takes
+    these fields as keyword arguments and hands them to :func:`launch`.
 
     Attributes:
         output_dir: the run folder.
@@ -95,7 +99,20 @@ def build_seeded(seed: int, build: Callable[[], nn.Module]) -> nn.Module:
     return build()
 
 
-def train_task(cfg: Any, request: RunRequest, info: DistInfo, steps: TaskSteps) -> Trained:
+def launch(
+    worker: Callable[..., Any], cfg: TaskConfig, device: str | torch.device | None, run: Mapping[str, Any], **options: Any
+) -> Any:
+    """Start a training: ``worker(cfg, RunRequest(**run), info=<DistInfo>, **options)`` in this
+    process, or in every process under ``torchrun`` (:func:`mnapps.engine.distributed.run_distributed`).
+
+    ``run`` holds the :class:`RunRequest` fields a task's entry point took as keywords
+    (``output_dir`` required; ``resume``, ``overwrite``, ``weights_backbone``); a misspelt one is a
+    TypeError naming it.
+    """
+    return run_distributed(worker, device, cfg, RunRequest(**run), **options)
+
+
+def train_task(cfg: TaskConfig, request: RunRequest, info: DistInfo, steps: TaskSteps) -> Trained:
     """Run one training of ``steps.task`` (see the module docstring for the order)."""
     output_dir = Path(request.output_dir)
     # Before any data work: a finished run's best.pt must not be replaced by accident.

@@ -3,7 +3,7 @@
 The package holds one thing per module: :mod:`.config` (:class:`DetConfig`, the model it
 describes, :func:`fine_tune_config`), :mod:`.data` (the COCO-format datasets), :mod:`.train`
 (:func:`train_detector` on the shared training skeleton), :mod:`.model` (:func:`load_detector`,
-:func:`load_detector_weights`), :mod:`.predict` (:func:`predict_images`, :func:`draw_detections`,
+:func:`load_detector_weights`), :mod:`.evaluate` (:func:`evaluate_detection`), :mod:`.predict` (:func:`predict_images`, :func:`draw_detections`,
 :func:`box_detector`) and :mod:`.tf_import` (:func:`import_tf_od_api_ssd_checkpoint`). Every
 public name is importable from the package itself.
 
@@ -13,6 +13,7 @@ and maps its labels back to the original COCO category ids.
 """
 
 from .config import DetConfig, DetDataConfig, DetModelConfig, build_model, fine_tune_config, model_input_size
+from .evaluate import evaluate_detection
 from .data import build_det_datasets, build_eval_dataset, build_train_dataset, det_image_files
 from .model import CLASS_PREDICTOR_PREFIXES, det_export_plan, load_detector, load_detector_weights
 from .predict import box_detector, draw_detections, image_ids_for, predict_images
@@ -41,4 +42,5 @@ __all__ = [
     "box_detector",
     "CLASS_PREDICTOR_PREFIXES",
     "det_export_plan",
+    "evaluate_detection",
 ]

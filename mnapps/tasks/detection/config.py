@@ -18,7 +18,7 @@ from typing import Any, Literal, Sequence
 from torch import nn
 
 from mnapps.checkpoint import read_checkpoint
-from mnapps.config import OMIT_IF_NONE, BackboneConfig, ConfigError, TrainConfig, load_config
+from mnapps.config import OMIT_IF_NONE, BackboneConfig, ConfigError, TaskConfig, load_config, read_yaml
 from mnapps.data.transforms import RECIPES
 from mnapps.heads import HEADS, head_spec
 
@@ -127,12 +127,16 @@ class DetDataConfig:
 
 
 @dataclass(frozen=True)
-class DetConfig:
-    """A detection experiment: ``model``, ``data`` and ``train`` (:class:`TrainConfig`)."""
+class DetConfig(TaskConfig):
+    """A detection experiment (``configs/ssd*.yaml``, ``configs/faster_rcnn*.yaml``).
+
+    ``model`` is the detector (:class:`DetModelConfig`), ``data`` the COCO-format files and
+    their augmentation (:class:`DetDataConfig`), ``train`` the optimisation settings
+    (:class:`mnapps.config.TrainConfig`, as in every task).
+    """
 
     model: DetModelConfig = field(default_factory=DetModelConfig)
     data: DetDataConfig = field(default_factory=DetDataConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
 
 
 def model_input_size(cfg: DetConfig) -> int | None:
@@ -157,16 +161,24 @@ def build_model(
 
 
 def fine_tune_config(
-    weights: str | os.PathLike, config: str | os.PathLike | None, overrides: Sequence[str] = ()
+    weights: str | os.PathLike,
+    config: str | os.PathLike | None,
+    overrides: Sequence[str] = (),
+    *,
+    config_is_default: bool = False,
 ) -> DetConfig:
     """The config to fine-tune a whole detector checkpoint with.
 
     The model section is the checkpoint's (its architecture: head, backbone, head settings),
     with the classes left for the training data to decide; ``data`` and ``train`` come from
     ``config`` (None: defaults); ``overrides`` (``key=value``, ``model.*`` included) apply last.
+    A ``model`` key that ``config`` writes must agree with the checkpoint (it would otherwise be
+    lost without a word); ``config_is_default`` marks a file the user did not choose (the head's
+    default config of ``tools/train_det.py``), whose model section is passed over.
 
     Raises:
-        ValueError: not a detection checkpoint, or ``overrides`` change the head.
+        ValueError: not a detection checkpoint, ``overrides`` change the head, or ``config``
+            writes a model key that differs from the checkpoint's (named, with the fix).
     """
     checkpoint = read_checkpoint(weights)
     checkpoint.require_task(
@@ -175,17 +187,47 @@ def fine_tune_config(
     )
     decided_by_data = ("num_classes", "class_names", "category_ids")
     model = {k: v for k, v in checkpoint.model_config.items() if k not in decided_by_data}
+    stored = load_config(None, DetConfig, [f"model={model!r}"]).model  # as read (legacy spellings too)
+    if config is not None and not config_is_default:
+        _refuse_other_model_keys(config, stored, weights)
     # The config loader's own steps (read, overrides, typed check), with the checkpoint's model
     # section placed between the file and the overrides.
-    overrides = [f"model={model!r}", *overrides]
     try:
-        cfg = load_config(config, DetConfig, overrides)
+        cfg = load_config(config, DetConfig, [f"model={model!r}", *overrides])
     except ConfigError as exc:
         raise ConfigError(f"{exc} (the model section is that of {weights})") from None
-    stored = load_config(None, DetConfig, [f"model={model!r}"]).model.head  # as read (legacy spellings too)
-    if cfg.model.head != stored:
+    if cfg.model.head != stored.head:
         raise ValueError(
-            f"--weights {weights} holds a {stored!r} detector but the head asked for is "
+            f"--weights {weights} holds a {stored.head!r} detector but the head asked for is "
             f"{cfg.model.head!r}; drop --head (the checkpoint decides the architecture)"
         )
     return cfg
+
+
+def _written_keys(section: dict[str, Any], prefix: str = "") -> list[str]:
+    """The dotted keys a YAML mapping sets, leaves only (``backbone.frozen_bn``, ``ssd.size``)."""
+    keys = []
+    for name, value in section.items():
+        key = f"{prefix}{name}"
+        keys += _written_keys(value, f"{key}.") if isinstance(value, dict) and value else [key]
+    return keys
+
+
+def _setting(model: Any, key: str) -> Any:
+    for name in key.split("."):
+        model = getattr(model, name, None)
+    return model
+
+
+def _refuse_other_model_keys(config: str | os.PathLike, stored: Any, weights: str | os.PathLike) -> None:
+    """ValueError naming the first ``model`` key of ``config`` whose value differs from the checkpoint's."""
+    written = read_yaml(config).get("model")
+    if not isinstance(written, dict):
+        return  # nothing written, or not a mapping: the typed load names that
+    own = load_config(config, DetConfig).model
+    for key in _written_keys(written):
+        if _setting(own, key) != _setting(stored, key):
+            raise ValueError(
+                f"{config}: model.{key} is {_setting(own, key)!r} but with --weights the model is that of {weights} "
+                f"({_setting(stored, key)!r}); remove model.{key} from the file, or pass --set model.{key}=VALUE"
+            )

@@ -27,6 +27,7 @@ from .config import DetConfig, build_model
 __all__ = ["load_detector", "load_detector_weights", "det_export_plan", "CLASS_PREDICTOR_PREFIXES"]
 
 CLASS_PREDICTOR_PREFIXES = ("head.classification_head.", "roi_heads.box_predictor.")
+_BN_COUNTER = "num_batches_tracked"
 
 
 def load_detector(
@@ -90,8 +91,10 @@ def load_detector_weights(
 
     Class-predictor tensors (:data:`CLASS_PREDICTOR_PREFIXES`) whose shape differs because
     the class count differs keep ``model``'s fresh initialisation; box predictors, extra
-    layers and the trunk must fit. ``num_classes`` (the model's, background included) is only
-    for the report.
+    layers and the trunk must fit. A BatchNorm ``num_batches_tracked`` counter that one side
+    lacks is passed over, so a frozen-BN model (``backbone.frozen_bn``) starts from a detector
+    trained with ordinary BatchNorm, and the other way round. ``num_classes`` (the model's,
+    background included) is only for the report.
 
     Returns:
         Report lines: what was loaded and, when it happened, one line naming the
@@ -108,14 +111,17 @@ def load_detector_weights(
     fitting, reinitialised, problems = {}, [], []
     for key, value in own.items():
         if key not in stored:
-            problems.append(f"{key} missing")
+            if not key.endswith(_BN_COUNTER):
+                problems.append(f"{key} missing")
         elif stored[key].shape == value.shape:
             fitting[key] = stored[key]
         elif key.startswith(CLASS_PREDICTOR_PREFIXES):
             reinitialised.append(f"{key} {list(stored[key].shape)} -> {list(value.shape)}")
         else:
             problems.append(f"{key} {list(stored[key].shape)} vs {list(value.shape)}")
-    problems += [f"{key} not in the model" for key in stored if key not in own]
+    # BatchNorm's step counter is not a weight, and FrozenBatchNorm2d (backbone.frozen_bn) has none:
+    # one side lacking it is no misfit, so a detector trained either way starts the other.
+    problems += [f"{key} not in the model" for key in stored if key not in own and not key.endswith(_BN_COUNTER)]
     if problems:
         raise ValueError(
             f"{source} does not fit the configured {type(model).__name__}: {'; '.join(problems[:4])}"

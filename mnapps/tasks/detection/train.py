@@ -19,14 +19,14 @@ import torch
 from torch import Tensor, nn
 
 from mnapps.data.coco import CocoDetection, collate_fn
-from mnapps.engine.distributed import DistInfo, build_eval_loader, build_train_loader, run_distributed
+from mnapps.engine.distributed import DistInfo, build_eval_loader, build_train_loader
 from mnapps.engine.loop import TaskHooks
 from mnapps.engine.rng import capture_rng_state, restore_rng_state
 from mnapps.eval.coco import evaluate_detector, format_per_class_table, write_metrics_json
 from mnapps.eval.plots import write_detection_report
 from mnapps.heads import head_spec
 
-from ..training import RunRequest, TaskSteps, train_task
+from ..training import RunRequest, TaskSteps, launch, train_task
 from .config import DetConfig, build_model, model_input_size
 from .data import build_eval_dataset, build_train_dataset
 from .model import load_detector_weights
@@ -96,18 +96,11 @@ def _with_data_classes(cfg: DetConfig, dataset: CocoDetection) -> DetConfig:
 
 
 def train_detector(
-    cfg: DetConfig,
-    *,
-    output_dir: str | os.PathLike,
-    resume: str | os.PathLike | bool | None = None,
-    weights_backbone: str | os.PathLike | None = None,
-    device: str | torch.device | None = None,
-    overwrite: bool = False,
-    weights: str | os.PathLike | None = None,
+    cfg: DetConfig, *, device: str | torch.device | None = None, weights: str | os.PathLike | None = None, **run: Any
 ) -> dict[str, Any]:
     """Train the configured detector, evaluating with COCOeval after every epoch.
 
-    Writes into ``output_dir``: ``config.yaml`` (the resolved config, classes included),
+    Writes into the run folder: ``config.yaml`` (the resolved config, classes included),
     ``last.pt`` every epoch, ``best.pt`` at the best validation AP, and ``metrics.json`` (the
     final evaluation's 12 COCO numbers and per-class AP). Prints COCO's summary, the per-class
     table and what happened to the data (boxes dropped/clipped, unreadable images skipped).
@@ -115,19 +108,16 @@ def train_detector(
 
     Args:
         cfg: the experiment.
-        output_dir: run folder.
-        resume: a checkpoint to continue from, or True for ``output_dir/last.pt``.
-        weights_backbone: an mnapps checkpoint whose MobileNetV1 trunk initialises the model
-            (e.g. the imported ImageNet weights); default ``model.backbone.weights``; ignored
-            when resuming.
+        device: ``cpu``, ``cuda``, ``cuda:N`` or None (CUDA when available).
         weights: a whole mnapps detection checkpoint to fine-tune (e.g. an imported TF OD API
             SSD); ``cfg.model`` must describe its architecture (:func:`fine_tune_config`).
             Every tensor that fits is loaded; the class predictors are re-initialised when the
             data has another class count (:func:`load_detector_weights`). Ignored when resuming;
             not together with ``weights_backbone``.
-        device: ``cpu``, ``cuda``, ``cuda:N`` or None (CUDA when available).
-        overwrite: start over in an ``output_dir`` that already holds checkpoints (without it,
-            and without ``resume``, such a folder is refused before any work).
+        run: the run, as :class:`mnapps.tasks.training.RunRequest`'s fields: ``output_dir``;
+            ``resume``; ``overwrite`` (without it or ``resume``, a folder holding checkpoints is
+            refused before any work); ``weights_backbone`` (an mnapps checkpoint whose trunk
+            starts the model, e.g. the imported ImageNet weights).
 
     Returns:
         ``{"metrics": final COCO metrics (empty without validation data), "per_class_ap",
@@ -138,12 +128,13 @@ def train_detector(
         ValueError: a bad config or data (named), an empty validation set, or a run folder
             that holds checkpoints (see :func:`mnapps.engine.loop.check_run_folder`).
     """
-    if weights is not None and weights_backbone is not None:
+    if weights is not None and run.get("weights_backbone") is not None:
         raise ValueError(
             "give --weights (a whole detector to fine-tune) or --weights-backbone (a trunk to start from), not both"
         )
-    request = RunRequest(output_dir, resume=resume, overwrite=overwrite, weights_backbone=weights_backbone or weights)
-    return run_distributed(_train_detector, device, cfg, request, whole=weights is not None)
+    if weights is not None:
+        run = {**run, "weights_backbone": weights}
+    return launch(_train_detector, cfg, device, run, whole=weights is not None)
 
 
 def _prepare_data(cfg: DetConfig, info: DistInfo) -> tuple[DetConfig, tuple[CocoDetection, CocoDetection]]:
