@@ -151,7 +151,7 @@ def test_two_process_gloo_ddp_run(tmp_path):
     assert [h["metrics"] for h in rank0["history"]] == [h["metrics"] for h in rank1["history"]]
     assert rank0["history"][1]["train"]["loss"] == rank1["history"][1]["train"]["loss"]
     # One checkpoint, written by rank 0, holding the unwrapped model and both ranks' RNG states.
-    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["last.pt"]
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["last.pt", "metrics.csv", "results.png"]
     checkpoint = load_checkpoint(tmp_path / "run" / "last.pt")
     assert checkpoint["epoch"] == 2 and checkpoint["world_size"] == 2 and len(checkpoint["rng_per_rank"]) == 2
     assert all(not key.startswith("module.") for key in checkpoint["model"])

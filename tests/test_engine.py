@@ -177,7 +177,7 @@ def test_non_finite_loss_names_step_and_keeps_last_checkpoint(tmp_path):
     assert checkpoint["epoch"] == 1
     assert all(torch.isfinite(v).all() for v in checkpoint["model"].values() if v.is_floating_point())
     _tiny_net(1).load_state_dict(checkpoint["model"])
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pt"]  # no temp or partial files
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pt", "metrics.csv", "results.png"]  # no temp files
 
 
 @pytest.mark.parametrize("mode,best_epoch,best_value", [("max", 2, 0.5), ("min", 1, 0.2)])
@@ -298,7 +298,8 @@ def test_run_folder_with_checkpoints_is_refused_unless_resume_or_overwrite(tmp_p
     result = fit(_tiny_net(1), build_train_loader(RandomAugmentedImages(), SHORT), SHORT,
                  loss_fn=_classification_loss, output_dir=folder, overwrite=True)  # fmt: skip
     assert "--overwrite: removed last.pt, best.pt of the previous run" in capsys.readouterr().out
-    assert sorted(p.name for p in folder.iterdir()) == ["last.pt"] and result["best_checkpoint"] is None
+    assert sorted(p.name for p in folder.iterdir()) == ["last.pt", "metrics.csv", "results.png"]
+    assert result["best_checkpoint"] is None
     assert load_checkpoint(folder / "last.pt")["history"][0]["metrics"] == {}
 
 
@@ -342,7 +343,7 @@ def test_temporaries_of_an_interrupted_save_are_removed(tmp_path, capsys):
     tmp_path.joinpath(".notes.txt.tmp").write_text("not ours")
     fit(_tiny_net(0), build_train_loader(RandomAugmentedImages(), SHORT), SHORT, loss_fn=_classification_loss,
         output_dir=tmp_path)  # fmt: skip
-    assert sorted(p.name for p in tmp_path.iterdir()) == [".notes.txt.tmp", "last.pt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".notes.txt.tmp", "last.pt", "metrics.csv", "results.png"]
     notes = [line for line in capsys.readouterr().out.splitlines() if line.startswith("removed")]
     assert len(notes) == 2 and ".last.pt.k2j4h1.tmp" in notes[0] and ".best.pt.a8b7c6.tmp" in notes[1]
 

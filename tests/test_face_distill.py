@@ -340,7 +340,7 @@ def _smoke_config(tmp_path, **data):
     )
 
 
-def test_distillation_mechanics_run_resume_refusal_and_summary(tmp_path):
+def test_distillation_mechanics_run_resume_refusal_and_summary(tmp_path, monkeypatch):
     """The mechanics, not quality: a short run writes what it promises and reports throughput,
     spread and the reference points; a second run into the same folder is refused before any
     data work unless --overwrite; a mixed-view run needs the online teacher."""
@@ -349,6 +349,7 @@ def test_distillation_mechanics_run_resume_refusal_and_summary(tmp_path):
     from mnapps.engine.loop import RunFolderError
     from mnapps.tasks.face import distill_face, load_face_embedder
 
+    monkeypatch.setenv("MNAPPS_CACHE", str(tmp_path / "cache"))  # the warm start's view cache stays here
     _flat_images(tmp_path / "train", 16, seed=0, size=64)
     _flat_images(tmp_path / "val", 8, seed=1, size=64)
     cfg = _smoke_config(tmp_path)
@@ -376,6 +377,10 @@ def test_distillation_mechanics_run_resume_refusal_and_summary(tmp_path):
     assert summary["views_per_epoch"] == 32 and summary["throughput"]["targets"] == "online teacher"
     assert summary["warm_start"]["views"] == 24 and -1.0 <= summary["warm_start"]["cosine"] <= 1.0
     assert 0.0 < summary["throughput"]["teacher_share"] < 1.0
+    # The same start again: the views come from the cache, the solved layer is the same.
+    again = distill_face(online, output_dir=tmp_path / "again", device="cpu")
+    assert summary["warm_start"]["cached"] == 0.0 and again["warm_start"]["cached"] == 1.0
+    assert again["warm_start"]["fit_cosine"] == summary["warm_start"]["fit_cosine"]
 
 
 def test_backbone_weights_come_from_the_config_or_the_flag(tmp_path):

@@ -121,9 +121,16 @@ def test_no_module_imports_a_floor_above_it():
     assert not bad, "imports that point up a floor:\n" + "\n".join(sorted(set(bad)))
 
 
+# The one exemption: command-line modules import torch and the tasks after parsing their
+# arguments, so that `--help` answers at once (tests/test_cli_main.py checks it imports no torch).
+# They sit on the top floor, so a late import there cannot hide a cycle.
+LATE_IMPORTS_ALLOWED = "mnapps.cli"
+
+
 def test_no_mnapps_import_inside_a_function():
     bad = [f"{path.relative_to(PACKAGE.parent)}:{line} imports {name}"
-           for module, path in MODULES.items() for name, line, inside in mnapps_imports(path) if inside]
+           for module, path in MODULES.items() for name, line, inside in mnapps_imports(path)
+           if inside and not module.startswith(LATE_IMPORTS_ALLOWED + ".")]
     assert not bad, "imports inside functions (move them to the top of the module):\n" + "\n".join(sorted(set(bad)))
 
 

@@ -34,7 +34,7 @@ def _row(name: str) -> StatsRow:
 @pytest.mark.parametrize("name,paper_macs_m,paper_params_m", PAPER, ids=[p[0] for p in PAPER])
 def test_backbone_rows_match_paper(name, paper_macs_m, paper_params_m):
     measured = measure(_row(name))
-    # The tolerances: MACs within 1%, parameters within 0.05 M.
+    # The tolerances: MACs within 1%, parameters within 0.05 M.
     assert measured["macs"] == pytest.approx(paper_macs_m * 1e6, rel=0.01)
     assert abs(measured["params"] - paper_params_m * 1e6) <= 0.05e6
     assert isinstance(measured["macs"], int) and isinstance(measured["params"], int)

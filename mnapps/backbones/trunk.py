@@ -32,6 +32,7 @@ from torch import nn
 
 from mnapps.checkpoint import read_checkpoint
 from mnapps.config import BackboneConfig
+from mnapps.weights import resolve_weights
 
 from .mobilenet_v1 import MobileNetV1, replace_bn_with_frozen
 
@@ -101,7 +102,7 @@ class BackboneLoadReport:
 
 def _source_state(path_or_state: WeightsSource) -> tuple[str, dict[str, torch.Tensor]]:
     if isinstance(path_or_state, (str, os.PathLike)):
-        name, state = str(path_or_state), read_checkpoint(path_or_state).weights
+        name, state = str(path_or_state), read_checkpoint(resolve_weights(path_or_state)).weights
     else:
         name, state = "the given state", read_checkpoint(path_or_state).weights
     source = extract_backbone_state(state)

@@ -20,11 +20,9 @@ import argparse
 import sys
 from pathlib import Path
 
-from mnapps.data.align import NO_FACE_REPORT, FaceAligner, align_folder
-from mnapps.data.box_crops import CROP_GEOMETRIES, BoxFaceAligner
-from mnapps.data.face_check import DEFAULT_MIN_FACE_SCORE, FaceCheck, FaceCheckingAligner
-from mnapps.engine.distributed import resolve_device
-from mnapps.tasks.detection import box_detector, load_detector
+from mnapps.cli.choices import CROP_GEOMETRY_NAMES
+from mnapps.weights import weights_arg
+from mnapps.cli.choices import DEFAULT_MIN_FACE_SCORE
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -32,7 +30,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         description=__doc__.splitlines()[0],
         epilog="examples:\n  python tools/align_faces.py ../shared/data/faces/deepface runs/aligned/deepface\n"
         "  python tools/align_faces.py ../shared/data/faces/deepface runs/aligned/deepface_ssd --detector ssd "
-        "--detector-weights runs/weights/faceapi_ssd.pt",
+        "--detector-weights faceapi_ssd_mobilenetv1",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("src", type=Path, help="folder of photos (identity sub-folders optional)")
@@ -40,11 +38,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--image-size", type=int, default=160, help="crop side in pixels (default 160, FaceNet's)")
     parser.add_argument("--detector", choices=["mtcnn", "ssd"], default="mtcnn",
                         help="face detector: facenet-pytorch's MTCNN (default) or an mnapps SSD (--detector-weights)")
-    parser.add_argument("--detector-weights", type=Path, metavar="CKPT",
+    parser.add_argument("--detector-weights", type=weights_arg, metavar="CKPT",
                         help="mnapps detection checkpoint of the SSD face detector (for --detector ssd)")
     parser.add_argument("--min-score", type=float, default=0.5,
                         help="SSD boxes scoring below this are not faces (default 0.5, face-api.js's)")
-    parser.add_argument("--crop", choices=sorted(CROP_GEOMETRIES), default="mtcnn",
+    parser.add_argument("--crop", choices=list(CROP_GEOMETRY_NAMES), default="mtcnn",
                         help="SSD crop region: the box moved onto where MTCNN's box would be (mtcnn, default) "
                         "or the square around it")
     parser.add_argument("--margin", type=int, default=0, help="extra pixels around the box in the crop (default 0)")
@@ -86,8 +84,20 @@ def build_aligner(args: argparse.Namespace, device) -> FaceAligner | BoxFaceAlig
                           select=args.select)
 
 
+def _import_heavy() -> None:
+    """Import torch and the tasks, after the arguments are parsed: --help answers at once."""
+    global NO_FACE_REPORT, FaceAligner, align_folder, CROP_GEOMETRIES, BoxFaceAligner, resolve_device, box_detector, load_detector
+    global FaceCheck, FaceCheckingAligner
+    from mnapps.data.align import NO_FACE_REPORT, FaceAligner, align_folder
+    from mnapps.data.box_crops import CROP_GEOMETRIES, BoxFaceAligner
+    from mnapps.data.face_check import FaceCheck, FaceCheckingAligner
+    from mnapps.engine.distributed import resolve_device
+    from mnapps.tasks.detection import box_detector, load_detector
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    _import_heavy()
     try:
         device = resolve_device(args.device)
         if args.dst.exists() and not args.dst.is_dir():

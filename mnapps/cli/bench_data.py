@@ -18,7 +18,7 @@ else generated shapes images), then measures, each figure in a fresh process:
                    pixels): their PSS/USS at its start and end show copy-on-read growth.
 
 It prints the tables, the memory extrapolated to 8 workers from the measured slope, and the
-issue's acceptance checks (first batch <= 5 s at the largest size; summed worker PSS within
+acceptance checks (first batch <= 5 s at the largest size; summed worker PSS within
 10% between the first and last pass; loader at 2 workers >= the training step). The machine
 must be otherwise quiet for the speeds to mean anything. The default run took 12 minutes on 2
 busy cores (most of it torchvision parsing the JSON once per process) and needs about 7 GiB of

@@ -8,7 +8,7 @@ Rows (images/s at each --batch, warm-up then the median of repeats, --threads th
   one SSD300 training step (batch --train-batch) vs torchvision SSDLite's.
 Also measures the float32 GEMM peak (a large torch.mm) and prints, per row, the ratio to the
 peer, the achieved GFLOP/s (multiply-adds counted by mnapps.stats.count_macs) and its share of
-the peak, then the issue's speed targets. All models have random weights (speed does not
+the peak, then the speed targets. All models have random weights (speed does not
 depend on them; accuracy after export is measured by tools/export.py --evaluate).
 Run it on a quiet machine: other processes on the cores make every figure meaningless.
 """
@@ -20,10 +20,8 @@ import json
 import sys
 from pathlib import Path
 
-import torch
 
-from mnapps.engine.distributed import resolve_device
-from mnapps.export.benchmark import SECTIONS, BenchSettings, check_targets, format_table, run_benchmark
+from mnapps.cli.choices import BENCH_SECTIONS
 from mnapps.files import atomic_write
 
 EXAMPLES = """examples:
@@ -37,7 +35,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__, epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS),
+    parser.add_argument("--sections", nargs="+", choices=BENCH_SECTIONS, default=list(BENCH_SECTIONS),
                         help="what to measure (default: all)")
     parser.add_argument("--quick", action="store_true",
                         help="short smoke run: batches 1 and 4, training batch 4, 1 warm-up, 3 repeats")
@@ -54,8 +52,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def _import_heavy() -> None:
+    """Import torch and the tasks, after the arguments are parsed: --help answers at once."""
+    global torch, resolve_device, SECTIONS, BenchSettings, check_targets, format_table, run_benchmark
+    import torch
+    from mnapps.engine.distributed import resolve_device
+    from mnapps.export.benchmark import SECTIONS, BenchSettings, check_targets, format_table, run_benchmark
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    _import_heavy()
     if args.device == "all":
         devices = ("cpu", "cuda") if torch.cuda.is_available() else ("cpu",)
     else:

@@ -16,8 +16,7 @@ import sys
 from pathlib import Path
 
 from mnapps.data.image_io import IMAGE_EXTENSIONS, list_images
-from mnapps.engine.distributed import resolve_device
-from mnapps.tasks.classification import classify_files, default_imagenet_checkpoint, load_classifier
+from mnapps.weights import weights_arg
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -27,7 +26,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         epilog="\n\n".join(__doc__.split("\n\n")[1:]),
     )
     parser.add_argument("images", nargs="+", type=Path, metavar="IMAGE", help="image files or folders of images")
-    parser.add_argument("--checkpoint", type=Path, help="classification checkpoint (default: runs/weights/mobilenet_v1_1.0_224_imagenet.pt)")
+    parser.add_argument("--checkpoint", type=weights_arg, help="classification checkpoint (default: runs/weights/mobilenet_v1_1.0_224_imagenet.pt)")
     parser.add_argument("--resolution", type=int, help="input size (default: the checkpoint's)")
     parser.add_argument("--topk", type=int, default=5, help="labels per image (default 5)")
     parser.add_argument("--batch-size", type=int, default=32, help="images per forward pass (default 32)")
@@ -39,8 +38,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def _import_heavy() -> None:
+    """Import torch and the tasks, after the arguments are parsed: --help answers at once."""
+    global resolve_device, classify_files, default_imagenet_checkpoint, load_classifier
+    from mnapps.engine.distributed import resolve_device
+    from mnapps.tasks.classification import classify_files, default_imagenet_checkpoint, load_classifier
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    _import_heavy()
     checkpoint = args.checkpoint or default_imagenet_checkpoint()
     if not checkpoint.is_file():
         how = (

@@ -23,9 +23,7 @@ import sys
 from pathlib import Path
 
 from mnapps.data.image_io import list_images
-from mnapps.export.det_compare import BACKENDS, compare_detectors
 from mnapps.files import atomic_write
-from mnapps.tasks.pseudo_labels import read_photo_list
 
 EXAMPLES = """example:
   python tools/compare_detectors.py teacher=runs/weights/faceapi_ssd.pt a100_r256=runs/faces/a100_r256/best.pt \\
@@ -117,8 +115,16 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
     plt.close(fig)
 
 
+def _import_heavy() -> None:
+    """Import torch and the tasks, after the arguments are parsed: --help answers at once."""
+    global BACKENDS, compare_detectors, read_photo_list
+    from mnapps.export.det_compare import BACKENDS, compare_detectors
+    from mnapps.tasks.pseudo_labels import read_photo_list
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    _import_heavy()
     try:
         for out in (args.json, args.plot):
             if out is not None and out.exists() and not args.overwrite:

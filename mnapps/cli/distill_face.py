@@ -21,20 +21,16 @@ import math
 import sys
 from pathlib import Path
 
+from mnapps.cli.choices import PRETRAINED_TEACHER_NAMES
 from mnapps.config import CONFIG_DIR, ConfigError
-from mnapps.distill.teacher import PRETRAINED_TEACHERS, TeacherWeightsError
-from mnapps.engine.distributed import resolve_device
-from mnapps.engine.loop import NonFiniteLossError
-from mnapps.engine.run_lock import claim_run_folder, report_interrupt
-from mnapps.tasks.face import benchmark_distill_step, distill_face, load_distill_config
 
 DEFAULT_CONFIG = CONFIG_DIR / "face_mnv1_a050_r160_synthetic.yaml"
 
 EXAMPLES = """examples:
   python tools/distill_face.py                       # offline smoke run: random teacher, generated faces
   python tools/distill_face.py --config configs/face_mnv1_a100_r160_fewshot_casia.yaml \\
-      --teacher-weights path/to/20180408-102900-casia-webface-features.pt \\
-      --weights-backbone runs/weights/mobilenet_v1_1.0_224_imagenet.pt --output-dir runs/face_fewshot
+      --teacher-weights facenet_casia_webface \\
+      --weights-backbone mobilenet_v1_1.0_224_imagenet --output-dir runs/face_fewshot
   python tools/distill_face.py --config configs/face_mnv1_a100_r160.yaml --data aligned/vggface2 \\
       --val-data aligned/val --teacher vggface2 --output-dir runs/face_vggface2
   python tools/distill_face.py --set train.epochs=5 --set loss.relational_weight=1.0 --overwrite
@@ -51,7 +47,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="override a config value, e.g. --set train.lr=0.001 (repeatable)")
     parser.add_argument("--data", nargs="+", default=None, metavar="DIR", help="folders of aligned face crops")
     parser.add_argument("--val-data", default=None, metavar="DIR", help="folder of held-out crops")
-    parser.add_argument("--teacher", choices=sorted(PRETRAINED_TEACHERS) + ["random"], default=None,
+    parser.add_argument("--teacher", choices=list(PRETRAINED_TEACHER_NAMES) + ["random"], default=None,
                         help="teacher weights to use (vggface2/casia-webface download on a connected machine)")
     parser.add_argument("--teacher-weights", default=None, metavar="PATH",
                         help="local InceptionResnetV1 state dict, e.g. "
@@ -119,8 +115,20 @@ def _benchmark_report(result: dict) -> str:
     )
 
 
+def _import_heavy() -> None:
+    """Import torch and the tasks, after the arguments are parsed: --help answers at once."""
+    global PRETRAINED_TEACHERS, TeacherWeightsError, resolve_device, NonFiniteLossError, benchmark_distill_step, distill_face, load_distill_config
+    global claim_run_folder, report_interrupt
+    from mnapps.distill.teacher import PRETRAINED_TEACHERS, TeacherWeightsError
+    from mnapps.engine.distributed import resolve_device
+    from mnapps.engine.loop import NonFiniteLossError
+    from mnapps.engine.run_lock import claim_run_folder, report_interrupt
+    from mnapps.tasks.face import benchmark_distill_step, distill_face, load_distill_config
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    _import_heavy()
     config_path = args.config if args.config is not None else DEFAULT_CONFIG
     try:
         resolve_device(args.device)

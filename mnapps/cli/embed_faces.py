@@ -16,14 +16,11 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import torch
 
+from mnapps.cli.choices import PRETRAINED_TEACHER_NAMES
 from mnapps.data.image_io import list_images
-from mnapps.distill.teacher import PRETRAINED_TEACHERS, TeacherWeightsError, build_teacher
-from mnapps.engine.distributed import resolve_device
-from mnapps.eval.face import embed_faces
 from mnapps.files import atomic_write, check_output_path
-from mnapps.tasks.face import load_face_embedder
+from mnapps.weights import weights_arg
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -34,9 +31,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("dir", type=Path, help="folder of face crops (searched recursively)")
     parser.add_argument("--out", type=Path, required=True, help="output .npz (embeddings + files) or .npy (+ .txt list)")
     source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--checkpoint", type=Path, help="a student checkpoint from tools/distill_face.py")
-    source.add_argument("--teacher-weights", type=Path, help="a local InceptionResnetV1 state dict (the teacher)")
-    source.add_argument("--teacher", choices=sorted(PRETRAINED_TEACHERS), help="facenet-pytorch's pretrained teacher")
+    source.add_argument("--checkpoint", type=weights_arg, help="a student checkpoint from tools/distill_face.py")
+    source.add_argument("--teacher-weights", type=weights_arg, help="a local InceptionResnetV1 state dict (the teacher)")
+    source.add_argument("--teacher", choices=list(PRETRAINED_TEACHER_NAMES), help="facenet-pytorch's pretrained teacher")
     parser.add_argument("--image-size", type=int, default=160, help="side the crops are resized to (default 160)")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--flip-tta", action="store_true", help="average with the mirrored image's embedding")
@@ -64,8 +61,19 @@ def _save(path: Path, data: dict[str, np.ndarray] | np.ndarray) -> None:
     atomic_write(path, lambda handle: handle.write(buffer.getvalue()))
 
 
+def _import_heavy() -> None:
+    """Import torch and the tasks, after the arguments are parsed: --help answers at once."""
+    global torch, PRETRAINED_TEACHERS, TeacherWeightsError, build_teacher, resolve_device, embed_faces, load_face_embedder
+    import torch
+    from mnapps.distill.teacher import PRETRAINED_TEACHERS, TeacherWeightsError, build_teacher
+    from mnapps.engine.distributed import resolve_device
+    from mnapps.eval.face import embed_faces
+    from mnapps.tasks.face import load_face_embedder
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    _import_heavy()
     try:
         _check_out(args)
         device = resolve_device(args.device) or torch.device("cuda" if torch.cuda.is_available() else "cpu")

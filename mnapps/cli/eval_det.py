@@ -11,7 +11,9 @@ Two modes:
 
 Both print COCO's standard 12-line summary (AP, AP50, AP75, APs, APm, APl, AR1, AR10, AR100, ARs,
 ARm, ARl; -1 means no ground truth in that area range) and a per-class AP@[.5:.95] table, and
-write eval_metrics.json (those 12 keys at top level, plus per_class_AP) into --out-dir, by
+write eval_metrics.json (those 12 keys at top level, plus per_class_AP), and for --checkpoint
+eval_pr_curves.png (per-class precision-recall) and eval_val_predictions.png (ground truth beside
+prediction), into --out-dir, by
 default the folder of the checkpoint or results file, or the current folder when that one is
 read-only. It never touches the training run's own metrics.json, and an existing eval_metrics.json
 (an earlier evaluation, e.g. of best.pt before last.pt) is only replaced with --overwrite.
@@ -25,13 +27,9 @@ import stat
 import sys
 from pathlib import Path
 
-import torch
 
-from mnapps.data.coco import collate_fn
-from mnapps.engine.distributed import build_eval_loader, resolve_device
-from mnapps.eval.coco import evaluate_detector, evaluate_results, format_per_class_table, write_metrics_json
 from mnapps.files import check_output_path, check_writable_folder, refuse_existing_outputs
-from mnapps.tasks.detection import build_eval_dataset, load_detector
+from mnapps.weights import weights_arg
 
 #: The file evaluation writes; a training run's own record is metrics.json, never replaced here.
 METRICS_FILE = "eval_metrics.json"
@@ -51,7 +49,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     source = parser.add_argument_group("what to evaluate (exactly one of)")
     source.add_argument("--results", type=Path, metavar="F", help="COCO results JSON to score (needs --val-ann)")
-    source.add_argument("--checkpoint", type=Path, metavar="F", help="mnapps detector checkpoint (.pt) to run")
+    source.add_argument("--checkpoint", type=weights_arg, metavar="F", help="mnapps detector checkpoint (.pt) to run")
     data = parser.add_argument_group("data")
     data.add_argument(
         "--val-ann", type=Path, metavar="F", help="COCO annotation JSON (with --checkpoint: default the config's)"
@@ -113,7 +111,7 @@ def _evaluate_checkpoint(args: argparse.Namespace):
         model, loader, dataset, device, max_images=args.max_images, progress=not args.no_progress
     )
     extra = {"checkpoint": str(args.checkpoint), "val_ann": str(dataset.ann_file), "device": str(device)}
-    return metrics, per_class, summary, extra
+    return metrics, per_class, summary, extra, (model, dataset, device)
 
 
 def _metrics_path(args: argparse.Namespace, source: Path) -> Path:
@@ -130,8 +128,20 @@ def _metrics_path(args: argparse.Namespace, source: Path) -> Path:
     return path
 
 
+def _import_heavy() -> None:
+    """Import torch and the tasks, after the arguments are parsed: --help answers at once."""
+    global torch, write_detection_report, collate_fn, build_eval_loader, resolve_device, evaluate_detector, evaluate_results, format_per_class_table, write_metrics_json, build_eval_dataset, load_detector
+    import torch
+    from mnapps.data.coco import collate_fn
+    from mnapps.engine.distributed import build_eval_loader, resolve_device
+    from mnapps.eval.coco import evaluate_detector, evaluate_results, format_per_class_table, write_metrics_json
+    from mnapps.eval.plots import write_detection_report
+    from mnapps.tasks.detection import build_eval_dataset, load_detector
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    _import_heavy()
     try:
         # Where the metrics go is settled before the evaluation, so a refusal costs nothing.
         path = _metrics_path(args, args.results if args.results is not None else args.checkpoint)
@@ -139,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
             metrics, per_class, summary = evaluate_results(args.val_ann, args.results)
             extra = {"results": str(args.results), "val_ann": str(args.val_ann)}
         else:
-            metrics, per_class, summary, extra = _evaluate_checkpoint(args)
+            metrics, per_class, summary, extra, evaluated = _evaluate_checkpoint(args)
     except (FileNotFoundError, ValueError) as err:  # the library's messages already name the fix
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -148,4 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     print(format_per_class_table(per_class), end="")
     path = write_metrics_json(path, metrics, per_class, extra)
     print(f"wrote {path}")
+    if args.results is None:  # eval_pr_curves.png, eval_val_predictions.png beside it (a run's own stay)
+        write_detection_report(evaluated[0], evaluated[1], path.parent, device=evaluated[2], max_images=args.max_images,
+                               log=print, prefix="eval_")
     return 0

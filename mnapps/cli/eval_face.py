@@ -24,15 +24,11 @@ import sys
 import warnings
 from pathlib import Path
 
-import torch
 
-from mnapps.data.persons import SAME_PERSON_DISTANCE
-from mnapps.distill.protocol import mark_seen, score_subsets
-from mnapps.distill.teacher import PRETRAINED_TEACHERS, TeacherWeightsError, build_teacher
-from mnapps.engine.distributed import resolve_device
-from mnapps.eval.face import collapse_warning, format_verification_table, plot_roc, read_pairs
+from mnapps.cli.choices import PRETRAINED_TEACHER_NAMES
+from mnapps.cli.choices import SAME_PERSON_DISTANCE
 from mnapps.files import atomic_write, check_output_path
-from mnapps.tasks.face import align_pair_images, evaluate_face_verification, load_face_embedder, load_trunk_embedder
+from mnapps.weights import weights_arg
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -42,7 +38,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             "example: python tools/eval_face.py --pairs path/to/faces/deepface/master.csv "
             "--images path/to/faces/deepface --align --checkpoint runs/face/best.pt "
             "--teacher-weights path/to/20180408-102900-casia-webface-features.pt --compare-teacher "
-            "--trunk runs/weights/mobilenet_v1_1.0_224_imagenet.pt"
+            "--trunk mobilenet_v1_1.0_224_imagenet"
         ),
     )
     parser.add_argument("--pairs", type=Path, required=True, help="pairs.txt (LFW format) or a CSV pair list")
@@ -51,13 +47,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="align the photos the pairs use with MTCNN first (into OUT/aligned)")
     parser.add_argument("--resize-shorter", type=int, default=None, metavar="N",
                         help="with --align: resize photos to shorter side N before detection")
-    parser.add_argument("--checkpoint", type=Path, help="student checkpoint (best.pt) from tools/distill_face.py")
-    parser.add_argument("--teacher-weights", type=Path, help="local InceptionResnetV1 state dict of the teacher")
-    parser.add_argument("--teacher", choices=sorted(PRETRAINED_TEACHERS), help="facenet-pytorch's pretrained teacher")
+    parser.add_argument("--checkpoint", type=weights_arg, help="student checkpoint (best.pt) from tools/distill_face.py")
+    parser.add_argument("--teacher-weights", type=weights_arg, help="local InceptionResnetV1 state dict of the teacher")
+    parser.add_argument("--teacher", choices=list(PRETRAINED_TEACHER_NAMES), help="facenet-pytorch's pretrained teacher")
     parser.add_argument("--compare-teacher", action="store_true", help="evaluate the teacher beside the student")
-    parser.add_argument("--trunk", type=Path, metavar="CKPT",
+    parser.add_argument("--trunk", type=weights_arg, metavar="CKPT",
                         help="also score the pooled features of this checkpoint's trunk (no distillation), "
-                             "e.g. runs/weights/mobilenet_v1_1.0_224_imagenet.pt")
+                             "e.g. mobilenet_v1_1.0_224_imagenet")
     parser.add_argument("--train-data", type=Path, nargs="+", metavar="PATH",
                         help="the student's training crops (folders, or OUTPUT_DIR/train_crops.txt of its run): "
                              "score pairs of people unseen in training separately (needs the teacher)")
@@ -121,10 +117,21 @@ def _seen_unseen(args: argparse.Namespace, pairs, result, seen) -> dict:
         print(f"-- pairs of people {'NOT ' if part == 'unseen' else ''}seen in training ({part}):")
         print(format_verification_table(results))
     return {"seen_in_training": seen.summary(), "by_seen": parts}
+def _import_heavy() -> None:
+    """Import torch and the tasks, after the arguments are parsed: --help answers at once."""
+    global torch, PRETRAINED_TEACHERS, TeacherWeightsError, build_teacher, resolve_device, collapse_warning, format_verification_table, plot_roc, read_pairs, align_pair_images, evaluate_face_verification, load_face_embedder, load_trunk_embedder
+    global mark_seen, score_subsets
+    import torch
+    from mnapps.distill.protocol import mark_seen, score_subsets
+    from mnapps.distill.teacher import PRETRAINED_TEACHERS, TeacherWeightsError, build_teacher
+    from mnapps.engine.distributed import resolve_device
+    from mnapps.eval.face import collapse_warning, format_verification_table, plot_roc, read_pairs
+    from mnapps.tasks.face import align_pair_images, evaluate_face_verification, load_face_embedder, load_trunk_embedder
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    _import_heavy()
     try:
         _check_arguments(args)
         device = resolve_device(args.device) or torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -21,14 +21,13 @@ import json
 import sys
 from pathlib import Path
 
-from mnapps.export.onnx import ParityError
-from mnapps.export.pipeline import evaluate_export, export_checkpoint, load_export_spec
 from mnapps.files import atomic_write, check_output_path
+from mnapps.weights import weights_arg
 
 EXAMPLES = """examples:
   python tools/export.py --checkpoint runs/ssd_mnv1_a050_r192_shapes/best.pt --format onnx
   python tools/export.py --checkpoint runs/ssd_mnv1_a050_r192_shapes/best.pt --int8 --evaluate
-  python tools/export.py --checkpoint runs/weights/mobilenet_v1_1.0_224_imagenet.pt --int8 \\
+  python tools/export.py --checkpoint mobilenet_v1_1.0_224_imagenet --int8 \\
       --calib-images coco/val2017 --images my_photos
 """
 
@@ -37,7 +36,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__, epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--checkpoint", type=Path, required=True, metavar="F", help="mnapps checkpoint (.pt)")
+    parser.add_argument("--checkpoint", type=weights_arg, required=True, metavar="F", help="mnapps checkpoint (.pt)")
     parser.add_argument("--format", choices=["onnx"], default="onnx", help="export format (default: onnx)")
     parser.add_argument("--out", type=Path, metavar="F", help="output .onnx file (default: next to the checkpoint)")
     parser.add_argument("--int8", action="store_true", help="also write a static-int8 model OUT.int8.onnx")
@@ -84,8 +83,16 @@ def _check_outputs(args: argparse.Namespace, out: Path) -> None:
         check_output_path(path, inputs, what=f"{flag} file")
 
 
+def _import_heavy() -> None:
+    """Import torch and the tasks, after the arguments are parsed: --help answers at once."""
+    global ParityError, evaluate_export, export_checkpoint, load_export_spec
+    from mnapps.export.onnx import ParityError
+    from mnapps.export.pipeline import evaluate_export, export_checkpoint, load_export_spec
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    _import_heavy()
     out = args.out or args.checkpoint.with_suffix(".onnx")
     try:
         _check_outputs(args, out)

@@ -30,27 +30,21 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 from PIL import Image
-from torch import nn
-from torchvision.ops import box_iou
 
-from mnapps.bench.face_pipeline import OrtEmbedder, embed_crops, ort_box_detector
-from mnapps.data.align import FaceAligner, crop_names
-from mnapps.data.box_crops import CROP_GEOMETRIES, BoxFaceAligner, crop_region, cut_crop
 from mnapps.data.image_io import ImageReadError, list_images, load_rgb
-from mnapps.distill.teacher import TeacherWeightsError, build_teacher
-from mnapps.engine.distributed import resolve_device
-from mnapps.eval.face import read_pairs, resolve_pairs
 from mnapps.files import atomic_write, check_output_path
-from mnapps.tasks.detection import box_detector, load_detector
-from mnapps.tasks.face import evaluate_face_verification, load_face_embedder
+from mnapps.weights import weights_arg
+
+if TYPE_CHECKING:  # annotations only: torch itself is imported after the arguments are parsed
+    from torch import nn
 
 EXAMPLES = """example (figures in docs/tf_od_api.md):
-  python tools/import_weights.py --kind ssd ../shared/data/faceapi_ssd_mobilenetv1 --output runs/weights/faceapi_ssd.pt
-  python tools/face_pipeline_bench.py --detector-weights runs/weights/faceapi_ssd.pt --out runs/face_pipeline
+  mnapps weights get faceapi_ssd_mobilenetv1
+  python tools/face_pipeline_bench.py --detector-weights faceapi_ssd_mobilenetv1 --out runs/face_pipeline
 """
 CASIA_TEACHER = Path("facenet_casia") / "20180408-102900-casia-webface-features.pt"
 
@@ -60,7 +54,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1] + "\n" + EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--detector-weights", type=Path, required=True, metavar="CKPT",
+    parser.add_argument("--detector-weights", type=weights_arg, required=True, metavar="CKPT",
                         help="mnapps detection checkpoint of a face detector (label 1 = face)")
     parser.add_argument("--data", type=Path, default=Path("../shared/data"),
                         help="shared data folder (default ../shared/data)")
@@ -69,7 +63,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--pairs", type=Path, help="pair list (default DATA/faces/deepface/master.csv)")
     parser.add_argument("--pair-images", type=Path, metavar="DIR",
                         help="folder of the photos the pairs name (default: the pair list's folder)")
-    parser.add_argument("--teacher-weights", type=Path, help=f"FaceNet state dict (default DATA/{CASIA_TEACHER})")
+    parser.add_argument("--teacher-weights", type=weights_arg, help=f"FaceNet state dict (default DATA/{CASIA_TEACHER})")
     parser.add_argument("--embedder", type=Path, metavar="CKPT",
                         help="face-embedding student (tools/distill_face.py): time and score SSD + it as a pipeline")
     parser.add_argument("--detector-onnx", type=Path, metavar="F",
@@ -341,8 +335,26 @@ def _run(args: argparse.Namespace, device) -> dict:
     return report
 
 
+def _import_heavy() -> None:
+    """Import torch and the tasks, after the arguments are parsed: --help answers at once."""
+    global torch, box_iou, FaceAligner, crop_names, CROP_GEOMETRIES, BoxFaceAligner, crop_region, cut_crop, TeacherWeightsError, build_teacher, resolve_device, read_pairs, resolve_pairs, box_detector, load_detector, evaluate_face_verification
+    global OrtEmbedder, embed_crops, ort_box_detector, load_face_embedder
+    import torch
+    from torchvision.ops import box_iou
+    from mnapps.data.align import FaceAligner, crop_names
+    from mnapps.data.box_crops import CROP_GEOMETRIES, BoxFaceAligner, crop_region, cut_crop
+    from mnapps.distill.teacher import TeacherWeightsError, build_teacher
+    from mnapps.engine.distributed import resolve_device
+    from mnapps.eval.face import read_pairs, resolve_pairs
+    from mnapps.tasks.detection import box_detector, load_detector
+    from mnapps.tasks.face import evaluate_face_verification
+    from mnapps.bench.face_pipeline import OrtEmbedder, embed_crops, ort_box_detector
+    from mnapps.tasks.face import load_face_embedder
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    _import_heavy()
     try:
         device = resolve_device(args.device)
         if args.out.exists() and not args.out.is_dir():

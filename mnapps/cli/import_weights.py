@@ -28,8 +28,6 @@ import sys
 from pathlib import Path
 
 from mnapps.files import check_output_path
-from mnapps.tasks.classification import import_tf_slim_checkpoint
-from mnapps.tasks.detection import import_tf_od_api_ssd_checkpoint
 
 EXAMPLES = """examples:
   python tools/import_weights.py path/to/mobilenet_v1_1.0_224_tfslim.npz
@@ -154,8 +152,16 @@ def _import_classifier(args: argparse.Namespace, output: Path) -> str:
     return text
 
 
+def _import_heavy() -> None:
+    """Import torch and the tasks, after the arguments are parsed: --help answers at once."""
+    global import_tf_slim_checkpoint, import_tf_od_api_ssd_checkpoint
+    from mnapps.tasks.classification import import_tf_slim_checkpoint
+    from mnapps.tasks.detection import import_tf_od_api_ssd_checkpoint
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    _import_heavy()
     output = args.output or _default_output(args)
     try:
         if output.is_dir():

@@ -21,10 +21,8 @@ import warnings
 from pathlib import Path
 
 from mnapps.data.image_io import IMAGE_EXTENSIONS, list_images
-from mnapps.engine.distributed import resolve_device
-from mnapps.eval.coco import predictions_to_coco_results
 from mnapps.files import atomic_write, check_output_path, check_writable_folder, refuse_existing_outputs, unique_output_names
-from mnapps.tasks.detection import draw_detections, image_ids_for, load_detector, predict_images
+from mnapps.weights import weights_arg
 
 EXAMPLES = """examples:
   python tools/infer_det.py --checkpoint runs/ssd_mnv1_a050_r192_shapes/best.pt \\
@@ -39,7 +37,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         description=__doc__.split("\n\n")[0], epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("source", type=Path, metavar="IMAGE_OR_DIR", help="an image file or a folder of images")
-    parser.add_argument("--checkpoint", type=Path, required=True, metavar="F", help="mnapps detection checkpoint (.pt)")
+    parser.add_argument("--checkpoint", type=weights_arg, required=True, metavar="F", help="mnapps detection checkpoint (.pt)")
     parser.add_argument("--out", type=Path, required=True, metavar="D",
                         help="folder for the drawn images (not the input folder, nor inside it)")
     parser.add_argument("--score-threshold", type=float, default=0.3, help="draw detections scoring at least this (default 0.3)")
@@ -108,8 +106,17 @@ def _draw(args: argparse.Namespace, predictions: list[dict], names: list[str]) -
         print(f"{pred['path'].name}: {int(keep.sum())} detection(s) >= {args.score_threshold:g}{': ' + found if found else ''}")
 
 
+def _import_heavy() -> None:
+    """Import torch and the tasks, after the arguments are parsed: --help answers at once."""
+    global resolve_device, predictions_to_coco_results, draw_detections, image_ids_for, load_detector, predict_images
+    from mnapps.engine.distributed import resolve_device
+    from mnapps.eval.coco import predictions_to_coco_results
+    from mnapps.tasks.detection import draw_detections, image_ids_for, load_detector, predict_images
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    _import_heavy()
     try:
         device = resolve_device(args.device)
         paths = list_images(args.source, recursive=False)

@@ -17,8 +17,7 @@ import sys
 from pathlib import Path
 
 from mnapps.data.image_io import IMAGE_EXTENSIONS, list_images
-from mnapps.tasks.det_students import student_checkpoint
-from mnapps.tasks.pseudo_labels import read_photo_list
+from mnapps.weights import weights_arg
 
 EXAMPLES = """examples:
   python tools/make_student.py runs/weights/faceapi_ssd.pt --size 256 --photos my_photos --output runs/weights/student_r256.pt
@@ -31,7 +30,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("teacher", type=Path, metavar="TEACHER", help="mnapps detection checkpoint (.pt)")
+    parser.add_argument("teacher", type=weights_arg, metavar="TEACHER",
+                        help="mnapps detection checkpoint (.pt), or a weights name (mnapps weights list)")
     parser.add_argument("--output", type=Path, required=True, metavar="F", help="student checkpoint to write (.pt)")
     parser.add_argument("--photos", type=Path, required=True, metavar="D",
                         help="folder of real photos to recalibrate BatchNorm on (the student's training photos)")
@@ -47,8 +47,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+
+def _import_heavy() -> None:
+    """Import torch and the tasks, after the arguments are parsed: --help answers at once."""
+    global student_checkpoint, read_photo_list
+    from mnapps.tasks.det_students import student_checkpoint
+    from mnapps.tasks.pseudo_labels import read_photo_list
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    _import_heavy()
     try:
         photos = read_photo_list(args.list, args.photos) if args.list else list_images(args.photos, recursive=True)
         if not photos:

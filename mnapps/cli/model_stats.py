@@ -15,7 +15,7 @@ import sys
 
 from tqdm import tqdm
 
-from mnapps.stats import ROWS, StatsRow, measure
+ROWS = None  # mnapps.stats.ROWS once _import_heavy() ran; kept when set before (tests choose their rows)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -54,8 +54,18 @@ def _millions(value: float | None) -> str:
     return "" if value is None else f"{value / 1e6:.2f}"
 
 
+def _import_heavy() -> None:
+    """Import torch and the tasks, after the arguments are parsed: --help answers at once."""
+    global ROWS, StatsRow, measure
+    from mnapps.stats import ROWS as TABLE
+    from mnapps.stats import StatsRow, measure
+
+    ROWS = TABLE if ROWS is None else ROWS
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    _import_heavy()
     rows = ROWS
     if args.only:
         known = {row.name for row in ROWS}

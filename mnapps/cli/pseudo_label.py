@@ -17,8 +17,7 @@ import sys
 from pathlib import Path
 
 from mnapps.data.image_io import IMAGE_EXTENSIONS, list_images
-from mnapps.engine.distributed import resolve_device
-from mnapps.tasks.pseudo_labels import read_photo_list, write_pseudo_labels
+from mnapps.weights import weights_arg
 
 EXAMPLES = """examples:
   python tools/pseudo_label.py my_photos --checkpoint runs/weights/faceapi_ssd.pt --output runs/labels/faces.json
@@ -33,7 +32,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         description=__doc__.split("\n\n")[0], epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("images", type=Path, metavar="IMAGES", help="folder of photos (file names are relative to it)")
-    parser.add_argument("--checkpoint", type=Path, required=True, metavar="F", help="teacher detection checkpoint (.pt)")
+    parser.add_argument("--checkpoint", type=weights_arg, required=True, metavar="F",
+                        help="teacher detection checkpoint (.pt), or a weights name (mnapps weights list)")
     parser.add_argument("--output", type=Path, required=True, metavar="F", help="COCO annotation JSON to write")
     parser.add_argument("--list", type=Path, metavar="F",
                         help="label only these photos: a text file of paths relative to IMAGES, one per line")
@@ -50,8 +50,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+
+def _import_heavy() -> None:
+    """Import torch and the tasks, after the arguments are parsed: --help answers at once."""
+    global resolve_device, read_photo_list, write_pseudo_labels
+    from mnapps.engine.distributed import resolve_device
+    from mnapps.tasks.pseudo_labels import read_photo_list, write_pseudo_labels
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    _import_heavy()
     try:
         device = resolve_device(args.device)
         if not args.images.is_dir():

@@ -14,10 +14,6 @@ import sys
 from pathlib import Path
 
 from mnapps.config import CONFIG_DIR, ConfigError, load_config
-from mnapps.engine.distributed import resolve_device
-from mnapps.engine.loop import NonFiniteLossError
-from mnapps.engine.run_lock import claim_run_folder, report_interrupt
-from mnapps.tasks.classification import ClsConfig, train_classifier
 
 DEFAULT_CONFIG = CONFIG_DIR / "cls_mnv1_a050_r64_shapes.yaml"
 
@@ -48,8 +44,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def _import_heavy() -> None:
+    """Import torch and the tasks, after the arguments are parsed: --help answers at once."""
+    global claim_run_folder, report_interrupt
+    global resolve_device, NonFiniteLossError, ClsConfig, train_classifier
+    from mnapps.engine.distributed import resolve_device
+    from mnapps.engine.loop import NonFiniteLossError
+    from mnapps.engine.run_lock import claim_run_folder, report_interrupt
+    from mnapps.tasks.classification import ClsConfig, train_classifier
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    _import_heavy()
     overrides = list(args.set)
     for flag, key in ((args.train_dir, "data.train_dir"), (args.val_dir, "data.val_dir"),
                       (args.epochs, "train.epochs"), (args.batch_size, "train.batch_size")):

@@ -20,22 +20,19 @@ import argparse
 import sys
 from pathlib import Path
 
+from mnapps.cli.choices import HEAD_NAMES
 from mnapps.config import CONFIG_DIR, ConfigError, load_config
-from mnapps.engine.distributed import resolve_device
-from mnapps.engine.loop import NonFiniteLossError
-from mnapps.engine.run_lock import claim_run_folder, report_interrupt
-from mnapps.heads import HEADS, head_spec
-from mnapps.tasks.detection import DetConfig, fine_tune_config, train_detector
+from mnapps.weights import weights_arg
 
 EXAMPLES = """examples:
   python tools/train_det.py --head ssd                 # embedded shapes dataset, a few minutes on a CPU
   python tools/train_det.py --config configs/ssd_mnv1_a100_r300_coco.yaml \\
       --train-ann coco/annotations/instances_train2017.json --train-images coco/train2017 \\
       --val-ann coco/annotations/instances_val2017.json --val-images coco/val2017 \\
-      --weights-backbone runs/weights/mobilenet_v1_1.0_224_imagenet.pt --device cuda
+      --weights-backbone mobilenet_v1_1.0_224_imagenet --device cuda
   python tools/train_det.py --head ssd --resume          # continue runs/<config>/last.pt
   python tools/train_det.py --head ssd --overwrite       # start runs/<config> over
-  python tools/train_det.py --weights runs/weights/faceapi_ssd.pt --train-ann faces/train.json \
+  python tools/train_det.py --weights faceapi_ssd_mobilenetv1 --train-ann faces/train.json \
       --train-images faces/train --val-ann faces/val.json --val-images faces/val --output-dir runs/faces_ft
   python tools/train_det.py --head ssd --set train.lr=0.05 --set model.backbone.width_mult=0.25
 """
@@ -46,7 +43,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         description=__doc__.split("\n\n")[0], epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument(
-        "--head", help=f"detector head, one of {sorted(HEADS)} (default: the config's, else ssd)"
+        "--head", help=f"detector head, one of {list(HEAD_NAMES)} (default: the config's, else ssd)"
     )
     parser.add_argument("--config", type=Path, help="YAML config (default: the head's config for the embedded dataset)")
     parser.add_argument("--train-ann", metavar="F", help="COCO-format training annotation JSON")
@@ -61,10 +58,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--overwrite", action="store_true",
                         help="start over in an OUTPUT_DIR that already holds checkpoints (replaces them)")
-    parser.add_argument("--weights-backbone", "--backbone-weights", type=Path, metavar="PATH",
+    parser.add_argument("--weights-backbone", "--backbone-weights", type=weights_arg, metavar="PATH",
                         help="mnapps checkpoint whose MobileNetV1 trunk initialises the model (e.g. ImageNet); "
                         "default model.backbone.weights")
-    parser.add_argument("--weights", type=Path, metavar="PATH",
+    parser.add_argument("--weights", type=weights_arg, metavar="PATH",
                         help="mnapps detection checkpoint to fine-tune (its model settings are used; class "
                         "predictors are re-initialised when the class count differs)")
     parser.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available)")
@@ -96,8 +93,20 @@ def resolve_config(args: argparse.Namespace) -> tuple[DetConfig, Path | None]:
     return load_config(config_path, DetConfig, overrides), config_path
 
 
+def _import_heavy() -> None:
+    """Import torch and the tasks, after the arguments are parsed: --help answers at once."""
+    global claim_run_folder, report_interrupt
+    global resolve_device, NonFiniteLossError, HEADS, head_spec, DetConfig, fine_tune_config, train_detector
+    from mnapps.engine.distributed import resolve_device
+    from mnapps.engine.loop import NonFiniteLossError
+    from mnapps.engine.run_lock import claim_run_folder, report_interrupt
+    from mnapps.heads import HEADS, head_spec
+    from mnapps.tasks.detection import DetConfig, fine_tune_config, train_detector
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    _import_heavy()
     output_dir = args.output_dir
     try:
         resolve_device(args.device)

@@ -8,22 +8,39 @@ generation never leaves half a dataset; and when several processes generate the 
 at once (every torchrun rank does), the first complete copy stays where it is, since the
 others may already be reading it, and later copies are discarded. Staging folders are named
 ``.<name>.tmp-<pid>-<random>`` so that :func:`remove_abandoned_staging` can tell a dead
-generation's leftovers from a live one.
+generation's leftovers from a live one. :func:`announce_generation` is the one line a first run
+prints before it generates anything: what, how many images, about how long, and where.
 """
 
 from __future__ import annotations
 
 import os
 import shutil
+import sys
 import tempfile
 import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator
 
-__all__ = ["default_cache_dir", "staged_folder", "remove_abandoned_staging"]
+__all__ = ["default_cache_dir", "staged_folder", "remove_abandoned_staging", "announce_generation", "SECONDS_PER_IMAGE"]
 
 _STALE_STAGING_S = 3600.0  # generation takes seconds to minutes; an hour-old staging folder is abandoned
+
+
+# Seconds to draw and encode one image on one core, measured on a 2-core Intel Xeon (AVX-512
+# VNNI, AMX) shared with other jobs: 2200 detection images took 170 s, 250 classification
+# images 4.9 s, 48 faces 7.4 s. Only the order of magnitude matters: it is a heads-up.
+SECONDS_PER_IMAGE = {"shapes_det": 0.08, "shapes_cls": 0.02, "faces": 0.15}
+
+
+def announce_generation(what: str, images: int, seconds_per_image: float, final: Path, workers: int = 1) -> str:
+    """Print (stderr) and return the line a first use shows before generating ``images`` images."""
+    seconds = images * seconds_per_image / max(1, min(workers, os.cpu_count() or 1))
+    took = f"about {round(seconds / 60)} min" if seconds >= 90 else f"about {max(5, round(seconds, -1)):.0f} s"
+    line = f"first use: generating {what}, {images} images ({took}) into {final}; later runs reuse it"
+    print(line, file=sys.stderr, flush=True)
+    return line
 
 
 def default_cache_dir() -> Path:

@@ -20,7 +20,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
-from mnapps.data.cache import default_cache_dir, staged_folder
+from mnapps.data.cache import SECONDS_PER_IMAGE, announce_generation, default_cache_dir, staged_folder
 
 __all__ = ["SHAPE_CLASSES", "ShapesClsPaths", "ensure_shapes_classification", "default_cache_dir", "render_shape_image"]
 
@@ -146,6 +146,8 @@ def ensure_shapes_classification(
     if (folder / "COMPLETE").is_file():
         return paths
 
+    images = (train_per_class + val_per_class) * len(SHAPE_CLASSES)
+    announce_generation("the shapes classification dataset", images, SECONDS_PER_IMAGE["shapes_cls"], folder)
     # The shared staging folder: an interrupted run never leaves half a dataset.
     with staged_folder(folder, lambda f: (f / "COMPLETE").is_file()) as staging:
         jobs = [

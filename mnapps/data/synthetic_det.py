@@ -34,7 +34,13 @@ from PIL import Image, ImageDraw
 from pycocotools import mask as mask_utils
 from tqdm import tqdm
 
-from mnapps.data.cache import default_cache_dir, remove_abandoned_staging, staged_folder
+from mnapps.data.cache import (
+    SECONDS_PER_IMAGE,
+    announce_generation,
+    default_cache_dir,
+    remove_abandoned_staging,
+    staged_folder,
+)
 
 __all__ = [
     "ShapesPaths",
@@ -135,6 +141,7 @@ def ensure_shapes_detection(
             f"(see its {_MANIFEST}); pass another root/--out or delete that folder"
         )
     remove_abandoned_staging(root)
+    announce_generation("the shapes detection dataset", num_train + num_val, SECONDS_PER_IMAGE["shapes_det"], root)
     with staged_folder(root, lambda folder: _is_complete(folder, manifest)) as staging:
         _generate(staging, manifest, progress=progress)
     return _paths(root)

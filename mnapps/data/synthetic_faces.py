@@ -26,7 +26,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 from tqdm import tqdm
 
-from mnapps.data.cache import default_cache_dir, staged_folder
+from mnapps.data.cache import SECONDS_PER_IMAGE, announce_generation, default_cache_dir, staged_folder
 
 __all__ = ["SyntheticFacePaths", "ensure_synthetic_faces", "render_face", "sample_identity"]
 
@@ -230,6 +230,8 @@ def ensure_synthetic_faces(
     if final.exists():  # not complete, so no generation of ours made it: an earlier, foreign attempt
         shutil.rmtree(final)
     workers = workers if workers is not None else min(os.cpu_count() or 1, 8)
+    images = (train_identities + val_identities) * images_per_identity
+    announce_generation("the generated face dataset", images, SECONDS_PER_IMAGE["faces"], final, workers)
     # The shared staging folder: an interrupted run never leaves half a dataset, and when two
     # torchrun ranks generate at once the first complete copy is kept for whoever reads it.
     with staged_folder(final, lambda folder: (folder / ".complete").is_file()) as staging:

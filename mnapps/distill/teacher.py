@@ -41,6 +41,7 @@ from tqdm.auto import tqdm
 
 from mnapps.checkpoint import safe_load
 from mnapps.data.faces import face_collate
+from mnapps.weights import resolve_weights
 
 __all__ = [
     "PRETRAINED_TEACHERS",
@@ -136,13 +137,15 @@ def load_teacher_state_dict(path: str | os.PathLike) -> dict[str, Tensor]:
 
     Accepts a bare state dict (the shared ``*-features.pt``), facenet-pytorch's downloaded
     file (its ``logits.*`` classifier is dropped: the teacher only embeds) or a dict with a
-    ``state_dict``/``model`` entry.
+    ``state_dict``/``model`` entry. ``path`` may be a weights name (``facenet_casia_webface``,
+    :mod:`mnapps.weights`), read from the cache.
 
     Raises:
         FileNotFoundError: ``path`` does not exist.
+        WeightsError: ``path`` names weights that are not in the cache yet.
         TeacherWeightsError: the file cannot be read or holds no tensors.
     """
-    path = Path(path)
+    path = resolve_weights(path)
     if not path.is_file():
         raise FileNotFoundError(f"teacher weights file {path} does not exist (--teacher-weights)")
     try:

@@ -60,6 +60,7 @@ from mnapps.engine.steps import (
     to_device,
     unwrap,
 )
+from mnapps.engine.run_log import log_epoch
 
 __all__ = [
     "TaskHooks",
@@ -516,6 +517,7 @@ def _finish_epoch(run: _Run, evaluate: EvaluateFn | None, epoch_number: int, *, 
         _save(run, epoch_number, improved=improved, pending=False)
     if run.info.is_main:
         tqdm.write(_epoch_summary(run, run.history[-1], improved))
+        log_epoch(run.output_dir, run.history)  # metrics.csv, results.png, TensorBoard
 
 
 # ------------------------------------------------------------------------------------------

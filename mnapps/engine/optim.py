@@ -10,6 +10,7 @@ cosine, step decay or constant).
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Callable, Iterable
 
 import torch
@@ -26,7 +27,12 @@ __all__ = [
     "build_optimizer",
     "build_scheduler",
     "lr_factor_fn",
+    "ScheduleWarning",
 ]
+
+
+class ScheduleWarning(UserWarning):
+    """A schedule that runs but cannot be what was meant (e.g. warm-up over every epoch)."""
 
 OPTIMIZERS = ("sgd", "rmsprop", "adamw")
 SCHEDULES = ("cosine", "step", "constant")
@@ -242,6 +248,13 @@ def lr_factor_fn(cfg: TrainConfig, steps_per_epoch: int) -> Callable[[int], floa
 
     total = cfg.epochs * steps_per_epoch
     warmup = min(int(round(cfg.warmup_epochs * steps_per_epoch)), total)
+    if warmup >= total and cfg.warmup_epochs > 0:
+        warnings.warn(
+            f"train.warmup_epochs={cfg.warmup_epochs:g} covers all {cfg.epochs} epoch(s) ({total} steps): the "
+            f"learning rate never reaches train.lr={cfg.lr:g}" + (", and the cosine decay never starts"
+            if schedule == "cosine" else "") + "; lower train.warmup_epochs or raise train.epochs",
+            ScheduleWarning, stacklevel=2,
+        )  # fmt: skip
     milestone_iters = [int(m) * steps_per_epoch for m in cfg.step_milestones]
     warmup_factor, min_ratio, gamma = cfg.warmup_factor, cfg.min_lr_ratio, cfg.step_gamma
 

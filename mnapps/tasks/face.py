@@ -49,8 +49,9 @@ from tqdm.auto import tqdm
 
 from mnapps.backbones import prepare_trunk
 from mnapps.checkpoint import Checkpoint, read_checkpoint
-from mnapps.config import BackboneConfig, ConfigError, TrainConfig, from_dict, load_config
+from mnapps.config import BackboneConfig, ConfigError, TrainConfig, from_dict, load_config, to_dict
 from mnapps.data.align import FaceAligner, align_folder
+from mnapps.data.cache import default_cache_dir
 from mnapps.data.faces import FaceFolder, RepeatedFaces, build_face_transforms, face_collate, split_holdout
 from mnapps.data.persons import name_from_identity
 from mnapps.data.synthetic_faces import ensure_synthetic_faces
@@ -65,7 +66,7 @@ from mnapps.distill.teacher import (
     recalibrate_batchnorm,
 )
 from mnapps.distill.views import mix_faces
-from mnapps.distill.warm_start import WarmStartConfig, ridge_embedding_init
+from mnapps.distill.warm_start import WarmStartConfig, ridge_embedding_init, views_cache_path
 from mnapps.engine.distributed import DistInfo, build_train_loader, run_distributed
 from mnapps.engine.loop import TaskHooks, to_device
 from mnapps.eval.face import (
@@ -82,6 +83,7 @@ from mnapps.eval.face import (
 )
 from mnapps.files import check_output_path
 from mnapps.heads.face_embedding import FaceEmbedder, FaceModelConfig, PooledTrunkEmbedder, build_face_embedder
+from mnapps.weights import resolve_weights
 
 from .training import RunRequest, TaskSteps, train_task
 
@@ -255,8 +257,8 @@ def build_distill_data(cfg: FaceDataConfig, pool: tuple[FaceFolder, list[str]] |
 def prepare_teacher(cfg: TeacherConfig, data: FaceDistillData, *, device: str | torch.device = "cpu",
                     batch_size: int = 64) -> FacenetTeacher:
     """Build the teacher of ``cfg``; a random one gets BatchNorm statistics re-estimated (``calibrate_bn``)."""
-    teacher = build_teacher(cfg.name if cfg.weights is None else None, weights=cfg.weights, seed=cfg.seed,
-                            input_size=cfg.input_size, device=device)
+    teacher = build_teacher(cfg.name if cfg.weights is None else None, weights=resolve_weights(cfg.weights),
+                            seed=cfg.seed, input_size=cfg.input_size, device=device)
     if cfg.weights is None and cfg.name == "random" and cfg.calibrate_bn != "none":
         count = min(cfg.calibration_images, len(data.train_plain))
         subset = data.train_plain.subset(range(count))
@@ -393,11 +395,14 @@ def _warm_start(cfg: FaceDistillConfig, data: FaceDistillData, student: FaceEmbe
             for images, _, _ in views:
                 yield mix_faces(images, prob=warm.mix_prob, alpha=cfg.data.mix_alpha, cutmix_share=cfg.data.cutmix_share)
 
+    # The views depend on the crops, both networks' weights and these settings only: cached by them.
+    settings = {"warm_start": to_dict(warm), "image_size": cfg.data.image_size, "batch_size": batch_size,
+                "seed": cfg.train.seed, "mix": [cfg.data.mix_alpha, cfg.data.cutmix_share]}
+    cache = views_cache_path(default_cache_dir(), student, teacher, data.train_plain.files, settings)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.train.seed)
-        progress = tqdm(batches(), desc="warm start (teacher on views)", unit="batch", leave=False)
-        return ridge_embedding_init(student, teacher, progress, max_views=cfg.warm_start.views,
-                                    ridge=cfg.warm_start.ridge, device=device)
+        return ridge_embedding_init(student, teacher, batches(), max_views=cfg.warm_start.views,
+                                    ridge=cfg.warm_start.ridge, device=device, cache=cache, progress=True)
 
 
 def _reference_points(data: FaceDistillData, teacher: FacenetTeacher, student: nn.Module, val_targets: Tensor,
@@ -434,7 +439,8 @@ def _before_training(cfg: FaceDistillConfig, data: FaceDistillData, teacher: Fac
         points["warm_start"] = {**warm, "time_s": time.perf_counter() - started, "cosine": after["cosine"],
                                 "pair_agreement": after["pair_agreement"]}
         line += (f"; after the embedding warm start on {int(warm['views'])} views "
-                 f"({points['warm_start']['time_s']:.0f} s): cosine {after['cosine']:.4f}, "
+                 f"({points['warm_start']['time_s']:.0f} s{', views read from the cache' if warm['cached'] else ''}): "
+                 f"cosine {after['cosine']:.4f}, "
                  f"pair agreement {after['pair_agreement']:.4f}")
     tqdm.write(line)
     return points

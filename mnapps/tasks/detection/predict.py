@@ -15,13 +15,14 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image
 from torch import Tensor, nn
 from tqdm import tqdm
 
 from mnapps.data.coco import load_coco_json
 from mnapps.data.image_io import ImageReadError, load_rgb
 from mnapps.data.transforms import sample_to_tensors
+from mnapps.eval.plots import draw_boxes
 
 from .config import DetConfig
 
@@ -97,12 +98,6 @@ def predict_images(
 # ------------------------------------------------------------------------------------------
 # drawing and results files
 
-_PALETTE = (
-    (230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48), (145, 30, 180),
-    (70, 240, 240), (240, 50, 230), (210, 245, 60), (250, 190, 212), (0, 128, 128), (220, 190, 255),
-)
-
-
 def draw_detections(
     image: np.ndarray, boxes: Tensor, labels: Tensor, scores: Tensor, class_names: Sequence[str]
 ):
@@ -116,22 +111,9 @@ def draw_detections(
     Returns:
         A ``PIL.Image.Image`` (RGB).
     """
-    canvas = Image.fromarray(image).convert("RGB")
-    draw = ImageDraw.Draw(canvas)
-    font = ImageFont.load_default()
-    line = max(2, round(min(canvas.size) / 200))
-    for box, label, score in zip(boxes.tolist(), labels.tolist(), scores.tolist()):
-        colour = _PALETTE[int(label) % len(_PALETTE)]
-        name = class_names[int(label)] if 0 <= int(label) < len(class_names) else f"class_{int(label)}"
-        x1, y1, x2, y2 = box
-        draw.rectangle([x1, y1, x2, y2], outline=colour, width=line)
-        caption = f"{name} {score:.2f}"
-        left, top, right, bottom = draw.textbbox((0, 0), caption, font=font)
-        text_w, text_h = right - left, bottom - top
-        y_text = y1 - text_h - 4 if y1 - text_h - 4 >= 0 else y1
-        draw.rectangle([x1, y_text, x1 + text_w + 4, y_text + text_h + 4], fill=colour)
-        draw.text((x1 + 2, y_text + 2 - top), caption, fill=(0, 0, 0), font=font)
-    return canvas
+    # torchvision's draw_bounding_boxes, captions in a TrueType font scaled to the image.
+    drawn = draw_boxes(image, boxes, labels.tolist(), class_names, scores.tolist())
+    return Image.fromarray(drawn.permute(1, 2, 0).numpy())
 
 
 def image_ids_for(paths: Sequence[Path], ann_file: str | os.PathLike | None = None) -> list[int]:

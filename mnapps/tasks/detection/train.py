@@ -23,6 +23,7 @@ from mnapps.engine.distributed import DistInfo, build_eval_loader, build_train_l
 from mnapps.engine.loop import TaskHooks
 from mnapps.engine.rng import capture_rng_state, restore_rng_state
 from mnapps.eval.coco import evaluate_detector, format_per_class_table, write_metrics_json
+from mnapps.eval.plots import write_detection_report
 from mnapps.heads import head_spec
 
 from ..training import RunRequest, TaskSteps, train_task
@@ -175,7 +176,8 @@ def _evaluator(cfg: DetConfig, val_set: CocoDetection, device: torch.device, las
             )
         finally:
             restore_rng_state(rng_state)
-        last_eval.update(metrics=metrics, per_class_ap=per_class, summary=summary, epoch=epoch)
+        images = min(len(val_set), cfg.data.eval_max_images or len(val_set))
+        last_eval.update(metrics=metrics, per_class_ap=per_class, summary=summary, epoch=epoch, images=images)
         return metrics
 
     return evaluate
@@ -231,6 +233,9 @@ def _train_detector(cfg: DetConfig, request: RunRequest, *, whole: bool, info: D
         "output_dir": str(request.output_dir),
         "time_s": time.perf_counter() - started,
     }
+    if info.is_main and last_eval:  # pr_curves.png and val_predictions.png: one more pass over the evaluated images
+        write_detection_report(trained.model, val_set, request.output_dir, device=info.device,
+                               max_images=cfg.data.eval_max_images, batch_size=cfg.data.eval_batch_size, log=print)
     if info.is_main:
         _report(result, engine, counter, Path(request.output_dir), last_eval)
     return result
@@ -240,7 +245,7 @@ def _report(
     result: dict[str, Any], engine: dict[str, Any], counter: _BatchCounter, output_dir: Path, last_eval: dict
 ) -> None:
     if last_eval:
-        print(f"\nCOCO bbox evaluation of the final model (epoch {last_eval['epoch']}):")
+        print(f"\nCOCO bbox evaluation of the final model (epoch {last_eval['epoch']}, {last_eval['images']} val images):")
         print(last_eval["summary"], end="")
         print(format_per_class_table(last_eval["per_class_ap"]), end="")
         extra = {
