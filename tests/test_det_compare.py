@@ -8,8 +8,8 @@ import io
 import pytest
 from pycocotools.coco import COCO
 
-from mnapps.cli.compare_detectors import parse_args
-from mnapps.export.det_compare import coco_scores
+from mnapps.cli.compare_detectors import format_table, parse_args
+from mnapps.export.det_compare import choose_threshold, coco_scores, operating_point
 
 
 def _gt(boxes_per_image):
@@ -62,3 +62,56 @@ def test_checkpoints_are_name_path_pairs():
     assert {k: str(v) for k, v in args.pairs.items()} == {"teacher": "a.pt", "small": "b.pt"}
     with pytest.raises(SystemExit):
         parse_args(["a.pt", "--ann", "x.json", "--images", "d", "--calib", "d", "--work-dir", "w"])
+
+
+# Operating points: two photos, three faces (A and C on photo 1, B on photo 2); detections best
+# first: A exactly (0.9), a false box on photo 1 (0.8), B shifted to IoU 0.6 (0.6), A again (0.5,
+# false: A is taken). C is never found. Worked out by hand, prefix by prefix:
+#   t=0.9: 1 kept, 1 hit -> recall 1/3, precision 1     t=0.8: 2 kept, 1 hit -> 1/3, 1/2
+#   t=0.6: 3 kept, 2 hits -> 2/3, 2/3                    t=0.5: 4 kept, 2 hits -> 2/3, 2/4
+def _operating_case():
+    gt = _gt([[[10, 10, 50, 50], [120, 120, 30, 30]], [[100, 100, 40, 60]]])
+    results = [_det(1, [10, 10, 50, 50], 0.9), _det(1, [60, 150, 20, 20], 0.8), _det(2, [100, 115, 40, 60], 0.6),
+               _det(1, [11, 10, 50, 50], 0.5)]
+    return gt, results
+
+
+@pytest.mark.parametrize("threshold, recall, precision, kept", [
+    (0.9, 1 / 3, 1.0, 1), (0.7, 1 / 3, 1 / 2, 2), (0.6, 2 / 3, 2 / 3, 3), (0.5, 2 / 3, 2 / 4, 4), (0.95, 0.0, 1.0, 0),
+])
+def test_operating_point_counts_hits_and_false_boxes_above_the_threshold(threshold, recall, precision, kept):
+    gt, results = _operating_case()
+    point = operating_point(gt, results, threshold)
+    assert point == pytest.approx({"threshold": threshold, "recall50": recall, "precision50": precision,
+                                   "detections": kept})
+
+
+def test_operating_point_recall_agrees_with_cocoeval_run_on_the_kept_detections_alone():
+    gt, results = _operating_case()
+    for threshold in (0.9, 0.7, 0.6, 0.5):
+        assert operating_point(gt, results, threshold)["recall50"] == pytest.approx(
+            coco_scores(gt, results, threshold)["recall50_at_threshold"])
+
+
+def test_choose_threshold_is_the_highest_keeping_the_recall():
+    gt, results = _operating_case()
+    assert choose_threshold(gt, results, 0.3) == (0.9, True)
+    assert choose_threshold(gt, results, 0.6) == (0.6, True)  # 2/3 first reached at B's score
+    assert choose_threshold(gt, results, 2 / 3) == (0.6, True)
+    assert choose_threshold(gt, results, 0.9) == (0.0, False)  # C is never found: keep everything
+    with pytest.raises(ValueError, match="min_recall"):
+        choose_threshold(gt, results, 0.0)
+
+
+def test_val_ann_must_be_other_photos_and_adds_columns(tmp_path):
+    ann = tmp_path / "heldout.json"
+    with pytest.raises(SystemExit):
+        parse_args(["a=a.pt", "--ann", str(ann), "--images", "d", "--calib", "d", "--work-dir", "w",
+                    "--val-ann", str(ann)])
+    row = {"name": "s", "width_mult": 1.0, "size": 256, "macs": 785e6, "params": 5.52e6, "torch_fp32_ms": 84.0,
+           "ort_fp32_ms": 47.0, "ort_int8_ms": 34.0, "torch_fp32_AP": 0.6, "torch_fp32_AP50": 0.93,
+           "torch_fp32_recall50": 0.97, "torch_fp32_recall50_at_threshold": 0.87, "ort_int8_AP50": 0.92}
+    assert "val threshold" not in format_table([row])
+    row["val"] = {"threshold": 0.3125, "reached": True}
+    row["torch_fp32_at_val"] = {"recall50": 0.9355, "precision50": 0.8}
+    assert format_table([row]).splitlines()[-1].endswith("| 0.312 | 0.935 | 0.800 |")

@@ -7,6 +7,12 @@ and int8 into --work-dir (int8 calibrated on --calib photos, which should be tra
 the evaluation ones). Prints a Markdown table; --json writes every figure, --plot draws AP50
 against MACs (log scale), one point per model. Existing output files are refused unless
 --overwrite.
+
+--val-ann (with --val-images) chooses each model's operating point on validation photos, never on
+the compared ones: the highest score threshold at which its PyTorch model still finds
+--min-val-recall of the validation faces at IoU 0.5. The table then adds that threshold and the
+recall and precision at IoU 0.5 it gives on the compared photos; use the threshold as the model's
+--min-score in align_faces / face_pipeline_bench (or infer_det's --score-threshold).
 """
 
 from __future__ import annotations
@@ -39,10 +45,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=1, help="torch and ONNX Runtime threads (default 1)")
     parser.add_argument("--score-threshold", type=float, default=0.5,
                         help="operating point for the thresholded recall (default 0.5)")
+    parser.add_argument("--val-ann", type=Path, metavar="F",
+                        help="validation COCO file to choose each model's score threshold on (not --ann's photos)")
+    parser.add_argument("--val-images", type=Path, metavar="D", help="folder of --val-ann's photos (default --images)")
+    parser.add_argument("--min-val-recall", type=float, default=0.9,
+                        help="the chosen threshold is the highest keeping this validation recall at IoU 0.5 (default 0.9)")
     parser.add_argument("--json", type=Path, metavar="F", help="write every figure here")
     parser.add_argument("--plot", type=Path, metavar="F", help="draw AP50 against MACs into this PNG")
     parser.add_argument("--overwrite", action="store_true", help="replace existing --json / --plot files")
     args = parser.parse_args(argv)
+    if not 0.0 < args.min_val_recall <= 1.0:
+        parser.error(f"--min-val-recall must be in (0, 1], got {args.min_val_recall}")
+    if args.val_ann is not None and args.val_ann.resolve() == args.ann.resolve():
+        parser.error(f"--val-ann {args.val_ann} is --ann itself: choose thresholds on other photos")
     pairs = {}
     for item in args.checkpoints:
         name, sep, path = item.partition("=")
@@ -56,14 +71,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def format_table(rows: list[dict]) -> str:
     head = ("| model | width | input | MACs (M) | params (M) | PyTorch ms | ORT fp32 ms | ORT int8 ms "
             "| AP | AP50 | recall@0.5 | recall@0.5, score>=t | int8 AP50 |")
+    with_val = all("val" in r for r in rows)
+    if with_val:
+        head += " val threshold | recall@0.5 there | precision@0.5 there |"
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
-        lines.append(
+        line = (
             f"| {r['name']} | {r['width_mult']:g} | {r['size']} | {r['macs'] / 1e6:.0f} | {r['params'] / 1e6:.2f} "
             f"| {r['torch_fp32_ms']:.0f} | {r['ort_fp32_ms']:.0f} | {r['ort_int8_ms']:.0f} | {r['torch_fp32_AP']:.3f} "
             f"| {r['torch_fp32_AP50']:.3f} | {r['torch_fp32_recall50']:.3f} | {r['torch_fp32_recall50_at_threshold']:.3f} "
             f"| {r['ort_int8_AP50']:.3f} |"
         )
+        if with_val:
+            at = r["torch_fp32_at_val"]
+            line += (f" {r['val']['threshold']:.3f}{'' if r['val']['reached'] else ' (not reached)'} "
+                     f"| {at['recall50']:.3f} | {at['precision50']:.3f} |")
+        lines.append(line)
     return "\n".join(lines)
 
 
@@ -72,22 +95,24 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import NullFormatter
 
     fig, ax = plt.subplots(figsize=(6, 4.2), dpi=110)
     for r in rows:
         ax.scatter(r["macs"] / 1e6, r["torch_fp32_AP50"], s=40, marker="*" if r["name"].startswith("teacher") else "o")
-        ax.annotate(r["name"], (r["macs"] / 1e6, r["torch_fp32_AP50"]), textcoords="offset points", xytext=(5, -10),
-                    fontsize=8)
+        # slanted labels: models of one width at neighbouring sizes sit side by side
+        ax.annotate(r["name"], (r["macs"] / 1e6, r["torch_fp32_AP50"]), textcoords="offset points", xytext=(4, 4),
+                    fontsize=8, rotation=30)
     ax.set_xscale("log")
+    ax.xaxis.set_minor_formatter(NullFormatter())
     ax.set_xlabel("multiply-adds per photo (millions, log scale)")
     ax.set_ylabel("AP50 against the teacher's faces")
     ax.grid(True, which="both", alpha=0.3)
-    ax.set_ylim(-0.03, 1.07)
+    ax.set_ylim(-0.03, 1.2)
     ax.set_title(title, fontsize=10)
     fig.tight_layout()
     atomic_write(path, lambda handle: fig.savefig(handle, format="png"))
     plt.close(fig)
-
 
 
 def _import_heavy() -> None:
@@ -95,6 +120,7 @@ def _import_heavy() -> None:
     global BACKENDS, compare_detectors, read_photo_list
     from mnapps.export.det_compare import BACKENDS, compare_detectors
     from mnapps.tasks.pseudo_labels import read_photo_list
+
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
@@ -104,8 +130,9 @@ def main(argv: list[str] | None = None) -> int:
             if out is not None and out.exists() and not args.overwrite:
                 raise FileExistsError(f"{out} already exists; pass --overwrite to replace it")
         calib = read_photo_list(args.calib_list, args.calib) if args.calib_list else list_images(args.calib)
+        val = (args.val_ann, args.val_images or args.images) if args.val_ann is not None else None
         rows = compare_detectors(args.pairs, args.ann, args.images, calib, args.work_dir, threads=args.threads,
-                                 score_threshold=args.score_threshold)
+                                 score_threshold=args.score_threshold, val=val, min_val_recall=args.min_val_recall)
     except (ValueError, FileNotFoundError, FileExistsError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

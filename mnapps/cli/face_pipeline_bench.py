@@ -12,6 +12,13 @@ the pair list uses with each pipeline - MTCNN's own crop, the SSD box cut as MTC
 DATA/faces/deepface/master.csv) with each set of crops: 10-fold accuracy, ROC AUC, EER. A photo
 where a pipeline finds no face is fed to the teacher whole (counted as a fallback).
 Writes the crops under OUT/crops/<pipeline>/ and every figure to OUT/face_pipeline.json.
+
+With --embedder (a face-embedding student from tools/distill_face.py) each pipeline also embeds
+every face it found, inside the timed pass: MTCNN + the CASIA teacher (InceptionResnetV1) against
+the SSD + the student, and the pair scores add the whole small pipeline (the student on the SSD's
+crops, "mtcnn" geometry) and the student on MTCNN's crops. --detector-onnx / --embedder-onnx run
+the SSD and the student from their tools/export.py files in ONNX Runtime instead of PyTorch (the
+pair scores then use those runtimes too).
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image
@@ -30,6 +38,9 @@ from PIL import Image
 from mnapps.data.image_io import ImageReadError, list_images, load_rgb
 from mnapps.files import atomic_write, check_output_path
 from mnapps.weights import weights_arg
+
+if TYPE_CHECKING:  # annotations only: torch itself is imported after the arguments are parsed
+    from torch import nn
 
 EXAMPLES = """example (figures in docs/tf_od_api.md):
   mnapps weights get faceapi_ssd_mobilenetv1
@@ -53,6 +64,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--pair-images", type=Path, metavar="DIR",
                         help="folder of the photos the pairs name (default: the pair list's folder)")
     parser.add_argument("--teacher-weights", type=weights_arg, help=f"FaceNet state dict (default DATA/{CASIA_TEACHER})")
+    parser.add_argument("--embedder", type=Path, metavar="CKPT",
+                        help="face-embedding student (tools/distill_face.py): time and score SSD + it as a pipeline")
+    parser.add_argument("--detector-onnx", type=Path, metavar="F",
+                        help="run the SSD from this tools/export.py file of --detector-weights (ONNX Runtime)")
+    parser.add_argument("--embedder-onnx", type=Path, metavar="F",
+                        help="run the student from this tools/export.py file of --embedder (ONNX Runtime)")
     parser.add_argument("--out", type=Path, default=Path("runs") / "face_pipeline", help="output folder")
     parser.add_argument("--min-score", type=float, default=0.5,
                         help="SSD boxes scoring below are not faces (default 0.5, face-api.js's)")
@@ -63,6 +80,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
     args = parser.parse_args(argv)
+    if args.embedder_onnx is not None and args.embedder is None:
+        parser.error("--embedder-onnx needs --embedder (the checkpoint it was exported from)")
     if not 0 <= args.min_score <= 1 or not 0 < args.match_iou <= 1:
         parser.error("--min-score must be in [0, 1] and --match-iou in (0, 1]")
     args.photos = args.photos or [args.data / "faces", args.data / "facenet_test_images"]
@@ -94,21 +113,35 @@ def _photos(args: argparse.Namespace) -> list[Path]:
     return photos
 
 
-def _detect_all(photos: list[Path], mtcnn: FaceAligner, ssd: BoxFaceAligner) -> tuple[list[PhotoResult], dict]:
-    """Run both pipelines on every readable photo; times cover detect + crop only."""
-    results, clock, unreadable = [], {"mtcnn": 0.0, "ssd": 0.0}, []
+def _timed(clock: dict[str, float], key: str, fn):
+    started = time.perf_counter()
+    value = fn()
+    clock[key] += time.perf_counter() - started
+    return value
+
+
+def _detect_all(photos: list[Path], mtcnn: FaceAligner, ssd: BoxFaceAligner,
+                embedders: dict[str, nn.Module | None]) -> tuple[list[PhotoResult], dict]:
+    """Run both pipelines on every readable photo, interleaved; times cover detect + crop, and
+    embedding every face found by a pipeline that has an embedder (``embedders[name]``)."""
+    results, unreadable = [], []
+    clock = {"mtcnn": 0.0, "ssd": 0.0, "mtcnn_embed": 0.0, "ssd_embed": 0.0}
+    warm = True  # the first photo runs once untimed: one-off costs (allocations, ORT set-up) are not per photo
     for path in photos:
         try:
             image = load_rgb(path)
         except ImageReadError as exc:
             unreadable.append(str(exc))
             continue
-        started = time.perf_counter()
-        found_m = mtcnn.detect(image, keep_all=True)
-        clock["mtcnn"] += time.perf_counter() - started
-        started = time.perf_counter()
-        found_s = ssd.detect(image, keep_all=True)
-        clock["ssd"] += time.perf_counter() - started
+        for _ in range(2 if warm else 1):
+            run_clock = clock if not warm else dict.fromkeys(clock, 0.0)
+            found_m = _timed(run_clock, "mtcnn", lambda: mtcnn.detect(image, keep_all=True))
+            if embedders["mtcnn"] is not None:
+                _timed(run_clock, "mtcnn_embed", lambda: embed_crops(embedders["mtcnn"], [f.crop for f in found_m]))
+            found_s = _timed(run_clock, "ssd", lambda: ssd.detect(image, keep_all=True))
+            if embedders["ssd"] is not None:
+                _timed(run_clock, "ssd_embed", lambda: embed_crops(embedders["ssd"], [f.crop for f in found_s]))
+            warm = False
         result = PhotoResult(
             path,
             np.array([f.box for f in found_m]).reshape(-1, 4), np.array([f.probability for f in found_m]),
@@ -187,13 +220,21 @@ def _write_crops(results: list[PhotoResult], pair_files: set[Path], pair_root: P
     return fallbacks
 
 
-def _verify(args: argparse.Namespace, crops_root: Path, device, teacher) -> dict[str, dict]:
+# (crops, embedder) scored on the pairs; the student's rows only with --embedder.
+VERIFIED = (("mtcnn", "teacher"), ("ssd_mtcnn", "teacher"), ("ssd_square", "teacher"),
+            ("ssd_mtcnn", "student"), ("mtcnn", "student"))
+
+
+def _verify(args: argparse.Namespace, crops_root: Path, device, embedders: dict[str, nn.Module]) -> dict[str, dict]:
     pairs = read_pairs(args.pairs)
     scores = {}
     for pipeline in ("mtcnn", "ssd_mtcnn", "ssd_square"):
-        result = evaluate_face_verification(pairs, crops_root / pipeline, {"teacher": teacher}, device=device or "cpu")
-        metrics = result.results["teacher"]
-        scores[pipeline] = {k: metrics[k] for k in ("pairs", "accuracy", "accuracy_std", "auc", "eer", "eer_threshold")}
+        models = {name: embedders[name] for crops, name in VERIFIED if crops == pipeline and name in embedders}
+        result = evaluate_face_verification(pairs, crops_root / pipeline, models, device=device or "cpu")
+        for name in models:
+            metrics = result.results[name]
+            key = pipeline if name == "teacher" else f"{pipeline}+{name}"
+            scores[key] = {k: metrics[k] for k in ("pairs", "accuracy", "accuracy_std", "auc", "eer", "eer_threshold")}
     return scores
 
 
@@ -205,6 +246,8 @@ def _print_detection(report: dict, n_photos: int) -> None:
         rate = n_photos / seconds[key] if seconds[key] else float("nan")
         print(f"{label:<34}{found[key]:>7}{report['photos_with_face'][key]:>20}{seconds[key] / n_photos:>10.3f}{rate:>10.2f}")
     print(f"SSD is {seconds['mtcnn'] / seconds['ssd']:.2f}x the speed of MTCNN (photos/s ratio)")
+    if report["embedders"]:
+        _print_pipelines(report, n_photos)
     compared = report["comparison"]
     print(f"same face in both (IoU >= {report['match_iou']:g}): {compared['matched']}; "
           f"found by MTCNN only: {len(compared['ssd_missed'])}; by SSD only: {len(compared['mtcnn_missed'])}")
@@ -216,30 +259,67 @@ def _print_detection(report: dict, n_photos: int) -> None:
           f"height x{g['height_ratio']:.3f}, centre shift ({g['shift_x']:+.3f}, {g['shift_y']:+.3f}) of the SSD box's longer side")
 
 
+def _print_pipelines(report: dict, n_photos: int) -> None:
+    """Whole pipelines (detect + crop + embed every face found), photos per second and the ratio."""
+    seconds, names = report["timing"]["seconds"], report["embedders"]
+    print(f"{'pipeline: detect + crop + embed':<72}{'embedded':>9}{'detect s':>10}{'embed s':>9}{'s/photo':>9}{'photos/s':>10}")
+    totals = {}
+    for key in ("mtcnn", "ssd"):
+        totals[key] = seconds[key] + seconds[f"{key}_embed"]
+        label = f"MTCNN + {names[key]}" if key == "mtcnn" else f"SSD ({names['detector']}) + {names[key]}"
+        print(f"{label:<72}{report['faces_found'][key]:>9}{seconds[key]:>10.1f}{seconds[f'{key}_embed']:>9.1f}"
+              f"{totals[key] / n_photos:>9.3f}{n_photos / totals[key]:>10.2f}")
+    print(f"the SSD + student pipeline is {totals['mtcnn'] / totals['ssd']:.2f}x the photos/s of MTCNN + the teacher")
+
+
 def _print_verification(report: dict) -> None:
-    print(f"\nCASIA teacher on {report['pairs_file']} ({report['verification']['mtcnn']['pairs']} pairs), "
+    print(f"\n{report['pairs_file']} ({report['verification']['mtcnn']['pairs']} pairs), "
           f"crops {report['image_size']}x{report['image_size']}, margin {report['margin']}:")
-    print(f"{'crops':<28}{'accuracy':>10}{'+-':>8}{'AUC':>9}{'EER':>9}{'no-face fallbacks':>20}")
-    for key, label in (("mtcnn", "MTCNN"), ("ssd_mtcnn", "SSD, mtcnn geometry"), ("ssd_square", "SSD, square")):
+    print(f"{'crops, embedder':<36}{'accuracy':>10}{'+-':>8}{'AUC':>9}{'EER':>9}{'no-face fallbacks':>20}")
+    labels = {"mtcnn": "MTCNN", "ssd_mtcnn": "SSD, mtcnn geometry", "ssd_square": "SSD, square"}
+    for crops, name in VERIFIED:
+        key = crops if name == "teacher" else f"{crops}+{name}"
+        if key not in report["verification"]:
+            continue
         m = report["verification"][key]
-        print(f"{label:<28}{m['accuracy']:>10.4f}{m['accuracy_std']:>8.4f}{m['auc']:>9.4f}{m['eer']:>9.4f}"
-              f"{report['fallbacks'][key]:>20}")
+        print(f"{labels[crops] + ', ' + name:<36}{m['accuracy']:>10.4f}{m['accuracy_std']:>8.4f}{m['auc']:>9.4f}"
+              f"{m['eer']:>9.4f}{report['fallbacks'][crops]:>20}")
+
+
+def _small_pipeline(args: argparse.Namespace, device) -> tuple[BoxFaceAligner, dict[str, nn.Module], dict[str, str]]:
+    """The SSD (PyTorch or ONNX Runtime), the student embedder if any, and how each runs."""
+    model, _ = load_detector(args.detector_weights, device=device or "cpu")
+    if args.detector_onnx is not None:
+        detect, ssd_name = ort_box_detector(args.detector_onnx, threads=args.threads), f"ONNX Runtime {args.detector_onnx.name}"
+    else:
+        detect, ssd_name = box_detector(model, device=device or "cpu"), "PyTorch"
+    ssd = BoxFaceAligner(detect, margin=args.margin, min_score=args.min_score)
+    names = {"mtcnn": "CASIA teacher (InceptionResnetV1, PyTorch)", "detector": ssd_name}
+    if args.embedder is None:
+        return ssd, {}, names
+    student = load_face_embedder(args.embedder, device=device or "cpu")[0].eval()
+    if args.embedder_onnx is not None:
+        student, how = OrtEmbedder(args.embedder_onnx, threads=args.threads), f"ONNX Runtime {args.embedder_onnx.name}"
+    else:
+        how = "PyTorch"
+    names["ssd"] = f"student ({args.embedder.name}, {how})"
+    return ssd, {"student": student}, names
 
 
 def _run(args: argparse.Namespace, device) -> dict:
     torch.set_num_threads(args.threads)
     # Every input file is read before the long detection pass, so a bad one fails in seconds.
     teacher = build_teacher(weights=args.teacher_weights, device=device or "cpu")
-    model, _ = load_detector(args.detector_weights, device=device or "cpu")
-    ssd = BoxFaceAligner(box_detector(model, device=device or "cpu"), margin=args.margin, min_score=args.min_score)
+    ssd, embedders, names = _small_pipeline(args, device)
     mtcnn = FaceAligner(margin=args.margin, device=device or "cpu")
     photos = _photos(args)
     if not photos:
         raise ValueError(f"no photos under {', '.join(map(str, args.photos))}")
     pair_files = {Path(os.path.abspath(p)) for pair in resolve_pairs(read_pairs(args.pairs), args.pair_images) for p in pair}
     print(f"detecting faces on {len(photos)} photos with MTCNN and the SSD ...", flush=True)
-    results, timing = _detect_all(photos, mtcnn, ssd)
-    report = {
+    timed = {"mtcnn": teacher if "student" in embedders else None, "ssd": embedders.get("student")}
+    results, timing = _detect_all(photos, mtcnn, ssd, timed)
+    report = {"embedders": names if "student" in embedders else {},
         "photos": len(results), "min_score": args.min_score, "match_iou": args.match_iou, "margin": args.margin,
         "image_size": ssd.image_size, "threads": args.threads, "pairs_file": str(args.pairs), "timing": timing,
         "faces_found": {"mtcnn": int(sum(len(r.mtcnn_boxes) for r in results)),
@@ -250,7 +330,7 @@ def _run(args: argparse.Namespace, device) -> dict:
     }
     _print_detection(report, len(results))
     report["fallbacks"] = _write_crops(results, pair_files, args.pair_images, args.out / "crops")
-    report["verification"] = _verify(args, args.out / "crops", device, teacher)
+    report["verification"] = _verify(args, args.out / "crops", device, {"teacher": teacher, **embedders})
     _print_verification(report)
     return report
 
@@ -258,6 +338,7 @@ def _run(args: argparse.Namespace, device) -> dict:
 def _import_heavy() -> None:
     """Import torch and the tasks, after the arguments are parsed: --help answers at once."""
     global torch, box_iou, FaceAligner, crop_names, CROP_GEOMETRIES, BoxFaceAligner, crop_region, cut_crop, TeacherWeightsError, build_teacher, resolve_device, read_pairs, resolve_pairs, box_detector, load_detector, evaluate_face_verification
+    global OrtEmbedder, embed_crops, ort_box_detector, load_face_embedder
     import torch
     from torchvision.ops import box_iou
     from mnapps.data.align import FaceAligner, crop_names
@@ -267,6 +348,8 @@ def _import_heavy() -> None:
     from mnapps.eval.face import read_pairs, resolve_pairs
     from mnapps.tasks.detection import box_detector, load_detector
     from mnapps.tasks.face import evaluate_face_verification
+    from mnapps.bench.face_pipeline import OrtEmbedder, embed_crops, ort_box_detector
+    from mnapps.tasks.face import load_face_embedder
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -278,8 +361,9 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError(f"--out {args.out} is an existing file; give a folder")
         check_output_path(args.out, [*args.photos, args.pair_images], what="--out folder")
         for path, option in ((args.detector_weights, "--detector-weights"), (args.pairs, "--pairs"),
-                             (args.teacher_weights, "--teacher-weights")):
-            if not path.is_file():
+                             (args.teacher_weights, "--teacher-weights"), (args.embedder, "--embedder"),
+                             (args.detector_onnx, "--detector-onnx"), (args.embedder_onnx, "--embedder-onnx")):
+            if path is not None and not path.is_file():
                 raise FileNotFoundError(f"{option} {path} does not exist")
         report = _run(args, device)
     except (ValueError, FileNotFoundError, TeacherWeightsError) as exc:

@@ -12,7 +12,12 @@ checkpoints (e.g. a teacher and its students) on one COCO annotation file:
   on a shared machine;
 * COCO AP, AP50 and recall at IoU 0.5 (all detections, up to 100 per photo) of each runtime's
   detections of those same timed calls, and recall at IoU 0.5 of the detections scoring at
-  least ``score_threshold`` (the operating point).
+  least ``score_threshold`` (the operating point);
+* optionally an operating point chosen on *other* photos (a validation file): the highest score
+  threshold at which the PyTorch model keeps at least ``min_val_recall`` of the validation faces
+  at IoU 0.5 (:func:`choose_threshold`), and each runtime's recall and precision at IoU 0.5 at
+  that threshold on the compared photos (:func:`operating_point`). Nothing is chosen on the
+  photos the table scores.
 """
 
 from __future__ import annotations
@@ -37,7 +42,7 @@ from mnapps.tasks.detection import load_detector
 from .onnx import OrtSSD, ParityError
 from .pipeline import export_checkpoint
 
-__all__ = ["BACKENDS", "coco_scores", "compare_detectors"]
+__all__ = ["BACKENDS", "choose_threshold", "coco_scores", "compare_detectors", "matches50", "operating_point"]
 
 BACKENDS = ("torch_fp32", "ort_fp32", "ort_int8")
 
@@ -69,6 +74,60 @@ def coco_scores(gt: COCO, results: list[dict[str, Any]], score_threshold: float)
     at = recall50(run(kept)) if kept else 0.0
     return {"AP": float(full.stats[0]), "AP50": float(full.stats[1]), "recall50": recall50(full),
             "recall50_at_threshold": at}
+
+
+def matches50(gt: COCO, results: list[dict[str, Any]]) -> tuple[np.ndarray, np.ndarray, int]:
+    """Every scored detection at IoU 0.5, as COCO matches them (up to 100 per photo, all areas).
+
+    Returns ``(scores, hit, faces)``: each detection's score and whether it matched a ground-truth
+    box, best score first, and the number of ground-truth boxes. COCO matches an image's
+    detections best score first, so the detections above any threshold match exactly as they do
+    here: the operating point at any threshold is a prefix of these arrays.
+    """
+    faces = sum(1 for ann in gt.dataset["annotations"] if not ann.get("iscrowd", 0))
+    if not results:
+        return np.zeros(0), np.zeros(0, bool), faces
+    with contextlib.redirect_stdout(io.StringIO()):
+        evaluator = COCOeval(gt, gt.loadRes(results), "bbox")
+        evaluator.params.imgIds = sorted(gt.getImgIds())
+        evaluator.evaluate()
+    scores, hits = [], []
+    for entry in evaluator.evalImgs:
+        if entry is None or entry["aRng"] != evaluator.params.areaRng[0]:
+            continue
+        ignored = np.asarray(entry["dtIgnore"], bool).reshape(len(evaluator.params.iouThrs), -1)[0]
+        matched = np.asarray(entry["dtMatches"]).reshape(len(evaluator.params.iouThrs), -1)[0] > 0
+        scores += [s for s, skip in zip(entry["dtScores"], ignored) if not skip]
+        hits += [m for m, skip in zip(matched, ignored) if not skip]
+    order = np.argsort(-np.asarray(scores, float), kind="stable")
+    return np.asarray(scores, float)[order], np.asarray(hits, bool)[order], faces
+
+
+def operating_point(gt: COCO, results: list[dict[str, Any]], threshold: float) -> dict[str, float]:
+    """Recall and precision at IoU 0.5 of the detections scoring at least ``threshold``.
+
+    Precision of no detection at all is 1 (nothing false was said); recall of no face is 1.
+    """
+    scores, hits, faces = matches50(gt, results)
+    kept = scores >= threshold
+    found = int(hits[kept].sum())
+    return {"threshold": float(threshold), "recall50": found / faces if faces else 1.0,
+            "precision50": found / int(kept.sum()) if kept.any() else 1.0, "detections": int(kept.sum())}
+
+
+def choose_threshold(gt: COCO, results: list[dict[str, Any]], min_recall: float) -> tuple[float, bool]:
+    """The highest score threshold whose recall at IoU 0.5 is at least ``min_recall``.
+
+    Returns ``(threshold, reached)``; when no threshold reaches ``min_recall`` (faces never
+    found), ``(0.0, False)``: every detection is kept, the most recall there is.
+    """
+    if not 0.0 < min_recall <= 1.0:
+        raise ValueError(f"min_recall must be in (0, 1], got {min_recall}")
+    scores, hits, faces = matches50(gt, results)
+    if faces == 0:
+        raise ValueError("the validation file has no ground-truth box: no recall to choose a threshold by")
+    reached = np.nonzero(np.cumsum(hits) >= min_recall * faces - 1e-9)[0]
+    return (float(scores[reached[0]]), True) if len(reached) else (0.0, False)
 
 
 def _results(detections: dict[str, Any], image_id: int, label_to_cat: dict[int, int]) -> list[dict[str, Any]]:
@@ -113,6 +172,28 @@ def _prepare(name: str, checkpoint: Path, work_dir: Path, calib: Sequence[Path],
     }
 
 
+def _load_photos(ann_file: str | Path, images_root: str | Path) -> tuple[COCO, list[dict], list[torch.Tensor]]:
+    with contextlib.redirect_stdout(io.StringIO()):
+        gt = COCO(str(ann_file))
+    images = [gt.imgs[i] for i in sorted(gt.getImgIds())]
+    empty = np.zeros((0, 4), np.float32), np.zeros((0,), np.int64)
+    photos = [sample_to_tensors(load_rgb(Path(images_root) / image["file_name"]), *empty)[0] for image in images]
+    return gt, images, photos
+
+
+def _val_thresholds(rows: list[dict[str, Any]], val: tuple[str | Path, str | Path], min_recall: float) -> None:
+    """Each row's operating point chosen on the validation photos by its PyTorch model (untimed)."""
+    gt, images, photos = _load_photos(*val)
+    for row in rows:
+        results = []
+        for image, photo in zip(images, photos):
+            with torch.inference_mode():
+                results += _results(row["runners"]["torch_fp32"]([photo])[0], image["id"], row["label_to_cat"])
+        threshold, reached = choose_threshold(gt, results, min_recall)
+        row["val"] = {"file": str(val[0]), "min_recall": min_recall, "reached": reached,
+                      **operating_point(gt, results, threshold)}
+
+
 def compare_detectors(
     checkpoints: dict[str, str | Path],
     ann_file: str | Path,
@@ -123,6 +204,8 @@ def compare_detectors(
     threads: int = 1,
     score_threshold: float = 0.5,
     warmup: int = 2,
+    val: tuple[str | Path, str | Path] | None = None,
+    min_val_recall: float = 0.9,
 ) -> list[dict[str, Any]]:
     """One row per checkpoint (see the module docstring), measured in one interleaved run.
 
@@ -135,16 +218,19 @@ def compare_detectors(
         threads: torch and ONNX Runtime intra-op threads.
         score_threshold: operating point of ``recall50_at_threshold``.
         warmup: untimed calls per model and runtime before the timed pass.
+        val: ``(annotation file, images root)`` of validation photos (not the compared ones) to
+            choose each model's operating point on: the highest threshold keeping at least
+            ``min_val_recall`` of their faces at IoU 0.5. Each row then holds ``val`` (the threshold
+            and the validation recall / precision there) and ``<backend>_at_val`` (recall and
+            precision at IoU 0.5 at that threshold on the compared photos).
     """
     torch.set_num_threads(threads)
     work_dir = Path(work_dir)
     work_dir.mkdir(parents=True, exist_ok=True)
-    with contextlib.redirect_stdout(io.StringIO()):
-        gt = COCO(str(ann_file))
-    images = [gt.imgs[i] for i in sorted(gt.getImgIds())]
+    gt, images, photos = _load_photos(ann_file, images_root)
     rows = [_prepare(name, Path(path), work_dir, calib_photos, threads) for name, path in checkpoints.items()]
-    empty = np.zeros((0, 4), np.float32), np.zeros((0,), np.int64)
-    photos = [sample_to_tensors(load_rgb(Path(images_root) / image["file_name"]), *empty)[0] for image in images]
+    if val is not None:
+        _val_thresholds(rows, val, min_val_recall)
     for row in rows:
         for runner in row["runners"].values():
             for photo in photos[:warmup]:
@@ -164,5 +250,9 @@ def compare_detectors(
             entry[f"{backend}_ms"] = statistics.mean(row["times"][backend])
             scores = coco_scores(gt, row["results"][backend], score_threshold)
             entry.update({f"{backend}_{key}": value for key, value in scores.items()})
+            if "val" in row:
+                entry[f"{backend}_at_val"] = operating_point(gt, row["results"][backend], row["val"]["threshold"])
+        if "val" in row:
+            entry["val"] = row["val"]
         table.append(entry)
     return table
