@@ -24,3 +24,21 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip(f"real test material not found at {SHARED_DATA} (only CI and developers have ../shared)")
     return SHARED_DATA
+
+
+@pytest.fixture
+def deepface_four(shared_data: Path, tmp_path: Path) -> tuple[Path, Path, list[str]]:
+    """Four deepface photos linked into ``tmp_path/photos`` and a pairs file of deepface's own labels
+    for them (3 same, 3 different pairs, twice over to make 10 folds): ``(photos, pairs, names)``."""
+    deepface = shared_data / "faces" / "deepface"
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    names = ["img1.jpg", "img2.jpg", "img3.jpg", "img4.jpg"]
+    for name in names:
+        (photos / name).symlink_to(deepface / name)
+    rows = [line for line in (deepface / "master.csv").read_text().splitlines()[1:]
+            if set(line.split(",")[:2]) <= set(names)]
+    assert len(rows) == 6
+    pairs = tmp_path / "pairs.csv"
+    pairs.write_text("file_x,file_y,Decision\n" + "\n".join(rows * 2) + "\n")
+    return photos, pairs, names

@@ -90,18 +90,9 @@ def test_embedder_onnx_needs_the_checkpoint():
 
 
 @pytest.mark.slow
-def test_bench_times_and_scores_the_small_pipeline(faceapi_ckpt, shared_data, tmp_path, capsys):  # noqa: F811
+def test_bench_times_and_scores_the_small_pipeline(faceapi_ckpt, shared_data, deepface_four, tmp_path, capsys):  # noqa: F811
     checkpoint, _ = faceapi_ckpt
-    deepface = shared_data / "faces" / "deepface"
-    photos = tmp_path / "photos"
-    photos.mkdir()
-    names = ["img1.jpg", "img2.jpg", "img3.jpg", "img4.jpg"]
-    for name in names:
-        (photos / name).symlink_to(deepface / name)
-    rows = [line for line in (deepface / "master.csv").read_text().splitlines()[1:]
-            if set(line.split(",")[:2]) <= set(names)]
-    pairs = tmp_path / "pairs.csv"
-    pairs.write_text("file_x,file_y,Decision\n" + "\n".join(rows * 2) + "\n")
+    photos, pairs, names = deepface_four
     face, _ = _face_checkpoint(tmp_path / "face.pt")
     export_checkpoint(face, tmp_path / "face.onnx", parity_images=[photos / names[0]], num_parity=1)
     out = tmp_path / "out"

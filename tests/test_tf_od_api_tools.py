@@ -380,20 +380,9 @@ def test_onnx_fp32_and_int8_of_faceapi_on_the_15_photos(faceapi_ckpt, shared_dat
 
 
 @pytest.mark.slow
-def test_face_pipeline_bench_on_a_few_photos(faceapi_ckpt, shared_data, tmp_path, capsys):
+def test_face_pipeline_bench_on_a_few_photos(faceapi_ckpt, shared_data, deepface_four, tmp_path, capsys):
     checkpoint, _ = faceapi_ckpt
-    deepface = shared_data / "faces" / "deepface"
-    photos = tmp_path / "photos"
-    photos.mkdir()
-    names = ["img1.jpg", "img2.jpg", "img3.jpg", "img4.jpg"]
-    for name in names:
-        (photos / name).symlink_to(deepface / name)
-    # deepface's own labels for these four (3 same, 3 different pairs), twice to make 10 folds.
-    rows = [line for line in (deepface / "master.csv").read_text().splitlines()[1:]
-            if set(line.split(",")[:2]) <= set(names)]
-    assert len(rows) == 6
-    pairs = tmp_path / "pairs.csv"
-    pairs.write_text("file_x,file_y,Decision\n" + "\n".join(rows * 2) + "\n")
+    photos, pairs, names = deepface_four
     out = tmp_path / "out"
     assert face_pipeline_bench.main(["--detector-weights", str(checkpoint), "--data", str(shared_data),
                                      "--photos", str(photos), "--pairs", str(pairs), "--pair-images", str(photos),
