@@ -23,7 +23,7 @@ def test_every_relative_link_and_picture_exists(page):
 
 
 def test_no_internal_issue_numbers():
-    # External trackers are fine when named (e.g. "PyTorch issue 13246"); our own numbers are not.
+    # Another project's tracker may be named ("PyTorch issue N"); our own numbers never.
     pattern = re.compile(r"(?<!PyTorch )\b[Ii]ssues? #?\d+|(?<![\w/])#\d{1,3}\b(?! has)")
     hits = [f"{p.relative_to(ROOT)}:{n}: {line.strip()}" for p in TEXT_FILES if p.name != "test_docs.py"
             for n, line in enumerate(p.read_text().splitlines(), 1) if pattern.search(line)]  # fmt: skip

@@ -8,7 +8,8 @@ offsets, ``bbox`` as the file's float64 ``[x, y, w, h]``, category ids, crowd fl
 :func:`load_coco_index` keeps those arrays in a cache file so that only the first run pays for
 the JSON parse. The arrays hold no Python object per image or per annotation, so a forked
 DataLoader worker that reads them never writes to the pages it shares with its parent (the
-copy-on-read growth of PyTorch issue 13246 comes from reference counts of per-image dicts),
+copy-on-read growth that torch.utils.data's documentation warns of comes from reference counts
+of per-image dicts),
 and COCO 2017 train (118k images, 860k boxes) fits in about 45 MB instead of gigabytes.
 
 The cache is ``<json name>.mnapps-index.npz`` next to the JSON, or, when that folder is not
