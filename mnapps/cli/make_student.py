@@ -16,7 +16,6 @@ import argparse
 import sys
 from pathlib import Path
 
-from mnapps.data.image_io import IMAGE_EXTENSIONS, list_images
 from mnapps.weights import weights_arg
 
 EXAMPLES = """examples:
@@ -47,20 +46,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-
 def _import_heavy() -> None:
     """Import torch and the tasks, after the arguments are parsed: --help answers at once."""
-    global student_checkpoint, read_photo_list
+    global student_checkpoint, select_photos
     from mnapps.tasks.det_students import student_checkpoint
-    from mnapps.tasks.pseudo_labels import read_photo_list
+    from mnapps.tasks.pseudo_labels import select_photos
+
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     _import_heavy()
     try:
-        photos = read_photo_list(args.list, args.photos) if args.list else list_images(args.photos, recursive=True)
-        if not photos:
-            raise FileNotFoundError(f"{args.photos} holds no image files ({', '.join(IMAGE_EXTENSIONS)})")
+        photos = select_photos(args.photos, args.list)
         path, report = student_checkpoint(
             args.teacher, args.output, photos, size=args.size, width_mult=args.width_mult, overwrite=args.overwrite
         )

@@ -16,7 +16,6 @@ import argparse
 import sys
 from pathlib import Path
 
-from mnapps.data.image_io import IMAGE_EXTENSIONS, list_images
 from mnapps.weights import weights_arg
 
 EXAMPLES = """examples:
@@ -50,12 +49,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-
 def _import_heavy() -> None:
     """Import torch and the tasks, after the arguments are parsed: --help answers at once."""
-    global resolve_device, read_photo_list, write_pseudo_labels
+    global resolve_device, select_photos, write_pseudo_labels
     from mnapps.engine.distributed import resolve_device
-    from mnapps.tasks.pseudo_labels import read_photo_list, write_pseudo_labels
+    from mnapps.tasks.pseudo_labels import select_photos, write_pseudo_labels
+
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
@@ -64,9 +63,7 @@ def main(argv: list[str] | None = None) -> int:
         device = resolve_device(args.device)
         if not args.images.is_dir():
             raise FileNotFoundError(f"IMAGES {args.images} is not a folder; give the folder that holds the photos")
-        paths = read_photo_list(args.list, args.images) if args.list else list_images(args.images, recursive=True)
-        if not paths:
-            raise FileNotFoundError(f"{args.images} holds no image files ({', '.join(IMAGE_EXTENSIONS)})")
+        paths = select_photos(args.images, args.list)
         path, coco, unreadable = write_pseudo_labels(
             args.checkpoint, paths, args.images, args.output, overwrite=args.overwrite,
             score_threshold=args.score_threshold, device=device, batch_size=args.batch_size,

@@ -28,10 +28,11 @@ from typing import Any, Sequence
 
 import torch
 
+from mnapps.data.image_io import IMAGE_EXTENSIONS, list_images
 from mnapps.files import atomic_write, check_output_path
 from mnapps.tasks.detection import DetConfig, load_detector, predict_images
 
-__all__ = ["pseudo_label_coco", "write_pseudo_labels", "read_photo_list"]
+__all__ = ["pseudo_label_coco", "write_pseudo_labels", "read_photo_list", "select_photos"]
 
 
 def _sha256(path: Path) -> str:
@@ -60,6 +61,19 @@ def read_photo_list(list_file: str | os.PathLike, root: str | os.PathLike) -> li
             f"{list_file} names {len(missing)} photo(s) not under {root}: {missing[:3]}; give the folder the "
             f"list's paths are relative to"
         )
+    return paths
+
+
+def select_photos(root: str | os.PathLike, list_file: str | os.PathLike | None = None) -> list[Path]:
+    """The photos a tool works on: those ``list_file`` names (:func:`read_photo_list`), else every
+    image under ``root``, sub-folders included.
+
+    Raises:
+        FileNotFoundError: the list or a photo it names is missing, or there is no photo at all.
+    """
+    paths = read_photo_list(list_file, root) if list_file else list_images(root, recursive=True)
+    if not paths:
+        raise FileNotFoundError(f"{root} holds no image files ({', '.join(IMAGE_EXTENSIONS)})")
     return paths
 
 
