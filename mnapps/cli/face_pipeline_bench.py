@@ -27,15 +27,10 @@ import argparse
 import json
 import os
 import sys
-import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import numpy as np
-from PIL import Image
-
-from mnapps.data.image_io import ImageReadError, list_images, load_rgb
+from mnapps.data.image_io import list_images
 from mnapps.files import atomic_write, check_output_path
 from mnapps.weights import weights_arg
 
@@ -91,18 +86,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-@dataclass
-class PhotoResult:
-    """Both detectors on one photo: boxes, scores, and the selected face's crops per pipeline."""
-
-    path: Path
-    mtcnn_boxes: np.ndarray
-    mtcnn_scores: np.ndarray
-    ssd_boxes: np.ndarray
-    ssd_scores: np.ndarray
-    crops: dict[str, np.ndarray] = field(default_factory=dict)
-
-
 def _photos(args: argparse.Namespace) -> list[Path]:
     """Every photo to detect on, the pair list's included, each once."""
     seen, photos = set(), []
@@ -111,113 +94,6 @@ def _photos(args: argparse.Namespace) -> list[Path]:
             seen.add(path.resolve())
             photos.append(path)
     return photos
-
-
-def _timed(clock: dict[str, float], key: str, fn):
-    started = time.perf_counter()
-    value = fn()
-    clock[key] += time.perf_counter() - started
-    return value
-
-
-def _detect_all(photos: list[Path], mtcnn: FaceAligner, ssd: BoxFaceAligner,
-                embedders: dict[str, nn.Module | None]) -> tuple[list[PhotoResult], dict]:
-    """Run both pipelines on every readable photo, interleaved; times cover detect + crop, and
-    embedding every face found by a pipeline that has an embedder (``embedders[name]``)."""
-    results, unreadable = [], []
-    clock = {"mtcnn": 0.0, "ssd": 0.0, "mtcnn_embed": 0.0, "ssd_embed": 0.0}
-    warm = True  # the first photo runs once untimed: one-off costs (allocations, ORT set-up) are not per photo
-    for path in photos:
-        try:
-            image = load_rgb(path)
-        except ImageReadError as exc:
-            unreadable.append(str(exc))
-            continue
-        for _ in range(2 if warm else 1):
-            run_clock = clock if not warm else dict.fromkeys(clock, 0.0)
-            found_m = _timed(run_clock, "mtcnn", lambda: mtcnn.detect(image, keep_all=True))
-            if embedders["mtcnn"] is not None:
-                _timed(run_clock, "mtcnn_embed", lambda: embed_crops(embedders["mtcnn"], [f.crop for f in found_m]))
-            found_s = _timed(run_clock, "ssd", lambda: ssd.detect(image, keep_all=True))
-            if embedders["ssd"] is not None:
-                _timed(run_clock, "ssd_embed", lambda: embed_crops(embedders["ssd"], [f.crop for f in found_s]))
-            warm = False
-        result = PhotoResult(
-            path,
-            np.array([f.box for f in found_m]).reshape(-1, 4), np.array([f.probability for f in found_m]),
-            np.array([f.box for f in found_s]).reshape(-1, 4), np.array([f.probability for f in found_s]),
-        )
-        if found_m:
-            result.crops["mtcnn"] = found_m[0].crop
-        if found_s:
-            result.crops["ssd_mtcnn"] = found_s[0].crop
-            result.crops["ssd_square"] = cut_crop(
-                image, crop_region(found_s[0].box, CROP_GEOMETRIES["square"]), ssd.image_size, ssd.margin
-            )
-        results.append(result)
-        print(f"  {path.name}: MTCNN {len(found_m)}, SSD {len(found_s)}", flush=True)
-    return results, {"seconds": clock, "unreadable": unreadable}
-
-
-def _compare(results: list[PhotoResult], match_iou: float, root: Path) -> dict:
-    """Faces found by each detector, matched per photo; misses; MTCNN-vs-SSD box geometry."""
-    misses: dict[str, list[str]] = {"ssd_missed": [], "mtcnn_missed": []}
-    geometry, matched = [], 0
-    for r in results:
-        m, s = torch.as_tensor(r.mtcnn_boxes, dtype=torch.float64), torch.as_tensor(r.ssd_boxes, dtype=torch.float64)
-        iou = box_iou(m, s) if len(m) and len(s) else torch.zeros(len(m), len(s), dtype=torch.float64)
-        pairs = []
-        while iou.numel() and iou.max() >= match_iou:  # greedy, best overlap first
-            i, j = divmod(int(iou.argmax()), iou.shape[1])
-            pairs.append((i, j))
-            iou[i, :], iou[:, j] = -1, -1
-        matched += len(pairs)
-        name = _relative(r.path, root)
-        for i in sorted(set(range(len(m))) - {p[0] for p in pairs}):
-            misses["ssd_missed"].append(f"{name} box {_box_text(r.mtcnn_boxes[i])} MTCNN p={r.mtcnn_scores[i]:.3f}")
-        for j in sorted(set(range(len(s))) - {p[1] for p in pairs}):
-            misses["mtcnn_missed"].append(f"{name} box {_box_text(r.ssd_boxes[j])} SSD score={r.ssd_scores[j]:.3f}")
-        for i, j in pairs:
-            (mx1, my1, mx2, my2), (sx1, sy1, sx2, sy2) = r.mtcnn_boxes[i], r.ssd_boxes[j]
-            longer = max(sx2 - sx1, sy2 - sy1)
-            geometry.append([(mx2 - mx1) / (sx2 - sx1), (my2 - my1) / (sy2 - sy1),
-                             ((mx1 + mx2) - (sx1 + sx2)) / 2 / longer, ((my1 + my2) - (sy1 + sy2)) / 2 / longer])
-    medians = np.median(np.array(geometry), axis=0) if geometry else np.full(4, np.nan)
-    keys = ("width_ratio", "height_ratio", "shift_x", "shift_y")
-    return {"matched": matched, **misses, "geometry_faces": len(geometry),
-            "geometry_median": {k: float(v) for k, v in zip(keys, medians)}}
-
-
-def _box_text(box: np.ndarray) -> str:
-    return str(np.round(box).astype(int).tolist())
-
-
-def _relative(path: Path, root: Path) -> str:
-    try:
-        return path.resolve().relative_to(root.resolve()).as_posix()
-    except ValueError:
-        return path.as_posix()
-
-
-def _write_crops(results: list[PhotoResult], pair_files: set[Path], pair_root: Path, out: Path) -> dict[str, int]:
-    """Crops of the pair photos per pipeline under ``out/<pipeline>/``; the fallback count per pipeline."""
-    # Absolute but not symlink-resolved, as align_folder names crops.
-    root = Path(os.path.abspath(pair_root))
-    chosen = [r for r in results if Path(os.path.abspath(r.path)) in pair_files]
-    relative = {id(r): Path(os.path.abspath(r.path)).relative_to(root).as_posix() for r in chosen}
-    names = crop_names(list(relative.values()))
-    fallbacks = {}
-    for pipeline in ("mtcnn", "ssd_mtcnn", "ssd_square"):
-        fallbacks[pipeline] = 0
-        for r in chosen:
-            crop = r.crops.get(pipeline)
-            if crop is None:  # no face: the whole photo, as the teacher would otherwise see nothing
-                fallbacks[pipeline] += 1
-                crop = np.asarray(Image.fromarray(load_rgb(r.path)).resize((160, 160), Image.BILINEAR))
-            target = out / pipeline / names[relative[id(r)]]
-            target.parent.mkdir(parents=True, exist_ok=True)
-            Image.fromarray(crop).save(target)
-    return fallbacks
 
 
 # (crops, embedder) scored on the pairs; the student's rows only with --embedder.
@@ -318,7 +194,7 @@ def _run(args: argparse.Namespace, device) -> dict:
     pair_files = {Path(os.path.abspath(p)) for pair in resolve_pairs(read_pairs(args.pairs), args.pair_images) for p in pair}
     print(f"detecting faces on {len(photos)} photos with MTCNN and the SSD ...", flush=True)
     timed = {"mtcnn": teacher if "student" in embedders else None, "ssd": embedders.get("student")}
-    results, timing = _detect_all(photos, mtcnn, ssd, timed)
+    results, timing = detect_all(photos, mtcnn, ssd, timed, log=lambda line: print(line, flush=True))
     report = {"embedders": names if "student" in embedders else {},
         "photos": len(results), "min_score": args.min_score, "match_iou": args.match_iou, "margin": args.margin,
         "image_size": ssd.image_size, "threads": args.threads, "pairs_file": str(args.pairs), "timing": timing,
@@ -326,10 +202,10 @@ def _run(args: argparse.Namespace, device) -> dict:
                         "ssd": int(sum(len(r.ssd_boxes) for r in results))},
         "photos_with_face": {"mtcnn": sum(len(r.mtcnn_boxes) > 0 for r in results),
                              "ssd": sum(len(r.ssd_boxes) > 0 for r in results)},
-        "comparison": _compare(results, args.match_iou, args.data),
+        "comparison": compare_boxes(results, args.match_iou, args.data),
     }
     _print_detection(report, len(results))
-    report["fallbacks"] = _write_crops(results, pair_files, args.pair_images, args.out / "crops")
+    report["fallbacks"] = write_pair_crops(results, pair_files, args.pair_images, args.out / "crops")
     report["verification"] = _verify(args, args.out / "crops", device, {"teacher": teacher, **embedders})
     _print_verification(report)
     return report
@@ -337,18 +213,17 @@ def _run(args: argparse.Namespace, device) -> dict:
 
 def _import_heavy() -> None:
     """Import torch and the tasks, after the arguments are parsed: --help answers at once."""
-    global torch, box_iou, FaceAligner, crop_names, CROP_GEOMETRIES, BoxFaceAligner, crop_region, cut_crop, TeacherWeightsError, build_teacher, resolve_device, read_pairs, resolve_pairs, box_detector, load_detector, evaluate_face_verification
-    global OrtEmbedder, embed_crops, ort_box_detector, load_face_embedder
+    global torch, FaceAligner, BoxFaceAligner, TeacherWeightsError, build_teacher, resolve_device, read_pairs, resolve_pairs, box_detector, load_detector, evaluate_face_verification
+    global OrtEmbedder, ort_box_detector, load_face_embedder, detect_all, compare_boxes, write_pair_crops
     import torch
-    from torchvision.ops import box_iou
-    from mnapps.data.align import FaceAligner, crop_names
-    from mnapps.data.box_crops import CROP_GEOMETRIES, BoxFaceAligner, crop_region, cut_crop
+    from mnapps.data.align import FaceAligner
+    from mnapps.data.box_crops import BoxFaceAligner
     from mnapps.distill.teacher import TeacherWeightsError, build_teacher
     from mnapps.engine.distributed import resolve_device
     from mnapps.eval.face import read_pairs, resolve_pairs
     from mnapps.tasks.detection import box_detector, load_detector
     from mnapps.tasks.face import evaluate_face_verification
-    from mnapps.bench.face_pipeline import OrtEmbedder, embed_crops, ort_box_detector
+    from mnapps.bench.face_pipeline import OrtEmbedder, compare_boxes, detect_all, ort_box_detector, write_pair_crops
     from mnapps.tasks.face import load_face_embedder
 
 
