@@ -91,3 +91,32 @@ def test_a_detection_run_folder_is_worth_opening(tmp_path, capsys):
     assert (out / "eval_pr_curves.png").is_file() and (out / "eval_val_predictions.png").is_file()
     assert "per-class precision-recall, 3 val images" in printed
     assert (out / "pr_curves.png").read_bytes() == before
+
+
+def test_the_pictures_reuse_the_evaluation_pass_and_match_a_fresh_one(tmp_path):
+    """write_detection_report given what evaluate_detector kept draws without running the model,
+    and its PR curves' AP50 per class equal those of a second, independent pass."""
+    from pathlib import Path
+
+    from mnapps.data.coco import collate_fn
+    from mnapps.engine.distributed import build_eval_loader
+    from mnapps.eval.coco import evaluate_detector
+    from mnapps.eval.plots import EvaluatedDetections, write_detection_report
+    from mnapps.tasks.detection import build_eval_dataset, load_detector
+
+    model, cfg = load_detector(Path(__file__).parent / "fixtures" / "format1_detection.pt")
+    shapes = ensure_shapes_detection(tmp_path / "shapes", num_train=2, num_val=6, image_size=96, progress=False)
+    dataset = build_eval_dataset(cfg, shapes.val_ann, shapes.val_images)
+    seen = EvaluatedDetections(keep=4)
+    metrics, _, _ = evaluate_detector(model, build_eval_loader(dataset, 2, collate_fn), dataset, "cpu",
+                                      progress=False, on_image=seen)
+    assert len(seen.image_ids) == 6 and len(seen.samples) == 4
+    calls = []
+    handle = model.register_forward_hook(lambda *args: calls.append(1))
+    reused = write_detection_report(model, dataset, tmp_path / "reused", grid_images=4, evaluated=seen)
+    assert not calls, "the report ran the detector again although the evaluation's pass was given"
+    fresh = write_detection_report(model, dataset, tmp_path / "fresh", grid_images=4)
+    handle.remove()
+    assert calls and reused["AP50"] == fresh["AP50"] and reused["images"] == fresh["images"] == 6
+    assert reused["AP"] == pytest.approx(metrics["AP"])
+    assert (tmp_path / "reused" / "pr_curves.png").is_file() and (tmp_path / "reused" / "val_predictions.png").is_file()

@@ -19,7 +19,7 @@ import math
 import os
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -366,9 +366,7 @@ def _per_image_scales(scale: Any, count: int) -> list[tuple[float, float]]:
         return [(float(scale), float(scale))] * count
     scales = list(scale)
     if len(scales) != count:
-        raise ValueError(
-            f"scale must be a number or hold one entry per image ({count}), got {len(scales)} entries"
-        )
+        raise ValueError(f"scale must be a number or hold one entry per image ({count}), got {len(scales)} entries")
     pairs = []
     for entry in scales:
         if isinstance(entry, (int, float)):
@@ -406,17 +404,13 @@ def predictions_to_coco_results(
             category (naming the label; 0 is background and never a valid prediction).
     """
     if len(predictions) != len(image_ids):
-        raise ValueError(
-            f"got {len(predictions)} predictions but {len(image_ids)} image ids; pass one id per image"
-        )
+        raise ValueError(f"got {len(predictions)} predictions but {len(image_ids)} image ids; pass one id per image")
     scales = _per_image_scales(scale, len(predictions))
     results: list[dict[str, Any]] = []
     for prediction, image_id, (sx, sy) in zip(predictions, image_ids, scales):
         missing = [key for key in ("boxes", "labels", "scores") if key not in prediction]
         if missing:
-            raise ValueError(
-                f"prediction for image {image_id} lacks {missing}; expected boxes, labels, scores"
-            )
+            raise ValueError(f"prediction for image {image_id} lacks {missing}; expected boxes, labels, scores")
         boxes = _to_numpy(prediction["boxes"], float).reshape(-1, 4)
         labels = _to_numpy(prediction["labels"], int).reshape(-1)
         scores = _to_numpy(prediction["scores"], float).reshape(-1)
@@ -439,14 +433,8 @@ def predictions_to_coco_results(
                     f"prediction for image {image_id} has label {label}, which maps to no category "
                     f"(known labels {sorted(label_to_cat_id)}; 0 is background and must not be predicted)"
                 )
-            results.append(
-                {
-                    "image_id": int(image_id),
-                    "category_id": int(label_to_cat_id[label]),
-                    "bbox": box,
-                    "score": round(score, _SCORE_DECIMALS),
-                }
-            )
+            results.append({"image_id": int(image_id), "category_id": int(label_to_cat_id[label]), "bbox": box,
+                            "score": round(score, _SCORE_DECIMALS)})
     return results
 
 
@@ -459,44 +447,9 @@ def _loader_image_count(loader: Any, dataset: Any) -> int | None:
     return None
 
 
-def evaluate_detector(
-    model: nn.Module,
-    loader: Iterable[tuple[list[torch.Tensor], list[dict[str, Any]], int]],
-    dataset: Any,
-    device: torch.device | str,
-    max_images: int | None = None,
-    progress: bool = True,
-) -> tuple[dict[str, float], dict[str, float], str]:
-    """Run a torchvision-style detector over ``loader`` and score it with COCOeval.
-
-    Args:
-        model: detector already on ``device``; in eval mode ``model(list[Tensor[3,H,W] in [0,1]])``
-            returns ``[{"boxes": [N,4] xyxy pixels of that image, "labels": [N], "scores": [N]}]``.
-            Its train/eval mode is restored afterwards.
-        loader: yields ``(images, targets, num_skipped)`` as ``mnapps.data.coco.collate_fn`` makes
-            them; each target carries its COCO ``"image_id"``.
-        dataset: has ``coco`` (the ground-truth ``COCO``) and ``label_to_cat_id``.
-        device: where the images are sent.
-        max_images: stop after this many images (COCOeval is restricted to them).
-        progress: show a tqdm bar.
-
-    Returns:
-        ``(metrics, per_class_ap, summary_text)`` as :func:`evaluate_results`, restricted to the
-        images evaluated; the summary ends with a line counting images the loader skipped as
-        unreadable, if any.
-
-    Raises:
-        ValueError: ``max_images`` < 1, a dataset without ``coco``/``label_to_cat_id``, or a loader
-            that yielded no image.
-    """
-    if max_images is not None and max_images < 1:
-        raise ValueError(f"max_images must be >= 1 or None, got {max_images}")
-    for attribute in ("coco", "label_to_cat_id"):
-        if not hasattr(dataset, attribute):
-            raise ValueError(
-                f"dataset {type(dataset).__name__} has no '{attribute}'; pass a mnapps CocoDetection"
-            )
-
+def _detect_all(model: nn.Module, loader: Iterable, dataset: Any, device: torch.device | str, max_images: int | None,
+                progress: bool, on_image: Callable | None) -> tuple[list[dict[str, Any]], set[int], int]:
+    """evaluate_detector's pass: COCO results, the evaluated image ids, the images skipped as unreadable."""
     total = _loader_image_count(loader, dataset)
     if max_images is not None:
         total = max_images if total is None else min(total, max_images)
@@ -518,20 +471,65 @@ def evaluate_detector(
                 if not images:
                     continue
                 outputs = model([image.to(device, non_blocking=True) for image in images])
-                for output, target in zip(outputs, targets):
+                for image, output, target in zip(images, outputs, targets):
                     image_id = int(target["image_id"])
                     # A DistributedSampler pads with repeats; counting them twice would add
                     # false positives, so each image contributes once.
                     if image_id in evaluated:
                         continue
                     evaluated.add(image_id)
-                    results.extend(predictions_to_coco_results([output], [image_id], dataset.label_to_cat_id))
+                    found = predictions_to_coco_results([output], [image_id], dataset.label_to_cat_id)
+                    results.extend(found)
+                    if on_image is not None:
+                        on_image(image, target, output, found)
                 bar.update(len(images))
                 bar.set_postfix(dets=len(results))
     finally:
         bar.close()
         model.train(was_training)
+    return results, evaluated, skipped
 
+
+def evaluate_detector(
+    model: nn.Module,
+    loader: Iterable[tuple[list[torch.Tensor], list[dict[str, Any]], int]],
+    dataset: Any,
+    device: torch.device | str,
+    max_images: int | None = None,
+    progress: bool = True,
+    on_image: Callable[[torch.Tensor, dict, dict, list], None] | None = None,
+) -> tuple[dict[str, float], dict[str, float], str]:
+    """Run a torchvision-style detector over ``loader`` and score it with COCOeval.
+
+    Args:
+        model: detector already on ``device``; in eval mode ``model(list[Tensor[3,H,W] in [0,1]])``
+            returns ``[{"boxes": [N,4] xyxy pixels of that image, "labels": [N], "scores": [N]}]``.
+            Its train/eval mode is restored afterwards.
+        loader: yields ``(images, targets, num_skipped)`` as ``mnapps.data.coco.collate_fn`` makes
+            them; each target carries its COCO ``"image_id"``.
+        dataset: has ``coco`` (the ground-truth ``COCO``) and ``label_to_cat_id``.
+        device: where the images are sent.
+        max_images: stop after this many images (COCOeval is restricted to them).
+        progress: show a tqdm bar.
+        on_image: called as ``on_image(image, target, output, coco_results)`` once per evaluated
+            image, so that pictures of the evaluation need no second pass (``eval.plots``).
+
+    Returns:
+        ``(metrics, per_class_ap, summary_text)`` as :func:`evaluate_results`, restricted to the
+        images evaluated; the summary ends with a line counting images the loader skipped as
+        unreadable, if any.
+
+    Raises:
+        ValueError: ``max_images`` < 1, a dataset without ``coco``/``label_to_cat_id``, or a loader
+            that yielded no image.
+    """
+    if max_images is not None and max_images < 1:
+        raise ValueError(f"max_images must be >= 1 or None, got {max_images}")
+    for attribute in ("coco", "label_to_cat_id"):
+        if not hasattr(dataset, attribute):
+            raise ValueError(f"dataset {type(dataset).__name__} has no '{attribute}'; pass a mnapps CocoDetection")
+
+    results, evaluated, skipped = _detect_all(model, loader, dataset, device, max_images, progress, on_image)
     if not evaluated:
         raise ValueError("the loader yielded no image to evaluate (empty dataset, or every image unreadable)")
     metrics, per_class, summary = evaluate_results(dataset.coco, results, img_ids=evaluated)

@@ -6,9 +6,10 @@
 * :func:`plot_pr_curves` plots, per class, the precision-recall curve that COCOeval's own
   accumulated ``eval["precision"]`` array holds ([IoU, recall, class, area, maxDets]) at IoU
   0.50 and 0.50:0.95, with the class's AP50 in the legend.
-* :func:`write_detection_report` runs a detector once over the validation images the final
-  evaluation used, scores them with pycocotools' COCOeval, and writes ``pr_curves.png`` and
-  ``val_predictions.png`` (ground truth beside prediction for the first images).
+* :func:`write_detection_report` takes what the final evaluation's pass kept
+  (:class:`EvaluatedDetections`), scores it with pycocotools' COCOeval, and writes
+  ``pr_curves.png`` and ``val_predictions.png`` (ground truth beside prediction for the first
+  images); given no such record, it runs the detector over those images itself.
 """
 
 from __future__ import annotations
@@ -31,10 +32,11 @@ from torchvision.utils import draw_bounding_boxes
 from mnapps.data.coco import collate_fn
 from mnapps.engine.distributed import build_eval_loader
 # The metrics' own ground-truth filter and empty-result object, so the curves match the printed AP.
-from mnapps.eval.coco import _empty_detections, _without_bad_gt_boxes, predictions_to_coco_results
+from mnapps.eval.coco import _empty_detections, _without_bad_gt_boxes, evaluate_detector
 from mnapps.files import atomic_write
 
-__all__ = ["draw_boxes", "caption_font_size", "plot_pr_curves", "coco_precision", "write_detection_report"]
+__all__ = ["draw_boxes", "caption_font_size", "plot_pr_curves", "coco_precision", "EvaluatedDetections",
+           "write_detection_report"]
 
 PR_CURVES = "pr_curves.png"
 VAL_GRID = "val_predictions.png"
@@ -169,30 +171,33 @@ def _grid(pairs: list[tuple[Tensor, Tensor]], path: Path, title: str) -> Path:
     return _save_png(figure, path)
 
 
-def _collect(model, dataset, device, max_images: int | None, batch_size: int, keep: int):
-    """One pass of ``model`` over ``dataset``: COCO results, the evaluated ids, the first ``keep`` samples."""
-    results: list[dict[str, Any]] = []
-    evaluated: list[int] = []
-    kept: list[tuple[Tensor, dict, dict]] = []
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.inference_mode():
-            for images, targets, _ in build_eval_loader(dataset, batch_size, collate_fn):
-                if max_images is not None:
-                    images, targets = images[: max_images - len(evaluated)], targets[: max_images - len(evaluated)]
-                if not images:
-                    break
-                outputs = model([image.to(device) for image in images])
-                for image, target, output in zip(images, targets, outputs):
-                    image_id = int(target["image_id"])
-                    evaluated.append(image_id)
-                    results.extend(predictions_to_coco_results([output], [image_id], dataset.label_to_cat_id))
-                    if len(kept) < keep:
-                        kept.append((image, target, {k: v.cpu() for k, v in output.items()}))
-    finally:
-        model.train(was_training)
-    return results, evaluated, kept
+class EvaluatedDetections:
+    """What one evaluation pass saw, kept for its pictures: every image's COCO results, the
+    evaluated image ids, and the first ``keep`` images with their targets and outputs.
+
+    Pass it as ``evaluate_detector(..., on_image=...)``, then to :func:`write_detection_report`,
+    which then draws without running the detector again.
+    """
+
+    def __init__(self, keep: int = 8) -> None:
+        self.keep = keep
+        self.results: list[dict[str, Any]] = []
+        self.image_ids: list[int] = []
+        self.samples: list[tuple[Tensor, dict, dict]] = []
+
+    def __call__(self, image: Tensor, target: dict, output: dict, coco_results: list[dict[str, Any]]) -> None:
+        self.image_ids.append(int(target["image_id"]))
+        self.results.extend(coco_results)
+        if len(self.samples) < self.keep:
+            self.samples.append((image.cpu(), target, {k: v.detach().cpu() for k, v in output.items()}))
+
+
+def _evaluate_once(model, dataset, device, max_images: int | None, batch_size: int, keep: int) -> EvaluatedDetections:
+    """One evaluation pass of ``model`` over ``dataset``, for a caller that did not keep its own."""
+    seen = EvaluatedDetections(keep)
+    loader = build_eval_loader(dataset, batch_size, collate_fn)
+    evaluate_detector(model, loader, dataset, device, max_images=max_images, progress=False, on_image=seen)
+    return seen
 
 
 def write_detection_report(
@@ -207,10 +212,13 @@ def write_detection_report(
     grid_images: int = 8,
     log: Callable[[str], None] | None = None,
     prefix: str = "",
+    evaluated: EvaluatedDetections | None = None,
 ) -> dict[str, Any]:
     """Write ``pr_curves.png`` and ``val_predictions.png`` for ``model`` on ``dataset``'s first images.
 
     Args:
+        evaluated: what the evaluation pass kept (:class:`EvaluatedDetections`); without it the
+            detector is run over the images once more.
         dataset: a :class:`mnapps.data.coco.CocoDetection` (its ``coco`` and ``label_to_cat_id``).
         max_images: the same limit the evaluation used (None: every image).
         score_threshold: lowest score drawn in the grid (the PR curves use every detection).
@@ -222,19 +230,20 @@ def write_detection_report(
         "AP": COCOeval's AP@[.5:.95]}``; ``{}`` after logging a note when drawing fails (a run keeps its metrics).
     """
     try:
-        return _write_detection_report(model, dataset, Path(out_dir), device, max_images, batch_size, score_threshold,
-                                       grid_images, log, prefix)  # fmt: skip
+        if evaluated is None:
+            evaluated = _evaluate_once(model, dataset, device, max_images, batch_size, grid_images)
+        return _write_detection_report(evaluated, dataset, Path(out_dir), score_threshold, grid_images, log, prefix)
     except Exception as exc:  # pictures are extras: they never cost a run its metrics or exit status
         if log is not None:
             log(f"note: pr_curves/val_predictions not written ({type(exc).__name__}: {exc})")
         return {}
 
 
-def _write_detection_report(model, dataset, out_dir: Path, device, max_images, batch_size, score_threshold,
-                            grid_images, log, prefix) -> dict[str, Any]:  # fmt: skip
+def _write_detection_report(seen: EvaluatedDetections, dataset, out_dir: Path, score_threshold, grid_images, log,
+                            prefix) -> dict[str, Any]:  # fmt: skip
     pr_path, grid_path = out_dir / f"{prefix}{PR_CURVES}", out_dir / f"{prefix}{VAL_GRID}"
-    results, evaluated, kept = _collect(model, dataset, device, max_images, batch_size, grid_images)
-    evaluator = coco_precision(dataset.coco, results, evaluated)
+    evaluated, kept = seen.image_ids, seen.samples[:grid_images]
+    evaluator = coco_precision(dataset.coco, seen.results, evaluated)
     names = {cat_id: cat["name"] for cat_id, cat in dataset.coco.cats.items()}
     count = len(set(evaluated))
     ap50 = plot_pr_curves(evaluator, names, pr_path,

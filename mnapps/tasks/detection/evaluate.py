@@ -12,7 +12,7 @@ from mnapps.checkpoint import Checkpoint
 from mnapps.data.coco import collate_fn
 from mnapps.engine.distributed import build_eval_loader
 from mnapps.eval.coco import evaluate_detector
-from mnapps.eval.plots import write_detection_report
+from mnapps.eval.plots import EvaluatedDetections, write_detection_report
 
 from ..spec import EvalRequest, Evaluation
 from .data import build_eval_dataset
@@ -33,11 +33,12 @@ def evaluate_detection(checkpoint: Checkpoint, request: EvalRequest) -> Evaluati
     batch_size = request.batch_size or cfg.data.eval_batch_size
     workers = cfg.train.num_workers if request.workers is None else request.workers
     loader = build_eval_loader(dataset, batch_size, collate_fn, workers)
+    seen = EvaluatedDetections() if request.report_dir is not None else None  # kept for the pictures
     metrics, per_class, summary = evaluate_detector(
-        model, loader, dataset, request.device, max_images=request.max_images, progress=request.progress
+        model, loader, dataset, request.device, max_images=request.max_images, progress=request.progress, on_image=seen
     )
-    if request.report_dir is not None:  # one more pass over the same images, for the pictures
+    if seen is not None:
         write_detection_report(model, dataset, request.report_dir, device=request.device, max_images=request.max_images,
-                               batch_size=batch_size, log=print, prefix="eval_")
+                               batch_size=batch_size, log=print, prefix="eval_", evaluated=seen)
     extra = {"checkpoint": checkpoint.origin, "val_ann": str(dataset.ann_file), "device": str(request.device)}
     return Evaluation(metrics, per_class, summary, extra)

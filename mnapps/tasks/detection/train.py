@@ -23,7 +23,7 @@ from mnapps.engine.distributed import DistInfo, build_eval_loader, build_train_l
 from mnapps.engine.loop import TaskHooks
 from mnapps.engine.rng import capture_rng_state, restore_rng_state
 from mnapps.eval.coco import evaluate_detector, format_per_class_table, write_metrics_json
-from mnapps.eval.plots import write_detection_report
+from mnapps.eval.plots import EvaluatedDetections, write_detection_report
 from mnapps.heads import head_spec
 
 from ..training import RunRequest, TaskSteps, launch, train_task
@@ -161,14 +161,16 @@ def _evaluator(cfg: DetConfig, val_set: CocoDetection, device: torch.device, las
         # Iterating a DataLoader draws from the global RNGs; restoring them keeps the training
         # run (augmentation, shuffling) independent of how often it is evaluated.
         rng_state = capture_rng_state()
+        seen = EvaluatedDetections()  # the last one draws the run's pictures, without another pass
         try:
             metrics, per_class, summary = evaluate_detector(
-                eval_model, val_loader, val_set, device, max_images=cfg.data.eval_max_images
+                eval_model, val_loader, val_set, device, max_images=cfg.data.eval_max_images, on_image=seen
             )
         finally:
             restore_rng_state(rng_state)
         images = min(len(val_set), cfg.data.eval_max_images or len(val_set))
-        last_eval.update(metrics=metrics, per_class_ap=per_class, summary=summary, epoch=epoch, images=images)
+        last_eval.update(metrics=metrics, per_class_ap=per_class, summary=summary, epoch=epoch, images=images,
+                         evaluated=seen)
         return metrics
 
     return evaluate
@@ -224,9 +226,10 @@ def _train_detector(cfg: DetConfig, request: RunRequest, *, whole: bool, info: D
         "output_dir": str(request.output_dir),
         "time_s": time.perf_counter() - started,
     }
-    if info.is_main and last_eval:  # pr_curves.png and val_predictions.png: one more pass over the evaluated images
+    if info.is_main and last_eval:  # pr_curves.png and val_predictions.png of the final evaluation
         write_detection_report(trained.model, val_set, request.output_dir, device=info.device,
-                               max_images=cfg.data.eval_max_images, batch_size=cfg.data.eval_batch_size, log=print)
+                               max_images=cfg.data.eval_max_images, batch_size=cfg.data.eval_batch_size, log=print,
+                               evaluated=last_eval["evaluated"] if last_eval["epoch"] == cfg.train.epochs else None)
     if info.is_main:
         _report(result, engine, counter, Path(request.output_dir), last_eval)
     return result
