@@ -79,6 +79,7 @@ def test_train_det_help_is_quick():
     (choices.PRETRAINED_TEACHER_NAMES, "mnapps.distill.teacher:PRETRAINED_TEACHERS"),
     (choices.CROP_GEOMETRY_NAMES, "mnapps.data.box_crops:CROP_GEOMETRIES"),
     (choices.BENCH_SECTIONS, "mnapps.bench.models:SECTIONS"),
+    (choices.THRESHOLD_RULE_NAMES, "mnapps.export.det_compare:THRESHOLD_RULES"),
 ])  # fmt: skip
 def test_the_light_choice_lists_equal_their_tables(names, table):
     module, name = table.split(":")

@@ -5,11 +5,12 @@ from __future__ import annotations
 import contextlib
 import io
 
+import numpy as np
 import pytest
 from pycocotools.coco import COCO
 
 from mnapps.cli.compare_detectors import format_table, parse_args
-from mnapps.export.det_compare import choose_threshold, coco_scores, operating_point
+from mnapps.export.det_compare import choose_threshold, coco_scores, operating_point, threshold_for_recall
 
 
 def _gt(boxes_per_image):
@@ -93,14 +94,59 @@ def test_operating_point_recall_agrees_with_cocoeval_run_on_the_kept_detections_
             coco_scores(gt, results, threshold)["recall50_at_threshold"])
 
 
-def test_choose_threshold_is_the_highest_keeping_the_recall():
+def test_val_recall_rule_is_the_highest_threshold_keeping_the_validation_recall():
     gt, results = _operating_case()
-    assert choose_threshold(gt, results, 0.3) == (0.9, True)
-    assert choose_threshold(gt, results, 0.6) == (0.6, True)  # 2/3 first reached at B's score
-    assert choose_threshold(gt, results, 2 / 3) == (0.6, True)
-    assert choose_threshold(gt, results, 0.9) == (0.0, False)  # C is never found: keep everything
-    with pytest.raises(ValueError, match="min_recall"):
-        choose_threshold(gt, results, 0.0)
+    assert choose_threshold(gt, results, 0.3, "val-recall") == (0.9, True)
+    assert choose_threshold(gt, results, 0.6, "val-recall") == (0.6, True)  # 2/3 first reached at B's score
+    assert choose_threshold(gt, results, 2 / 3, "val-recall") == (0.6, True)
+    assert choose_threshold(gt, results, 0.9, "val-recall") == (0.0, False)  # C is never found: keep everything
+    with pytest.raises(ValueError, match="target recall"):
+        choose_threshold(gt, results, 0.0, "val-recall")
+    with pytest.raises(ValueError, match="valid: conformal, val-recall"):
+        choose_threshold(gt, results, 0.5, "median")
+
+
+def test_conformal_rule_takes_the_m_th_lowest_face_score():
+    # the same three faces: A found at 0.9, B at 0.6, C never (ranks lowest); n = 3, so
+    # m = floor(4 (1 - target)): target 0.25 -> m 3 (A's 0.9), 0.5 -> m 2 (B's 0.6),
+    # 0.7 -> m 1 (C: never found, keep everything), 0.8 -> m 0 (too few faces for the bound)
+    gt, results = _operating_case()
+    assert choose_threshold(gt, results, 0.25) == (0.9, True)
+    assert choose_threshold(gt, results, 0.5) == (0.6, True)
+    assert choose_threshold(gt, results, 0.7) == (0.0, False)
+    assert choose_threshold(gt, results, 0.8) == (0.0, False)
+
+
+def test_on_fourteen_faces_the_rules_pick_the_lowest_and_the_second_lowest_face():
+    # 14 validation faces, all found, at scores 0.30, 0.52, 0.54, 0.77, ... (the shape of a
+    # student's validation scores): for a target of 0.9 the conformal rule's m is
+    # floor(15 x 0.1) = 1, the lowest face; keeping 13 of 14 (val-recall) drops the lowest.
+    scores = [0.30, 0.52, 0.54, 0.77, 0.79, 0.89, 0.90, 0.91, 0.92, 0.93, 0.94, 0.97, 0.98, 0.99]
+    gt = _gt([[[10 + 12 * i, 10, 10, 10] for i in range(14)]])
+    results = [_det(1, [10 + 12 * i, 10, 10, 10], score) for i, score in enumerate(scores)]
+    results.append(_det(1, [100, 150, 30, 30], 0.34))  # a false box between the two thresholds
+    assert choose_threshold(gt, results, 0.9) == (0.30, True)
+    assert choose_threshold(gt, results, 0.9, "val-recall") == (0.52, True)
+    assert operating_point(gt, results, 0.30) == pytest.approx(
+        {"threshold": 0.30, "recall50": 1.0, "precision50": 14 / 15, "detections": 15})
+    # 29 faces: m = floor(30 x 0.1) = 3, the third lowest
+    assert threshold_for_recall(np.linspace(0.1, 0.9, 29), 29, 0.9) == (pytest.approx(0.1 + 2 * 0.8 / 28), True)
+
+
+@pytest.mark.parametrize("rule, expected", [("conformal", 1 - 1 / 15), ("val-recall", 13 / 15)])
+def test_recall_on_new_faces_is_what_each_rule_promises(rule, expected):
+    # Draw 14 validation and 31 new face scores from one distribution (a few faces never found),
+    # choose the threshold on the validation ones, count the new faces kept; over many draws the
+    # mean is the rule's exact expectation: 1 - m/(n + 1) with m = 1 (conformal) or 2 (val-recall).
+    rng = np.random.default_rng(0)
+    kept = []
+    for _ in range(4000):
+        val, new = rng.beta(5, 1.5, size=14), rng.beta(5, 1.5, size=31)
+        val[val < 0.05], new[new < 0.05] = -np.inf, -np.inf  # never found
+        threshold, reached = threshold_for_recall(val[np.isfinite(val)], 14, 0.9, rule)
+        kept.append(np.mean(new >= threshold) if reached else np.mean(np.isfinite(new)))
+    assert np.mean(kept) == pytest.approx(expected, abs=0.006)
+    assert (np.mean(kept) >= 0.9) == (rule == "conformal")
 
 
 def test_val_ann_must_be_other_photos_and_adds_columns(tmp_path):

@@ -13,11 +13,11 @@ checkpoints (e.g. a teacher and its students) on one COCO annotation file:
 * COCO AP, AP50 and recall at IoU 0.5 (all detections, up to 100 per photo) of each runtime's
   detections of those same timed calls, and recall at IoU 0.5 of the detections scoring at
   least ``score_threshold`` (the operating point);
-* optionally an operating point chosen on *other* photos (a validation file): the highest score
-  threshold at which the PyTorch model keeps at least ``min_val_recall`` of the validation faces
-  at IoU 0.5 (:func:`choose_threshold`), and each runtime's recall and precision at IoU 0.5 at
-  that threshold on the compared photos (:func:`operating_point`). Nothing is chosen on the
-  photos the table scores.
+* optionally an operating point chosen on *other* photos (a validation file): the score threshold
+  at which the PyTorch model is expected to find ``target_recall`` of new faces at IoU 0.5, by
+  default the split-conformal one (:func:`threshold_for_recall`), and each runtime's recall and
+  precision at IoU 0.5 at that threshold on the compared photos (:func:`operating_point`).
+  Nothing is chosen on the photos the table scores.
 """
 
 from __future__ import annotations
@@ -42,7 +42,8 @@ from mnapps.tasks.detection import load_detector
 from .onnx import OrtSSD, ParityError
 from .pipeline import export_checkpoint
 
-__all__ = ["BACKENDS", "choose_threshold", "coco_scores", "compare_detectors", "matches50", "operating_point"]
+__all__ = ["BACKENDS", "THRESHOLD_RULES", "choose_threshold", "coco_scores", "compare_detectors", "matches50",
+           "operating_point", "threshold_for_recall"]
 
 BACKENDS = ("torch_fp32", "ort_fp32", "ort_int8")
 
@@ -115,19 +116,53 @@ def operating_point(gt: COCO, results: list[dict[str, Any]], threshold: float) -
             "precision50": found / int(kept.sum()) if kept.any() else 1.0, "detections": int(kept.sum())}
 
 
-def choose_threshold(gt: COCO, results: list[dict[str, Any]], min_recall: float) -> tuple[float, bool]:
-    """The highest score threshold whose recall at IoU 0.5 is at least ``min_recall``.
+THRESHOLD_RULES = ("conformal", "val-recall")
 
-    Returns ``(threshold, reached)``; when no threshold reaches ``min_recall`` (faces never
-    found), ``(0.0, False)``: every detection is kept, the most recall there is.
+
+def threshold_for_recall(face_scores: np.ndarray, faces: int, target_recall: float,
+                         rule: str = "conformal") -> tuple[float, bool]:
+    """A score threshold for finding ``target_recall`` of the faces, from validation faces' scores.
+
+    ``face_scores`` are the scores of the detections that matched a validation face (one per
+    found face); the other ``faces - len(face_scores)`` faces were never found and rank lowest.
+
+    * ``"conformal"`` (split-conformal): the m-th lowest face score, m = floor((n + 1)(1 - target)).
+      A new face drawn like the validation ones scores at least that with probability
+      1 - m / (n + 1) >= target, so the recall expected on new photos is at least the target.
+    * ``"val-recall"``: the highest threshold keeping ``target`` of the *validation* faces. It
+      lands on the (n - k + 1)-th lowest face score (k = ceil(target * n) faces kept), and a new
+      face clears that with probability only (k) / (n + 1): on 14 faces and a target of 0.9,
+      13 / 15 = 0.867. It fits the validation faces, not the faces to come.
+
+    Returns ``(threshold, reached)``; ``(0.0, False)`` when no threshold gives the target (too
+    few validation faces for the conformal bound, or the faces it needs were never found):
+    every detection is kept, the most recall there is.
     """
-    if not 0.0 < min_recall <= 1.0:
-        raise ValueError(f"min_recall must be in (0, 1], got {min_recall}")
+    if not 0.0 < target_recall <= 1.0:
+        raise ValueError(f"the target recall must be in (0, 1], got {target_recall}")
+    if rule not in THRESHOLD_RULES:
+        raise ValueError(f"unknown threshold rule {rule!r}; valid: {', '.join(THRESHOLD_RULES)}")
+    if faces == 0:
+        raise ValueError("the validation file has no ground-truth box: no recall to choose a threshold by")
+    found = np.sort(np.asarray(face_scores, float))[::-1]  # best first
+    if rule == "val-recall":
+        keep = int(np.ceil(target_recall * faces - 1e-9))
+    else:
+        lowest = int(np.floor((faces + 1) * (1.0 - target_recall) + 1e-9))
+        if lowest == 0:
+            return 0.0, False
+        keep = faces - lowest + 1  # the m-th lowest face is the (n - m + 1)-th best
+    return (float(found[keep - 1]), True) if keep <= len(found) else (0.0, False)
+
+
+def choose_threshold(gt: COCO, results: list[dict[str, Any]], min_recall: float,
+                     rule: str = "conformal") -> tuple[float, bool]:
+    """The score threshold for ``min_recall`` at IoU 0.5 by ``rule`` (:func:`threshold_for_recall`),
+    from these detections on these (validation) photos."""
     scores, hits, faces = matches50(gt, results)
     if faces == 0:
         raise ValueError("the validation file has no ground-truth box: no recall to choose a threshold by")
-    reached = np.nonzero(np.cumsum(hits) >= min_recall * faces - 1e-9)[0]
-    return (float(scores[reached[0]]), True) if len(reached) else (0.0, False)
+    return threshold_for_recall(scores[hits], faces, min_recall, rule)
 
 
 def _results(detections: dict[str, Any], image_id: int, label_to_cat: dict[int, int]) -> list[dict[str, Any]]:
@@ -181,7 +216,8 @@ def _load_photos(ann_file: str | Path, images_root: str | Path) -> tuple[COCO, l
     return gt, images, photos
 
 
-def _val_thresholds(rows: list[dict[str, Any]], val: tuple[str | Path, str | Path], min_recall: float) -> None:
+def _val_thresholds(rows: list[dict[str, Any]], val: tuple[str | Path, str | Path], target_recall: float,
+                    rule: str) -> None:
     """Each row's operating point chosen on the validation photos by its PyTorch model (untimed)."""
     gt, images, photos = _load_photos(*val)
     for row in rows:
@@ -189,8 +225,8 @@ def _val_thresholds(rows: list[dict[str, Any]], val: tuple[str | Path, str | Pat
         for image, photo in zip(images, photos):
             with torch.inference_mode():
                 results += _results(row["runners"]["torch_fp32"]([photo])[0], image["id"], row["label_to_cat"])
-        threshold, reached = choose_threshold(gt, results, min_recall)
-        row["val"] = {"file": str(val[0]), "min_recall": min_recall, "reached": reached,
+        threshold, reached = choose_threshold(gt, results, target_recall, rule)
+        row["val"] = {"file": str(val[0]), "target_recall": target_recall, "rule": rule, "reached": reached,
                       **operating_point(gt, results, threshold)}
 
 
@@ -205,7 +241,8 @@ def compare_detectors(
     score_threshold: float = 0.5,
     warmup: int = 2,
     val: tuple[str | Path, str | Path] | None = None,
-    min_val_recall: float = 0.9,
+    target_recall: float = 0.9,
+    threshold_rule: str = "conformal",
 ) -> list[dict[str, Any]]:
     """One row per checkpoint (see the module docstring), measured in one interleaved run.
 
@@ -219,10 +256,10 @@ def compare_detectors(
         score_threshold: operating point of ``recall50_at_threshold``.
         warmup: untimed calls per model and runtime before the timed pass.
         val: ``(annotation file, images root)`` of validation photos (not the compared ones) to
-            choose each model's operating point on: the highest threshold keeping at least
-            ``min_val_recall`` of their faces at IoU 0.5. Each row then holds ``val`` (the threshold
-            and the validation recall / precision there) and ``<backend>_at_val`` (recall and
-            precision at IoU 0.5 at that threshold on the compared photos).
+            choose each model's operating point on, for ``target_recall`` at IoU 0.5 by
+            ``threshold_rule`` (:func:`threshold_for_recall`). Each row then holds ``val`` (the
+            threshold and the validation recall / precision there) and ``<backend>_at_val``
+            (recall and precision at IoU 0.5 at that threshold on the compared photos).
     """
     torch.set_num_threads(threads)
     work_dir = Path(work_dir)
@@ -230,7 +267,7 @@ def compare_detectors(
     gt, images, photos = _load_photos(ann_file, images_root)
     rows = [_prepare(name, Path(path), work_dir, calib_photos, threads) for name, path in checkpoints.items()]
     if val is not None:
-        _val_thresholds(rows, val, min_val_recall)
+        _val_thresholds(rows, val, target_recall, threshold_rule)
     for row in rows:
         for runner in row["runners"].values():
             for photo in photos[:warmup]:
