@@ -1,4 +1,4 @@
-"""The detection config: :class:`DetConfig` (``model`` / ``data`` / ``train``) and the model it describes.
+"""The detection config: :class:`DetConfig` (``model`` / ``data`` / ``train`` / ``distill``) and the model it describes.
 
 This module owns the schema of ``configs/ssd*.yaml`` and friends and the few functions that
 read it to build things: :func:`build_model` (the detector ``cfg.model`` describes),
@@ -22,7 +22,7 @@ from mnapps.config import OMIT_IF_NONE, BackboneConfig, ConfigError, TaskConfig,
 from mnapps.data.transforms import RECIPES
 from mnapps.heads import HEADS, head_spec
 
-__all__ = ["DetModelConfig", "DetDataConfig", "DetConfig", "build_model", "model_input_size", "fine_tune_config"]
+__all__ = ["DetModelConfig", "DetDataConfig", "DetDistillConfig", "DetConfig", "build_model", "model_input_size", "fine_tune_config"]
 
 HeadName = Literal[tuple(HEADS)]  # type: ignore[valid-type]
 RecipeName = Literal[tuple(RECIPES)]  # type: ignore[valid-type]
@@ -127,16 +127,42 @@ class DetDataConfig:
 
 
 @dataclass(frozen=True)
+class DetDistillConfig:
+    """Soft targets: a teacher detector's per-anchor outputs added to the box loss.
+
+    See :mod:`mnapps.tasks.detection.soft_targets`. The teacher must have the student's anchors
+    (input size and anchor settings) and preprocessing; training refuses it otherwise.
+
+    Attributes:
+        teacher: detection checkpoint (path or weights name) whose outputs the student follows.
+        weight: weight of the classification term (KL divergence of the student's per-anchor
+            class probabilities from the teacher's, summed over anchors, divided by the number
+            of anchors the teacher calls foreground).
+        box_weight: weight of the box term (smooth L1 between the student's and the teacher's
+            box offsets on those foreground anchors, divided by their number).
+        foreground_score: an anchor is foreground when the teacher gives one of its object
+            classes at least this probability.
+    """
+
+    teacher: str | None = None
+    weight: float = 1.0
+    box_weight: float = 1.0
+    foreground_score: float = 0.5
+
+
+@dataclass(frozen=True)
 class DetConfig(TaskConfig):
     """A detection experiment (``configs/ssd*.yaml``, ``configs/faster_rcnn*.yaml``).
 
     ``model`` is the detector (:class:`DetModelConfig`), ``data`` the COCO-format files and
     their augmentation (:class:`DetDataConfig`), ``train`` the optimisation settings
-    (:class:`mnapps.config.TrainConfig`, as in every task).
+    (:class:`mnapps.config.TrainConfig`, as in every task), ``distill`` optional soft targets
+    from a teacher detector (:class:`DetDistillConfig`; absent: boxes only).
     """
 
     model: DetModelConfig = field(default_factory=DetModelConfig)
     data: DetDataConfig = field(default_factory=DetDataConfig)
+    distill: DetDistillConfig | None = field(default=None, metadata=OMIT_IF_NONE)
 
 
 def model_input_size(cfg: DetConfig) -> int | None:

@@ -30,6 +30,7 @@ from ..training import RunRequest, TaskSteps, launch, train_task
 from .config import DetConfig, build_model, model_input_size
 from .data import build_eval_dataset, build_train_dataset
 from .model import load_detector_weights
+from .soft_targets import check_compatible, load_teacher, with_soft_targets
 
 __all__ = ["train_detector", "detection_loss_fn"]
 
@@ -178,12 +179,16 @@ def _evaluator(cfg: DetConfig, val_set: CocoDetection, device: torch.device, las
 
 def _steps(cfg: DetConfig, whole: bool) -> tuple[TaskSteps, _BatchCounter, dict[str, Any]]:
     """The detection steps of the training skeleton, with the counter and last evaluation they fill."""
-    counter, last_eval, loaded = _BatchCounter(), {}, []
+    counter, last_eval, loaded, soft = _BatchCounter(), {}, [], {}
 
     def build(cfg: DetConfig, weights: Any, data: Any) -> nn.Module:
         model = build_model(cfg, cfg.model.num_classes, weights_backbone=None if whole else weights)
         if whole and weights is not None:
             loaded.extend(load_detector_weights(model, weights, cfg.model.num_classes))
+        if cfg.distill is not None and cfg.distill.teacher:
+            # checked before the first step: a teacher of other anchors is refused by name
+            soft["teacher"] = load_teacher(cfg.distill, torch.device("cpu"))
+            soft["anchors"] = check_compatible(model, soft["teacher"], cfg.distill.teacher)
         return model
 
     def describe(cfg: DetConfig, model: nn.Module, data: tuple[CocoDetection, CocoDetection]) -> list[str]:
@@ -193,13 +198,20 @@ def _steps(cfg: DetConfig, whole: bool) -> tuple[TaskSteps, _BatchCounter, dict[
             f"{cfg.model.num_classes - 1} classes; train {len(train_set)} images ({train_set.ann_file}), "
             f"val {len(val_set)} images ({val_set.ann_file})"
         )
-        return [line, *(f"weights: {entry}" for entry in loaded)]
+        lines = [line, *(f"weights: {entry}" for entry in loaded)]
+        if soft:
+            lines.append(f"soft targets: teacher {cfg.distill.teacher} ({soft['anchors']} anchors, the student's), "
+                         f"weight {cfg.distill.weight:g}, box weight {cfg.distill.box_weight:g}")
+        return lines
 
     def start(cfg: DetConfig, model: nn.Module, data: Any, info: DistInfo) -> tuple[Any, TaskHooks]:
         train_set, val_set = data
         loader = build_train_loader(train_set, cfg.train, collate_fn, info if info.distributed else None)
+        loss_fn = detection_loss_fn(counter, head_spec(cfg.model.head).min_batch_images)
+        if soft:
+            loss_fn = with_soft_targets(loss_fn, soft["teacher"].to(info.device), cfg.distill)
         hooks = TaskHooks(
-            loss_fn=detection_loss_fn(counter, head_spec(cfg.model.head).min_batch_images),
+            loss_fn=loss_fn,
             evaluate=_evaluator(cfg, val_set, info.device, last_eval),
             best_metric="AP",
             batch_size_fn=lambda batch: len(batch[0]),
