@@ -13,7 +13,8 @@ into ``cfg.model`` before training, so a checkpoint alone rebuilds the model, na
 and maps its labels back to the original COCO category ids.
 """
 
-from .config import DetConfig, DetDataConfig, DetDistillConfig, DetModelConfig, build_model, fine_tune_config, model_input_size
+from .config import (DetConfig, DetDataConfig, DetDistillConfig, DetModelConfig, build_model, fine_tune_config,
+                     model_input_size)
 from .evaluate import evaluate_detection
 from .data import build_det_datasets, build_eval_dataset, build_train_dataset, det_image_files
 from .model import CLASS_PREDICTOR_PREFIXES, det_export_plan, load_detector, load_detector_weights

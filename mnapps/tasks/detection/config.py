@@ -22,7 +22,8 @@ from mnapps.config import OMIT_IF_NONE, BackboneConfig, ConfigError, TaskConfig,
 from mnapps.data.transforms import RECIPES
 from mnapps.heads import HEADS, head_spec
 
-__all__ = ["DetModelConfig", "DetDataConfig", "DetDistillConfig", "DetConfig", "build_model", "model_input_size", "fine_tune_config"]
+__all__ = ["DetModelConfig", "DetDataConfig", "DetDistillConfig", "DetConfig", "build_model", "model_input_size",
+           "fine_tune_config"]
 
 HeadName = Literal[tuple(HEADS)]  # type: ignore[valid-type]
 RecipeName = Literal[tuple(RECIPES)]  # type: ignore[valid-type]

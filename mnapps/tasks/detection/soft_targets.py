@@ -15,7 +15,6 @@ differ from the student's, and says which.
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from typing import Any, Callable
 
 import torch
@@ -40,12 +39,15 @@ def load_teacher(cfg: DetDistillConfig, device: torch.device) -> nn.Module:
     return teacher.eval()
 
 
-def _head_outputs(model: nn.Module, inputs: Tensor) -> dict[str, Tensor]:
-    """What the SSD's head gives for an already-preprocessed batch (torchvision's SSD.forward steps)."""
+def _features(model: nn.Module, inputs: Tensor) -> list[Tensor]:
+    """The SSD backbone's feature maps of an already-preprocessed batch (torchvision's SSD.forward steps)."""
     features = model.backbone(inputs)
-    if isinstance(features, Tensor):
-        features = OrderedDict([("0", features)])
-    return model.head(list(features.values()))
+    return [features] if isinstance(features, Tensor) else list(features.values())
+
+
+def _head_outputs(model: nn.Module, inputs: Tensor) -> dict[str, Tensor]:
+    """What the SSD's head gives for an already-preprocessed batch."""
+    return model.head(_features(model, inputs))
 
 
 def _activation(model: nn.Module) -> str:
@@ -79,8 +81,7 @@ def check_compatible(student: nn.Module, teacher: nn.Module, name: str) -> int:
         anchors, classes = [], []
         for model in (student, teacher):
             images, _ = model.transform(probe)
-            features = model.backbone(images.tensors)
-            features = list(features.values()) if isinstance(features, dict) else [features]
+            features = _features(model, images.tensors)
             anchors.append(model.anchor_generator(images, features)[0])
             classes.append(model.head(features)["cls_logits"].shape[-1])
     finally:
@@ -131,8 +132,8 @@ def with_soft_targets(loss_fn: LossFn, teacher: nn.Module, cfg: DetDistillConfig
             for handle in handles:
                 handle.remove()
         if "student" not in seen:  # a skipped batch: the base loss is already a zero
-            return {**losses, "soft_classification": losses[next(iter(losses))] * 0.0,
-                    "soft_bbox_regression": losses[next(iter(losses))] * 0.0}
+            zero = next(iter(losses.values())) * 0.0
+            return {**losses, "soft_classification": zero, "soft_bbox_regression": zero}
         with torch.no_grad():
             target = _head_outputs(teacher, seen["inputs"])
         return {**losses, **soft_target_losses(seen["student"], target, _activation(net), cfg)}
