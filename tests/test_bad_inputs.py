@@ -722,6 +722,31 @@ def test_a_second_run_into_a_busy_folder_is_refused(material, tmp_path, capsys):
     assert not (run / ".mnapps-run.lock").exists()
 
 
+def test_a_ctrl_c_that_lands_in_a_finaliser_still_stops_the_run(tmp_path):
+    # Python ignores a KeyboardInterrupt raised in a __del__ (it only reports it): while a run
+    # folder is locked, it must reach the main code anyway, as if Ctrl-C came a moment later.
+    script = f"""
+import time
+from mnapps.engine.run_lock import RunLock
+class Finalised:
+    def __del__(self):
+        raise KeyboardInterrupt
+with RunLock({str(tmp_path / "run")!r}):
+    try:
+        Finalised()
+        started = time.monotonic()
+        while time.monotonic() - started < 20:
+            pass
+        print("went on")
+    except KeyboardInterrupt:
+        print("stopped")
+"""
+    result = subprocess.run([sys.executable, "-c", script], env=_tool_env(), capture_output=True, text=True,
+                            timeout=120, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    assert result.stdout.strip() == "stopped", result.stderr[-2000:]
+    assert "Exception ignored in sys.unraisablehook" not in result.stderr
+
+
 def test_ctrl_c_prints_where_the_checkpoint_is_and_how_to_resume(material, tmp_path):
     run = tmp_path / "run"
     first = _start_long_run(material, run)

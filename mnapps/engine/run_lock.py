@@ -21,13 +21,14 @@ Under ``torchrun`` only rank 0 locks (the other ranks belong to the same run).
 
 from __future__ import annotations
 
+import _thread
 import contextlib
 import fcntl
 import os
 import shlex
-import signal
 import socket
 import sys
+import threading
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -104,9 +105,12 @@ class RunLock:
 
     def _redeliver_interrupt(self, unraisable: Any) -> None:
         # A Ctrl-C that lands inside a finaliser (a progress bar's or a loader's __del__) is
-        # "ignored" by Python and training would go on; deliver it again to the main code.
+        # "ignored" by Python and training would go on; deliver it again to the main code. Not
+        # from here: Python handles a signal raised in this hook at once, inside the hook, and
+        # ignores that KeyboardInterrupt too. A timer thread interrupts the main thread once it
+        # has left the hook (and again, should that Ctrl-C land in a finaliser as well).
         if isinstance(unraisable.exc_value, KeyboardInterrupt):
-            signal.raise_signal(signal.SIGINT)
+            threading.Timer(0.1, _thread.interrupt_main).start()
             return
         self._previous_hook(unraisable)
 
