@@ -36,6 +36,7 @@ from pycocotools.cocoeval import COCOeval
 
 from mnapps.data.image_io import load_rgb
 from mnapps.data.transforms import sample_to_tensors
+from mnapps.eval.plots import coco_precision
 from mnapps.stats import count_macs, count_params
 from mnapps.tasks.detection import load_detector
 
@@ -51,17 +52,6 @@ BACKENDS = ("torch_fp32", "ort_fp32", "ort_int8")
 def coco_scores(gt: COCO, results: list[dict[str, Any]], score_threshold: float) -> dict[str, float]:
     """AP, AP50, recall at IoU 0.5 (all results) and recall at IoU 0.5 of results >= the threshold."""
 
-    def run(dets: list[dict[str, Any]]) -> COCOeval:
-        with contextlib.redirect_stdout(io.StringIO()):
-            evaluator = COCOeval(gt, gt.loadRes(dets) if dets else COCO(), "bbox")
-            evaluator.params.imgIds = sorted(gt.getImgIds())
-            if not dets:
-                return evaluator
-            evaluator.evaluate()
-            evaluator.accumulate()
-            evaluator.summarize()
-        return evaluator
-
     def recall50(evaluator: COCOeval) -> float:
         # recall[T, K, A, M]: IoU 0.5, the (only or mean over) categories, all areas, 100 detections
         values = evaluator.eval["recall"][0, :, 0, -1]
@@ -70,9 +60,9 @@ def coco_scores(gt: COCO, results: list[dict[str, Any]], score_threshold: float)
 
     if not results:
         return {"AP": 0.0, "AP50": 0.0, "recall50": 0.0, "recall50_at_threshold": 0.0}
-    full = run(results)
+    full = coco_precision(gt, results, gt.getImgIds())
     kept = [r for r in results if r["score"] >= score_threshold]
-    at = recall50(run(kept)) if kept else 0.0
+    at = recall50(coco_precision(gt, kept, gt.getImgIds())) if kept else 0.0
     return {"AP": float(full.stats[0]), "AP50": float(full.stats[1]), "recall50": recall50(full),
             "recall50_at_threshold": at}
 
