@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import pytest
@@ -9,6 +10,9 @@ import torch
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = PROJECT_ROOT.parent / "shared" / "data"
+# The lab (tools/lab: benchmarks, paper tables) is no part of the package; its scripts find it
+# beside them, and the tests find it here.
+sys.path.insert(0, str(PROJECT_ROOT / "tools"))
 
 
 @pytest.fixture(autouse=True)

@@ -523,7 +523,7 @@ def test_coco_field_errors_name_the_file_the_entry_and_the_field(name, material,
 
 @pytest.mark.parametrize("name", sorted(TFJS_MALFORMED) + sorted(f"escape_{k}" for k in TFJS_ESCAPING))
 def test_tfjs_manifest_problems_name_the_manifest_and_the_field(name, tmp_path):
-    from mnapps.backbones.tfjs import TfjsWeightsError, read_tfjs_weights
+    from mnapps.importers.tfjs import TfjsWeightsError, read_tfjs_weights
 
     folder = _tfjs_cases_folder(tmp_path, name.removeprefix("escape_"))
     with pytest.raises(TfjsWeightsError) as caught:
@@ -538,7 +538,7 @@ def test_tfjs_manifest_problems_name_the_manifest_and_the_field(name, tmp_path):
 
 
 def test_tfjs_shard_outside_the_folder_is_read_only_when_the_user_allows_it(tmp_path, monkeypatch):
-    from mnapps.backbones.tfjs import read_tfjs_weights
+    from mnapps.importers.tfjs import read_tfjs_weights
 
     folder = _tfjs_cases_folder(tmp_path, "dotdot")
     monkeypatch.setenv("MNAPPS_ALLOW_OUTSIDE_PATHS", "1")
@@ -888,7 +888,7 @@ class _ColourFaces:
         self.faces = faces
 
     def detect(self, image, *, keep_all: bool = False):
-        from mnapps.data.align import DetectedFace
+        from mnapps.tasks.face.data.align import DetectedFace
 
         colour = tuple(int(v) for v in np.asarray(image)[0, 0])
         count = self.faces.get(colour, 1) if keep_all else 1
@@ -902,7 +902,7 @@ def _crop_colour(path: Path) -> list[int]:
 
 
 def test_extra_faces_never_take_another_photos_crop_name_and_resume_keeps_them_apart(tmp_path):
-    from mnapps.data.align import align_folder
+    from mnapps.tasks.face.data.align import align_folder
 
     red, green, blue = (200, 0, 0), (0, 200, 0), (0, 0, 200)
     _solid_photos(tmp_path / "src", {"m.png": red, "m_1.png": green, "m_2.png": blue})
@@ -918,7 +918,7 @@ def test_extra_faces_never_take_another_photos_crop_name_and_resume_keeps_them_a
 
 
 def test_photos_whose_names_nest_get_distinct_crops(tmp_path):
-    from mnapps.data.align import align_folder
+    from mnapps.tasks.face.data.align import align_folder
 
     colours = {"x.jpg": (200, 0, 0), "x.png": (0, 200, 0), "x.jpg.png": (0, 0, 200)}
     _solid_photos(tmp_path / "src", colours)

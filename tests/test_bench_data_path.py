@@ -13,10 +13,10 @@ import torch
 from PIL import Image
 
 import mnapps.data.transforms as transforms_module
-from mnapps.cli.bench_data import main as bench_main
+from lab.bench_data_cli import main as bench_main
 from mnapps.data.coco_index import load_coco_json
-from mnapps.bench.coco_sim import COCO_2017_CATEGORIES, prepare_image_pool, write_coco_simulation
-from mnapps.bench.data_path import (
+from lab.coco_sim import COCO_2017_CATEGORIES, prepare_image_pool, write_coco_simulation
+from lab.data_path import (
     ScaleSettings,
     _annotations_only,
     _build_dataset,
@@ -24,7 +24,7 @@ from mnapps.bench.data_path import (
     measure_loader,
     process_memory,
 )
-from mnapps.bench.data_report import check_acceptance, extrapolate_workers, format_report
+from lab.data_report import check_acceptance, extrapolate_workers, format_report
 from mnapps.data.transforms import build_det_transforms
 
 _MB = 1 << 20

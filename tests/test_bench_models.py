@@ -1,11 +1,11 @@
-"""mnapps.bench.models (tools/benchmark.py): ratios to the peer and to the machine's peak, the
+"""lab.models (tools/benchmark.py): ratios to the peer and to the machine's peak, the
 targets judged from them, and the timer."""
 
 from __future__ import annotations
 
 import pytest
 
-from mnapps.bench.models import BenchRow, _fill_ratios, check_targets, format_table, time_call
+from lab.models import BenchRow, _fill_ratios, check_targets, format_table, time_call
 
 
 def test_benchmark_ratios_and_targets_from_rows():

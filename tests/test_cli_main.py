@@ -76,9 +76,8 @@ def test_train_det_help_is_quick():
 
 @pytest.mark.parametrize("names, table", [
     (choices.HEAD_NAMES, "mnapps.heads:HEADS"),
-    (choices.PRETRAINED_TEACHER_NAMES, "mnapps.distill.teacher:PRETRAINED_TEACHERS"),
+    (choices.PRETRAINED_TEACHER_NAMES, "mnapps.tasks.face.distill.teacher:PRETRAINED_TEACHERS"),
     (choices.CROP_GEOMETRY_NAMES, "mnapps.data.box_crops:CROP_GEOMETRIES"),
-    (choices.BENCH_SECTIONS, "mnapps.bench.models:SECTIONS"),
     (choices.THRESHOLD_RULE_NAMES, "mnapps.export.det_compare:THRESHOLD_RULES"),
 ])  # fmt: skip
 def test_the_light_choice_lists_equal_their_tables(names, table):
@@ -88,8 +87,8 @@ def test_the_light_choice_lists_equal_their_tables(names, table):
 
 
 @pytest.mark.parametrize("value, constant", [
-    (choices.DEFAULT_MIN_FACE_SCORE, "mnapps.data.face_check:DEFAULT_MIN_FACE_SCORE"),
-    (choices.SAME_PERSON_DISTANCE, "mnapps.data.persons:SAME_PERSON_DISTANCE"),
+    (choices.DEFAULT_MIN_FACE_SCORE, "mnapps.tasks.face.data.face_check:DEFAULT_MIN_FACE_SCORE"),
+    (choices.SAME_PERSON_DISTANCE, "mnapps.tasks.face.data.persons:SAME_PERSON_DISTANCE"),
 ])  # fmt: skip
 def test_the_light_defaults_equal_the_library_constants(value, constant):
     module, name = constant.split(":")

@@ -23,7 +23,8 @@ from PIL import Image
 
 from mnapps.backbones import MobileNetV1
 from mnapps.checkpoint import save_checkpoint
-from mnapps.cli import benchmark, classify, eval_det, export, face_pipeline_bench, infer_det, train_cls, train_det
+from lab import benchmark_cli as benchmark, face_pipeline_bench_cli as face_pipeline_bench
+from mnapps.cli import classify, eval_det, export, infer_det, train_cls, train_det
 from mnapps.config import BackboneConfig, to_dict
 from mnapps.data.synthetic_det import ensure_shapes_detection
 from mnapps.heads.ssd import SSDConfig

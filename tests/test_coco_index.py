@@ -20,7 +20,7 @@ import mnapps.data.coco as coco_module
 import mnapps.data.coco_index as coco_index
 from mnapps.data.coco import CocoDetection
 from mnapps.data.coco_index import CACHE_SUFFIX, CocoIndex, index_cache_paths, load_coco_index, load_coco_json
-from mnapps.bench.coco_sim import write_coco_simulation
+from lab.coco_sim import write_coco_simulation
 
 
 def small_coco() -> dict:

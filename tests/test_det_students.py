@@ -18,7 +18,7 @@ from torch import nn
 from mnapps.checkpoint import save_checkpoint
 from mnapps.config import BackboneConfig, to_dict
 from mnapps.heads.ssd import SSDConfig
-from mnapps.tasks.det_students import recalibrate_batchnorm, slim_state_dict, student_checkpoint
+from mnapps.tasks.detection.students import recalibrate_batchnorm, slim_state_dict, student_checkpoint
 from mnapps.cli import make_student
 from mnapps.tasks.detection import DetConfig, DetModelConfig, build_model, load_detector, load_detector_weights
 

@@ -418,7 +418,7 @@ def test_export_tool_rejects_unknown_task(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_tf_slim_weights_export_and_int8_keep_the_reference_top1(shared_data, tmp_path):
-    from mnapps.backbones.tf_slim import build_from_tf_slim, read_tf_slim_tensors
+    from mnapps.importers.tf_slim import build_from_tf_slim, read_tf_slim_tensors
     from PIL import Image
 
     from mnapps.data.image_io import load_rgb

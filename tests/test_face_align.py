@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from mnapps.data.align import NO_FACE_REPORT, UNREADABLE_REPORT, FaceAligner, align_folder, crop_names
+from mnapps.tasks.face.data.align import NO_FACE_REPORT, UNREADABLE_REPORT, FaceAligner, align_folder, crop_names
 
 
 def _no_face_image(size=(200, 150)) -> Image.Image:
@@ -94,7 +94,7 @@ def test_align_folder_real_photos_and_resume(shared_data, tmp_path, aligner):
 
 
 def test_teacher_reproduces_tensorflow_reference_embeddings(shared_data):
-    from mnapps.distill.teacher import build_teacher
+    from mnapps.tasks.face.distill.teacher import build_teacher
 
     reference = np.load(shared_data / "facenet_casia" / "reference_tf_outputs.npz")
     teacher = build_teacher(weights=shared_data / "facenet_casia" / "20180408-102900-casia-webface-features.pt")
@@ -109,7 +109,7 @@ def test_teacher_reproduces_tensorflow_reference_embeddings(shared_data):
 def test_teacher_distance_matrix_of_facenet_pytorch_ci(shared_data):
     """facenet-pytorch's CI distances for casia-webface embeddings of MTCNN crops (4x4 subset:
     bradley_cooper's photo is not shipped). Its CI resizes photos to a 512-pixel shorter side."""
-    from mnapps.distill.teacher import build_teacher
+    from mnapps.tasks.face.distill.teacher import build_teacher
 
     names = ["angelina_jolie", "kate_siegel", "paul_rudd", "shea_whigham"]
     expected = np.array([
@@ -131,8 +131,8 @@ def test_teacher_distance_matrix_of_facenet_pytorch_ci(shared_data):
 @pytest.mark.slow
 def test_teacher_on_deepface_pairs(shared_data, tmp_path):
     """The real teacher with MTCNN crops verifies deepface's 300 pairs at >= 0.99."""
-    from mnapps.distill.teacher import build_teacher
-    from mnapps.eval.face import read_pairs
+    from mnapps.tasks.face.distill.teacher import build_teacher
+    from mnapps.tasks.face.evaluation import read_pairs
     from mnapps.tasks.face import align_pair_images, evaluate_face_verification
 
     deepface = shared_data / "faces" / "deepface"
@@ -153,7 +153,7 @@ class _CentreCrop:
     """A stand-in aligner for naming tests: every image "has" one face, its centre 16x16 pixels."""
 
     def detect(self, image, *, keep_all=False):
-        from mnapps.data.align import DetectedFace
+        from mnapps.tasks.face.data.align import DetectedFace
 
         image = np.asarray(image)
         h, w = image.shape[:2]
@@ -162,7 +162,7 @@ class _CentreCrop:
 
 
 def test_photos_sharing_a_stem_keep_both_crops_and_pairs_find_each(tmp_path):
-    from mnapps.eval.face import read_pairs, resolve_pairs
+    from mnapps.tasks.face.evaluation import read_pairs, resolve_pairs
 
     src = tmp_path / "src"
     src.mkdir()

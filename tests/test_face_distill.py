@@ -16,8 +16,8 @@ from torch import nn
 
 from mnapps.backbones.mobilenet_v1 import BLOCK_SETTINGS
 from mnapps.config import BackboneConfig, ConfigError, TrainConfig
-from mnapps.distill.losses import DistillationLoss, DistillLossConfig, cosine_loss, relational_loss, squared_l2_loss
-from mnapps.distill.teacher import (
+from mnapps.tasks.face.distill.losses import DistillationLoss, DistillLossConfig, cosine_loss, relational_loss, squared_l2_loss
+from mnapps.tasks.face.distill.teacher import (
     FacenetTeacher,
     TeacherWeightsError,
     build_teacher,
@@ -223,7 +223,7 @@ class _CountingTeacher(FacenetTeacher):
 
 
 def test_face_folder_and_teacher_cache_reuse(tmp_path):
-    from mnapps.data.faces import FaceFolder, face_collate, split_holdout
+    from mnapps.tasks.face.data.faces import FaceFolder, face_collate, split_holdout
 
     _write_faces(tmp_path / "faces")
     (tmp_path / "faces" / "person_0" / "broken.png").write_bytes(b"nope")
@@ -287,7 +287,7 @@ def _trunk_counts(width: float, size: int) -> tuple[int, int]:
 
 
 def test_face_stats_rows_match_hand_counts():
-    from mnapps.stats import ROWS, measure
+    from lab.paper_tables import ROWS, measure
 
     rows = {row.name: row for row in ROWS}
     face = measure(rows["face_mobilenet_v1_1.0_160"])
@@ -300,7 +300,7 @@ def test_face_stats_rows_match_hand_counts():
 
 
 def test_teacher_stats_row(shared_data):
-    from mnapps.stats import ROWS, measure
+    from lab.paper_tables import ROWS, measure
 
     row = next(r for r in ROWS if r.name == "facenet_inception_resnet_v1_160")
     result = measure(row)
@@ -345,7 +345,7 @@ def test_distillation_mechanics_run_resume_refusal_and_summary(tmp_path, monkeyp
     spread and the reference points; a second run into the same folder is refused before any
     data work unless --overwrite; a mixed-view run needs the online teacher."""
     from mnapps.config import replace
-    from mnapps.distill.warm_start import WarmStartConfig
+    from mnapps.tasks.face.distill.warm_start import WarmStartConfig
     from mnapps.engine.loop import RunFolderError
     from mnapps.tasks.face import distill_face, load_face_embedder
 
@@ -412,7 +412,7 @@ def test_backbone_weights_come_from_the_config_or_the_flag(tmp_path):
 
 
 def test_mix_faces_by_hand():
-    from mnapps.distill.views import mix_faces
+    from mnapps.tasks.face.distill.views import mix_faces
 
     images = torch.stack([torch.zeros(3, 8, 8), torch.ones(3, 8, 8)])
     assert mix_faces(images, prob=0.0) is images
@@ -453,7 +453,7 @@ def test_pair_agreement_by_hand():
 
 
 def test_repeated_faces_and_strong_augmentation(tmp_path):
-    from mnapps.data.faces import FaceFolder, RepeatedFaces, build_face_transforms
+    from mnapps.tasks.face.data.faces import FaceFolder, RepeatedFaces, build_face_transforms
 
     _write_faces(tmp_path / "faces", count=3, size=40)
     folder = FaceFolder(tmp_path / "faces", transform=build_face_transforms(True, 32, strength="strong", erasing=1.0))
@@ -477,8 +477,8 @@ def test_calibration_scope_decides_how_stable_the_random_teacher_is(tmp_path):
     CASIA-WebFace teacher on the same crops)."""
     import torch.nn.functional as F
 
-    from mnapps.data.faces import FaceFolder, build_face_transforms
-    from mnapps.data.synthetic_faces import ensure_synthetic_faces
+    from mnapps.tasks.face.data.faces import FaceFolder, build_face_transforms
+    from mnapps.tasks.face.data.synthetic_faces import ensure_synthetic_faces
 
     paths = ensure_synthetic_faces(tmp_path, train_identities=8, val_identities=1, images_per_identity=3)
     crops = FaceFolder(paths.train, transform=build_face_transforms(False, 160))
@@ -507,8 +507,8 @@ def test_collapse_guard_catches_generated_faces_with_the_real_teacher(shared_dat
     and the evaluation must both say so, loudly; the teacher on the same real faces must not
     trip the guard."""
     from mnapps.data.image_io import list_images
-    from mnapps.data.synthetic_faces import ensure_synthetic_faces
-    from mnapps.eval.face import collapse_warning, embed_faces, embedding_spread
+    from mnapps.tasks.face.data.synthetic_faces import ensure_synthetic_faces
+    from mnapps.tasks.face.evaluation import collapse_warning, embed_faces, embedding_spread
     from mnapps.tasks.face import FaceDataConfig, FaceDistillConfig, TeacherConfig, distill_face, load_face_embedder
 
     weights = shared_data / "facenet_casia" / "20180408-102900-casia-webface-features.pt"
@@ -554,7 +554,15 @@ def test_distill_face_tool_errors_are_one_line_and_benchmark_prints(tmp_path, ca
     with pytest.raises(SystemExit):
         main(["--config", str(config), "--resume", "--overwrite"])
     capsys.readouterr()
-    assert main(["--config", str(config), "--benchmark-steps", "1", "--device", "cpu"]) == 0
+
+
+def test_the_distillation_step_benchmark_times_both_ways(tmp_path, capsys):
+    from bench_distill_step import main as bench_main
+
+    _flat_images(tmp_path / "train", 8, seed=0, size=64)
+    _flat_images(tmp_path / "val", 4, seed=1, size=64)
+    config = save_config(_smoke_config(tmp_path), tmp_path / "face.yaml")
+    assert bench_main(["--config", str(config), "--steps", "1", "--device", "cpu"]) == 0
     out = capsys.readouterr().out
     assert "teacher embeddings cached" in out and "teacher in the step" in out and "% of it" in out
 
@@ -563,7 +571,7 @@ def test_ridge_warm_start_solves_the_embedding_layer_in_closed_form():
     """The student's Linear+BatchNorm must compute x_std @ W with W the ridge solution worked out
     here independently (numpy, normal equations), in eval mode and, with frozen_embedding_bn,
     in train mode too."""
-    from mnapps.distill.warm_start import ridge_embedding_init
+    from mnapps.tasks.face.distill.warm_start import ridge_embedding_init
 
     torch.manual_seed(0)
     cfg = FaceModelConfig(backbone=BackboneConfig(width_mult=0.25, frozen_bn=True), input_size=32,

@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from mnapps.eval.face import (
+from mnapps.tasks.face.evaluation import (
     COLLAPSE_COSINE,
     accuracy_at_threshold,
     collapse_warning,
@@ -250,7 +250,7 @@ class _MeanColour(torch.nn.Module):
 
 
 def test_embed_faces_one_loop_for_files_and_folders(tmp_path):
-    from mnapps.data.faces import FaceFolder
+    from mnapps.tasks.face.data.faces import FaceFolder
 
     _write_png(tmp_path / "red.png", (255, 0, 0))
     _write_png(tmp_path / "green.png", (0, 255, 0))

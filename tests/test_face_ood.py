@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from mnapps.distill.ood import RandomPhotoCrops
+from mnapps.tasks.face.distill.ood import RandomPhotoCrops
 
 
 def _photos(tmp_path):

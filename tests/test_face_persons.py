@@ -11,13 +11,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mnapps.data.persons import (
+from mnapps.tasks.face.data.persons import (
     check_person_disjoint,
     name_from_identity,
     person_labels,
     split_by_person,
 )
-from mnapps.distill.protocol import pair_image_name, score_subsets, seen_pairs
+from mnapps.tasks.face.distill.protocol import pair_image_name, score_subsets, seen_pairs
 
 
 def test_names_come_from_identity_folders_not_from_generic_ones():
@@ -95,9 +95,9 @@ def test_seen_pairs_by_name_distance_and_same_pair():
 
 
 def test_real_teacher_groups_lookalikes_and_split_keeps_them_together(shared_data):
-    from mnapps.data.faces import FaceFolder
-    from mnapps.distill.teacher import build_teacher
-    from mnapps.eval.face import embed_faces
+    from mnapps.tasks.face.data.faces import FaceFolder
+    from mnapps.tasks.face.distill.teacher import build_teacher
+    from mnapps.tasks.face.evaluation import embed_faces
 
     folder = FaceFolder(shared_data / "facenet_test_images" / "test_images_aligned")
     teacher = build_teacher(None, weights=shared_data / "facenet_casia" / "20180408-102900-casia-webface-features.pt")

@@ -1,4 +1,4 @@
-"""Whole face pipelines (mnapps.bench.face_pipeline, tools/face_pipeline_bench.py --embedder):
+"""Whole face pipelines (lab.face_pipeline, tools/face_pipeline_bench.py --embedder):
 crops embedded as the evaluation embeds them, ONNX Runtime runners equal to the PyTorch models,
 and the benchmark timing and scoring the small pipeline beside MTCNN + the teacher."""
 
@@ -13,11 +13,11 @@ from PIL import Image
 from torch import nn
 from torchvision.ops import box_iou
 
-from mnapps.bench.face_pipeline import OrtEmbedder, embed_crops, ort_box_detector
+from lab.face_pipeline import OrtEmbedder, embed_crops, ort_box_detector
 from mnapps.checkpoint import Checkpoint
-from mnapps.cli import face_pipeline_bench
+from lab import face_pipeline_bench_cli as face_pipeline_bench
 from mnapps.config import BackboneConfig, to_dict
-from mnapps.eval.face import embed_faces
+from mnapps.tasks.face.evaluation import embed_faces
 from mnapps.export.pipeline import export_checkpoint
 from mnapps.heads.face_embedding import FaceModelConfig, build_face_embedder
 from mnapps.tasks.detection import box_detector, load_detector

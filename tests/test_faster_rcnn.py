@@ -21,7 +21,8 @@ from mnapps.heads.faster_rcnn import (
     build_faster_rcnn,
     build_faster_rcnn_fpn,
 )
-from mnapps.stats import ROWS, count_macs, count_params, measure
+from lab.paper_tables import ROWS, measure
+from mnapps.stats import count_macs, count_params
 
 SMALL = FasterRCNNConfig(min_size=128, max_size=128, rpn_pre_nms_top_n_train=300, box_batch_size_per_image=32)
 SMALL_FPN = FasterRCNNConfig(

@@ -235,7 +235,7 @@ def test_trainable_stages_freezes_the_early_trunk():
 
 @pytest.mark.slow
 def test_stats_row_within_five_percent_of_paper():
-    from mnapps.stats import ROWS, measure
+    from lab.paper_tables import ROWS, measure
 
     row = next(r for r in ROWS if r.name == "ssd300_mobilenet_v1")
     measured = measure(row)

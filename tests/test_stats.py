@@ -8,8 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from mnapps import stats
-from mnapps.stats import StatsRow, count_macs, count_params, measure
+from lab import paper_tables as stats
+from lab.paper_tables import StatsRow, measure
+from mnapps.stats import count_macs, count_params
 
 # Typed from arXiv 1704.04861 (millions): Table 6 (width), Table 7 (resolution), Table 4
 # (Conv MobileNet), Table 5 (Shallow MobileNet). (name, Mult-Adds M, Parameters M).
@@ -59,7 +60,7 @@ def test_counters_on_a_hand_computed_model():
 
 
 def _load_tool():
-    module = importlib.import_module("mnapps.cli.model_stats")
+    module = importlib.import_module("lab.model_stats_cli")
     return module
 
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mnapps.data.synthetic_faces import ensure_synthetic_faces, render_face, sample_identity
+from mnapps.tasks.face.data.synthetic_faces import ensure_synthetic_faces, render_face, sample_identity
 
 
 def _pixels(root):
@@ -41,7 +41,7 @@ def test_bad_sizes_are_refused(tmp_path):
 
 def test_a_twin_that_finishes_first_keeps_its_copy(tmp_path, monkeypatch):
     """Two torchrun ranks may generate at once; the later one must not delete the earlier copy."""
-    import mnapps.data.synthetic_faces as module
+    import mnapps.tasks.face.data.synthetic_faces as module
 
     settings = dict(train_identities=1, val_identities=1, images_per_identity=1, image_size=64, workers=1)
     twin = ensure_synthetic_faces(tmp_path / "twin", **settings)

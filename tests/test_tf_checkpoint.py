@@ -16,8 +16,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mnapps.backbones import tf_checkpoint
-from mnapps.backbones.tf_checkpoint import (
+from mnapps.importers import tf_checkpoint
+from mnapps.importers.tf_checkpoint import (
     TFCheckpointError,
     crc32c,
     read_tf_checkpoint,

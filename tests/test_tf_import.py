@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from mnapps.backbones import MobileNetV1
-from mnapps.backbones.tf_slim import build_from_tf_slim, read_tf_slim_tensors, tf_slim_to_state_dict
+from mnapps.importers.tf_slim import build_from_tf_slim, read_tf_slim_tensors, tf_slim_to_state_dict
 from mnapps.backbones.trunk import load_backbone_weights
 from mnapps.tasks.classification import import_tf_slim_checkpoint
 

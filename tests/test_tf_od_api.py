@@ -12,11 +12,11 @@ import torch
 import torch.nn.functional as F
 from torchvision.ops import box_iou
 
-from mnapps.backbones.tfjs import read_tfjs_weights
+from mnapps.importers.tfjs import read_tfjs_weights
 from mnapps.config import BackboneConfig
 from mnapps.data.image_io import load_rgb
 from mnapps.heads.ssd import SigmoidSSD, SSDConfig, TFResizeTransform, build_ssd, tf_pad_resize, tf_resize_bilinear
-from mnapps.heads.tf_od_api import (
+from mnapps.importers.tf_od_api import (
     decode_all_anchors,
     import_tf_od_api_ssd,
     normalized_anchors,

@@ -18,13 +18,14 @@ from PIL import Image
 from torchvision.ops import box_iou
 
 from mnapps.checkpoint import load_checkpoint, save_checkpoint
-from mnapps.cli import eval_det, face_pipeline_bench, import_weights, infer_det, train_det
+from lab import face_pipeline_bench_cli as face_pipeline_bench
+from mnapps.cli import eval_det, import_weights, infer_det, train_det
 from mnapps.data.box_crops import SQUARE, BoxFaceAligner, CropGeometry, crop_region, cut_crop
 from mnapps.data.image_io import load_rgb
 from mnapps.export.onnx import OrtSSD
 from mnapps.export.pipeline import export_checkpoint, load_export_spec
 from mnapps.heads.ssd import SigmoidSSD, TFResizeTransform
-from mnapps.heads.tf_od_api import decode_all_anchors, import_tf_od_api_ssd
+from mnapps.importers.tf_od_api import decode_all_anchors, import_tf_od_api_ssd
 from mnapps.tasks.detection import (
     box_detector,
     build_model,

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mnapps.backbones.tfjs import TfjsWeightsError, find_tfjs_manifest, read_tfjs_weights
+from mnapps.importers.tfjs import TfjsWeightsError, find_tfjs_manifest, read_tfjs_weights
 
 
 def write_tfjs(folder: Path, entries: list[dict], shard_sizes: list[int] | None = None,

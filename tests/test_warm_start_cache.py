@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from mnapps.distill.warm_start import ridge_embedding_init, views_cache_path
+from mnapps.tasks.face.distill.warm_start import ridge_embedding_init, views_cache_path
 from mnapps.heads.face_embedding import FaceModelConfig, build_face_embedder
 from mnapps.config import BackboneConfig
 

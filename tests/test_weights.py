@@ -202,7 +202,7 @@ def test_configs_name_weights_by_name_not_by_relative_path():
 def test_a_teacher_is_built_from_its_weights_name(tmp_path, monkeypatch):
     """Configs name the teacher (teacher.weights: facenet_casia_webface): every path that builds one
     reads the cached checkpoint, and a name not fetched yet says how to fetch it."""
-    from mnapps.distill.teacher import _inception_resnet_v1, load_teacher_state_dict
+    from mnapps.tasks.face.distill.teacher import _inception_resnet_v1, load_teacher_state_dict
     from mnapps.weights import WeightsError, checkpoint_path
 
     monkeypatch.setenv("MNAPPS_CACHE", str(tmp_path / "cache"))

@@ -1,9 +1,9 @@
 #!/usr/bin/env python
-"""`mnapps-bench-data`: see mnapps/cli/bench_data.py (or run with --help)."""
+"""`mnapps-bench-data`: see tools/lab/bench_data_cli.py (or run with --help)."""
 
 import sys
 
-from mnapps.cli.bench_data import main
+from lab.bench_data_cli import main
 
 if __name__ == "__main__":
     sys.exit(main())

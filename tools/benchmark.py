@@ -1,9 +1,9 @@
 #!/usr/bin/env python
-"""`mnapps-benchmark`: see mnapps/cli/benchmark.py (or run with --help)."""
+"""`mnapps-benchmark`: see tools/lab/benchmark_cli.py (or run with --help)."""
 
 import sys
 
-from mnapps.cli.benchmark import main
+from lab.benchmark_cli import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -1,9 +1,9 @@
 #!/usr/bin/env python
-"""`mnapps-face-pipeline-bench`: see mnapps/cli/face_pipeline_bench.py (or run with --help)."""
+"""`mnapps-face-pipeline-bench`: see tools/lab/face_pipeline_bench_cli.py (or run with --help)."""
 
 import sys
 
-from mnapps.cli.face_pipeline_bench import main
+from lab.face_pipeline_bench_cli import main
 
 if __name__ == "__main__":
     sys.exit(main())

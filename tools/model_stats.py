@@ -1,9 +1,9 @@
 #!/usr/bin/env python
-"""`mnapps-model-stats`: see mnapps/cli/model_stats.py (or run with --help)."""
+"""`mnapps-model-stats`: see tools/lab/model_stats_cli.py (or run with --help)."""
 
 import sys
 
-from mnapps.cli.model_stats import main
+from lab.model_stats_cli import main
 
 if __name__ == "__main__":
     sys.exit(main())

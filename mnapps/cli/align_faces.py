@@ -88,9 +88,9 @@ def _import_heavy() -> None:
     """Import torch and the tasks, after the arguments are parsed: --help answers at once."""
     global NO_FACE_REPORT, FaceAligner, align_folder, CROP_GEOMETRIES, BoxFaceAligner, resolve_device, box_detector, load_detector
     global FaceCheck, FaceCheckingAligner
-    from mnapps.data.align import NO_FACE_REPORT, FaceAligner, align_folder
+    from mnapps.tasks.face.data.align import NO_FACE_REPORT, FaceAligner, align_folder
     from mnapps.data.box_crops import CROP_GEOMETRIES, BoxFaceAligner
-    from mnapps.data.face_check import FaceCheck, FaceCheckingAligner
+    from mnapps.tasks.face.data.face_check import FaceCheck, FaceCheckingAligner
     from mnapps.engine.distributed import resolve_device
     from mnapps.tasks.detection import box_detector, load_detector
 

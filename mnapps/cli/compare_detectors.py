@@ -127,7 +127,7 @@ def _import_heavy() -> None:
     """Import torch and the tasks, after the arguments are parsed: --help answers at once."""
     global BACKENDS, compare_detectors, read_photo_list
     from mnapps.export.det_compare import BACKENDS, compare_detectors
-    from mnapps.tasks.pseudo_labels import read_photo_list
+    from mnapps.tasks.detection.pseudo_labels import read_photo_list
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -61,9 +61,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--overwrite", action="store_true",
                         help="start over in an OUTPUT_DIR that already holds checkpoints (replaces them)")
     parser.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
-    parser.add_argument("--benchmark-steps", type=int, default=None, metavar="N",
-                        help="instead of training, time N distillation steps with cached targets and N with the "
-                             "teacher in the step, and print images/s and the teacher's share")
     args = parser.parse_args(argv)
     if args.resume and args.overwrite:
         parser.error("--resume continues the run in OUTPUT_DIR and --overwrite starts it over: give one of them")
@@ -105,25 +102,15 @@ def _report(summary: dict) -> str:
     )
 
 
-def _benchmark_report(result: dict) -> str:
-    cached, online = result["cached"], result["online"]
-    return (
-        f"distillation step, batch {result['batch_size']} on {result['device']}:\n"
-        f"  teacher embeddings cached:  {cached['images_per_s']:7.1f} images/s ({1000 * cached['step_s']:.0f} ms/step)\n"
-        f"  teacher in the step:        {online['images_per_s']:7.1f} images/s ({1000 * online['step_s']:.0f} ms/step, "
-        f"teacher {1000 * online['teacher_s']:.0f} ms = {100 * online['teacher_share']:.0f}% of it)"
-    )
-
-
 def _import_heavy() -> None:
     """Import torch and the tasks, after the arguments are parsed: --help answers at once."""
-    global PRETRAINED_TEACHERS, TeacherWeightsError, resolve_device, NonFiniteLossError, benchmark_distill_step, distill_face, load_distill_config
+    global PRETRAINED_TEACHERS, TeacherWeightsError, resolve_device, NonFiniteLossError, distill_face, load_distill_config
     global claim_run_folder, report_interrupt
-    from mnapps.distill.teacher import PRETRAINED_TEACHERS, TeacherWeightsError
+    from mnapps.tasks.face.distill.teacher import PRETRAINED_TEACHERS, TeacherWeightsError
     from mnapps.engine.distributed import resolve_device
     from mnapps.engine.loop import NonFiniteLossError
     from mnapps.engine.run_lock import claim_run_folder, report_interrupt
-    from mnapps.tasks.face import benchmark_distill_step, distill_face, load_distill_config
+    from mnapps.tasks.face import distill_face, load_distill_config
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -135,10 +122,6 @@ def main(argv: list[str] | None = None) -> int:
         if args.output_dir.exists() and not args.output_dir.is_dir():
             raise ValueError(f"--output-dir {args.output_dir} is an existing file; give a folder for the run")
         cfg = load_distill_config(config_path, _overrides(args))
-        if args.benchmark_steps is not None:
-            print(_benchmark_report(benchmark_distill_step(cfg, steps=args.benchmark_steps, device=args.device,
-                                                           weights_backbone=args.weights_backbone)))
-            return 0
         with claim_run_folder(args.output_dir, resume=args.resume or None, overwrite=args.overwrite) as claim:
             summary = distill_face(cfg, output_dir=args.output_dir, resume=args.resume or None, device=args.device,
                                    weights_backbone=args.weights_backbone, overwrite=claim.overwrite)

@@ -65,9 +65,9 @@ def _import_heavy() -> None:
     """Import torch and the tasks, after the arguments are parsed: --help answers at once."""
     global torch, PRETRAINED_TEACHERS, TeacherWeightsError, build_teacher, resolve_device, embed_faces, load_face_embedder
     import torch
-    from mnapps.distill.teacher import PRETRAINED_TEACHERS, TeacherWeightsError, build_teacher
+    from mnapps.tasks.face.distill.teacher import PRETRAINED_TEACHERS, TeacherWeightsError, build_teacher
     from mnapps.engine.distributed import resolve_device
-    from mnapps.eval.face import embed_faces
+    from mnapps.tasks.face.evaluation import embed_faces
     from mnapps.tasks.face import load_face_embedder
 
 

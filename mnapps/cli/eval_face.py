@@ -122,10 +122,10 @@ def _import_heavy() -> None:
     global torch, PRETRAINED_TEACHERS, TeacherWeightsError, build_teacher, resolve_device, collapse_warning, format_verification_table, plot_roc, read_pairs, align_pair_images, evaluate_face_verification, load_face_embedder, load_trunk_embedder
     global mark_seen, score_subsets
     import torch
-    from mnapps.distill.protocol import mark_seen, score_subsets
-    from mnapps.distill.teacher import PRETRAINED_TEACHERS, TeacherWeightsError, build_teacher
+    from mnapps.tasks.face.distill.protocol import mark_seen, score_subsets
+    from mnapps.tasks.face.distill.teacher import PRETRAINED_TEACHERS, TeacherWeightsError, build_teacher
     from mnapps.engine.distributed import resolve_device
-    from mnapps.eval.face import collapse_warning, format_verification_table, plot_roc, read_pairs
+    from mnapps.tasks.face.evaluation import collapse_warning, format_verification_table, plot_roc, read_pairs
     from mnapps.tasks.face import align_pair_images, evaluate_face_verification, load_face_embedder, load_trunk_embedder
 
 

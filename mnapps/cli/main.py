@@ -27,10 +27,6 @@ VERBS: dict[str, tuple[str, str]] = {
     "classify": ("classify", "classify images with a classifier checkpoint (e.g. ImageNet)"),
     "export": ("export", "export a checkpoint to ONNX (BatchNorm folded, parity-checked), optionally int8"),
     "import-weights": ("import_weights", "convert TF-slim / TF OD API / TF.js weights into a checkpoint"),
-    "model-stats": ("model_stats", "parameters and MACs of the models against the paper's tables"),
-    "benchmark": ("benchmark", "speed of the classifier, SSD and a training step"),
-    "bench-data": ("bench_data", "data-loading memory and speed at COCO scale"),
-    "face-pipeline-bench": ("face_pipeline_bench", "detector + aligner + embedder on real photos, end to end"),
 }
 
 

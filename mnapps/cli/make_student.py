@@ -49,8 +49,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def _import_heavy() -> None:
     """Import torch and the tasks, after the arguments are parsed: --help answers at once."""
     global student_checkpoint, select_photos
-    from mnapps.tasks.det_students import student_checkpoint
-    from mnapps.tasks.pseudo_labels import select_photos
+    from mnapps.tasks.detection.students import student_checkpoint
+    from mnapps.tasks.detection.pseudo_labels import select_photos
 
 
 def main(argv: list[str] | None = None) -> int:

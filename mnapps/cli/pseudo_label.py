@@ -53,7 +53,7 @@ def _import_heavy() -> None:
     """Import torch and the tasks, after the arguments are parsed: --help answers at once."""
     global resolve_device, select_photos, write_pseudo_labels
     from mnapps.engine.distributed import resolve_device
-    from mnapps.tasks.pseudo_labels import select_photos, write_pseudo_labels
+    from mnapps.tasks.detection.pseudo_labels import select_photos, write_pseudo_labels
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from mnapps.distill.teacher import build_teacher, load_teacher_state_dict
+from mnapps.tasks.face.distill.teacher import build_teacher, load_teacher_state_dict
 from mnapps.tasks.classification import import_tf_slim_checkpoint
 from mnapps.tasks.detection import import_tf_od_api_ssd_checkpoint
 

@@ -4,7 +4,7 @@ This module owns turning detector boxes into the 160x160 face crops the FaceNet 
 the students take, for any detector given as a callable ``image uint8[H, W, 3] -> (boxes
 float[N, 4] xyxy pixels, scores float[N])`` (``mnapps.tasks.detection.box_detector`` builds one
 from an mnapps detector checkpoint, e.g. face-api.js's SSD imported by ``tools/import_weights.py
---kind ssd``). :class:`BoxFaceAligner` has :class:`mnapps.data.align.FaceAligner`'s interface
+--kind ssd``). :class:`BoxFaceAligner` has :class:`mnapps.tasks.face.data.align.FaceAligner`'s interface
 (``detect(image, keep_all=)`` -> faces with ``.crop``; ``aligner(images)`` -> crops), so
 ``align_folder`` takes either.
 
@@ -73,7 +73,7 @@ CROP_GEOMETRIES = {"mtcnn": MTCNN_LIKE, "square": SQUARE}
 
 @dataclass
 class BoxFace:
-    """One face found by the box detector (the fields :class:`mnapps.data.align.DetectedFace` has).
+    """One face found by the box detector (the fields :class:`mnapps.tasks.face.data.align.DetectedFace` has).
 
     Attributes:
         crop: ``uint8[S, S, 3]`` RGB crop.
@@ -129,7 +129,7 @@ def cut_crop(image: np.ndarray, region: Sequence[float], image_size: int = 160, 
 
 
 class BoxFaceAligner:
-    """Face crops from a box detector, with :class:`mnapps.data.align.FaceAligner`'s interface.
+    """Face crops from a box detector, with :class:`mnapps.tasks.face.data.align.FaceAligner`'s interface.
 
     Args:
         detector: ``image uint8[H, W, 3] -> (boxes [N, 4] xyxy pixels, scores [N])``.

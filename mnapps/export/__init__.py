@@ -5,7 +5,7 @@ Submodules: :mod:`~mnapps.export.fuse` (BatchNorm folding), :mod:`~mnapps.export
 and :mod:`~mnapps.export.detection` (an SSD split into its graph and the shared decoding + NMS),
 :mod:`~mnapps.export.onnx` (export, ONNX Runtime sessions, parity checks),
 :mod:`~mnapps.export.quantize` (static int8), :mod:`~mnapps.export.pipeline` (checkpoint ->
-checked ONNX files, used by ``tools/export.py``) and :mod:`~mnapps.bench.models` (used by
+checked ONNX files, used by ``tools/export.py``) and :mod:`~lab.models` (used by
 ``tools/benchmark.py``). The ONNX modules need the ``export`` extra (onnx, onnxruntime,
 onnxscript) and are not imported here.
 """

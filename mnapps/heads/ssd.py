@@ -19,7 +19,7 @@ Differences from the TF API, on purpose: by default classification uses torchvis
 cross-entropy and softmax scores instead of TF's sigmoid, and images are stretched to the square
 input by torchvision's bilinear resize; everything else (anchors, extra layers, predictor kernel,
 box coder, matching, 3:1 mining) follows ``ssd_mobilenet_v1_coco.config``. Models imported from
-TensorFlow (:mod:`mnapps.heads.tf_od_api`) set ``score_activation="sigmoid"`` (:class:`~mnapps.heads.ssd_tf.SigmoidSSD`)
+TensorFlow (:mod:`mnapps.importers.tf_od_api`) set ``score_activation="sigmoid"`` (:class:`~mnapps.heads.ssd_tf.SigmoidSSD`)
 and ``preprocess="tf_resize"`` or ``"tf_pad_resize"`` (:class:`~mnapps.heads.ssd_tf.TFResizeTransform`) to reproduce
 their source.
 """

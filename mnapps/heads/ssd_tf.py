@@ -1,7 +1,7 @@
 """The TF Object Detection API's conventions for an SSD: TF's bilinear resize and sigmoid scores.
 
 This module owns what an SSD needs to reproduce a model trained in TensorFlow
-(:mod:`mnapps.heads.tf_od_api` imports them): :func:`tf_resize_bilinear` (TF's legacy
+(:mod:`mnapps.importers.tf_od_api` imports them): :func:`tf_resize_bilinear` (TF's legacy
 ``align_corners=False, half_pixel_centers=False`` resize), :func:`tf_pad_resize` (face-api.js:
 pad to a square first), :class:`TFResizeTransform` (both as a torchvision detection transform)
 and :class:`SigmoidSSD` (per-class sigmoid scores and loss). :func:`mnapps.heads.ssd.build_ssd`

@@ -33,7 +33,7 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from mnapps.backbones import MobileNetV1, prepare_trunk
-from mnapps.backbones.tf_slim import TfSlimImport, build_from_tf_slim, read_tf_slim_tensors
+from mnapps.importers.tf_slim import TfSlimImport, build_from_tf_slim, read_tf_slim_tensors
 from mnapps.checkpoint import Checkpoint, read_task_checkpoint
 from mnapps.config import BackboneConfig, TaskConfig, replace, to_dict
 from mnapps.data.image_io import ImageReadError, load_rgb

@@ -1,7 +1,7 @@
 """Detectors trained elsewhere: TF Object Detection API ``ssd_mobilenet_v1`` weights as an mnapps checkpoint.
 
 This module owns :func:`import_tf_od_api_ssd_checkpoint`, which turns the weights read by
-:mod:`mnapps.heads.tf_od_api` into a detection :class:`mnapps.checkpoint.Checkpoint` recording a
+:mod:`mnapps.importers.tf_od_api` into a detection :class:`mnapps.checkpoint.Checkpoint` recording a
 full :class:`DetConfig`, so every loader, ``train_det --weights`` and export rebuild the source
 model from it.
 """
@@ -14,10 +14,10 @@ import zipfile
 from pathlib import Path
 from typing import Sequence
 
-from mnapps.backbones.tf_checkpoint import check_finite_tensors
+from mnapps.importers.tf_checkpoint import check_finite_tensors
 from mnapps.checkpoint import Checkpoint
 from mnapps.config import to_dict
-from mnapps.heads.tf_od_api import InterpolatedAnchor, TFImportedSSD, import_tf_od_api_ssd, keep_first_classes
+from mnapps.importers.tf_od_api import InterpolatedAnchor, TFImportedSSD, import_tf_od_api_ssd, keep_first_classes
 
 from .config import DetConfig, DetModelConfig
 
@@ -60,20 +60,20 @@ def import_tf_od_api_ssd_checkpoint(
 
     Args:
         source: a TF.js weights folder (or its manifest), an ``.npz`` of TF names, or a TF
-            checkpoint prefix (see :func:`mnapps.heads.tf_od_api.import_tf_od_api_ssd`).
+            checkpoint prefix (see :func:`mnapps.importers.tf_od_api.import_tf_od_api_ssd`).
         output: the ``.pt`` to write (atomically).
         size: input side; default the file's own (TF.js), else 300.
         interpolated_anchor: the source's anchor order; default read from the file's anchors
             when it has them, else ``"last"`` (the TF OD API since 2018).
         class_names: the foreground classes, in logit order. Fewer names than classes keep only
             the first ones (exact: scores are per-class sigmoids, see
-            :func:`mnapps.heads.tf_od_api.keep_first_classes`). Default: ``face`` alone for
+            :func:`mnapps.importers.tf_od_api.keep_first_classes`). Default: ``face`` alone for
             face-api.js's layout (it reports only that logit), ``class_1, ...`` (all) otherwise.
         score_threshold, nms_threshold: inference settings to record; default the SSD's
             (0.01) and, for NMS, 0.5 for face-api.js's layout (its own) or 0.6 (the TF OD API's).
 
     Returns:
-        ``(path, info)``: ``info`` is the import (:class:`~mnapps.heads.tf_od_api.TFImportedSSD`)
+        ``(path, info)``: ``info`` is the import (:class:`~mnapps.importers.tf_od_api.TFImportedSSD`)
         with the recorded ``ssd`` settings and ``class_names``.
 
     Raises:

@@ -20,16 +20,14 @@ do beyond parsing arguments, one thing per module:
 * :mod:`.verify`: :func:`evaluate_face_verification`, the pair evaluation behind
   ``tools/eval_face.py`` (alignment on request, one embedding pass per model, metrics, spread,
   ROC curves);
-* :mod:`.throughput`: :func:`benchmark_distill_step`.
 
 Every public name is importable from the package itself.
 """
 
 from .config import FaceDataConfig, FaceDistillConfig, TeacherConfig, load_distill_config
-from .data import FaceDistillData, build_distill_data, face_datasets, face_image_files
+from .data.datasets import FaceDistillData, build_distill_data, face_datasets, face_image_files
 from .model import face_export_plan, load_face_embedder, load_face_task, load_trunk_embedder
 from .teacher import prepare_teacher
-from .throughput import benchmark_distill_step
 from .train import distill_face, pair_agreement
 from .verify import VerificationResult, align_pair_images, evaluate_face_verification
 
@@ -48,7 +46,6 @@ __all__ = [
     "align_pair_images",
     "evaluate_face_verification",
     "VerificationResult",
-    "benchmark_distill_step",
     "load_face_task",
     "face_export_plan",
     "face_datasets",

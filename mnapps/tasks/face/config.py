@@ -13,9 +13,9 @@ from dataclasses import dataclass, field
 from typing import Literal, Sequence
 
 from mnapps.config import TaskConfig, TrainConfig, load_config
-from mnapps.distill.losses import DistillLossConfig
-from mnapps.distill.teacher import PRETRAINED_TEACHERS
-from mnapps.distill.warm_start import WarmStartConfig
+from mnapps.tasks.face.distill.losses import DistillLossConfig
+from mnapps.tasks.face.distill.teacher import PRETRAINED_TEACHERS
+from mnapps.tasks.face.distill.warm_start import WarmStartConfig
 from mnapps.heads.face_embedding import FaceModelConfig
 
 __all__ = ["TeacherConfig", "FaceDataConfig", "FaceDistillConfig", "load_distill_config", "check_distill_config",
@@ -55,18 +55,18 @@ class FaceDataConfig:
 
     Attributes:
         roots: folders of aligned face crops (identity sub-folders optional); empty: the
-            embedded generated faces (:func:`mnapps.data.synthetic_faces.ensure_synthetic_faces`).
+            embedded generated faces (:func:`mnapps.tasks.face.data.synthetic_faces.ensure_synthetic_faces`).
         val_root: a folder of held-out crops; when empty a share of ``roots`` is held out.
         val_fraction: that share (of files, or of identities with ``split_by_identity``).
         split_by_identity: hold out whole persons, so no person is on both sides: persons are
             named by identity folders and, with a real teacher, joined by its same-person
-            distance (:func:`mnapps.distill.protocol.prepare_pool`); without one, a crop that no
+            distance (:func:`mnapps.tasks.face.distill.protocol.prepare_pool`); without one, a crop that no
             folder names is its own group.
         image_size: side of the crops fed to teacher and student (the student resizes to its
             own ``model.input_size``).
         augment: augment the training crops.
         augment_strength: ``light`` (safe with cached targets) or ``strong`` (for a teacher
-            that embeds each view); see :func:`mnapps.data.faces.build_face_transforms`.
+            that embeds each view); see :func:`mnapps.tasks.face.data.faces.build_face_transforms`.
         random_erasing: probability of erasing one to three rectangles of a view.
         mix_prob: chance that a view is mixed with another crop of its batch (mixup or cutmix;
             needs ``cache_teacher: false``: the teacher must embed the mixed image).
@@ -80,7 +80,7 @@ class FaceDataConfig:
         synthetic_identities, synthetic_images_per_identity: size of the generated training
             set used when ``roots`` is empty (its 10 held-out identities are always the same).
         min_face_score: drop crops that MTCNN, looking again at the crop alone, scores below
-            this (:class:`mnapps.data.face_check.FaceCheck`; 0 keeps every crop).
+            this (:class:`mnapps.tasks.face.data.face_check.FaceCheck`; 0 keeps every crop).
         exclude_people: folders of crops whose people must stay out of training (e.g. the
             evaluation's aligned photos): a crop within ``person_threshold`` of any is dropped.
         person_threshold: the teacher's same-person L2 distance.

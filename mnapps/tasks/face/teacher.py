@@ -14,12 +14,12 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
-from mnapps.data.faces import FaceFolder, face_collate
-from mnapps.distill.teacher import FacenetTeacher, build_teacher, cache_teacher_embeddings, recalibrate_batchnorm
+from mnapps.tasks.face.data.faces import FaceFolder, face_collate
+from mnapps.tasks.face.distill.teacher import FacenetTeacher, build_teacher, cache_teacher_embeddings, recalibrate_batchnorm
 from mnapps.engine.distributed import DistInfo
 
 from .config import TeacherConfig
-from .data import FaceDistillData
+from .data.datasets import FaceDistillData
 
 __all__ = ["prepare_teacher", "teacher_cache"]
 

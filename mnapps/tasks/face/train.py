@@ -6,13 +6,13 @@ trunk from :func:`mnapps.backbones.prepare_trunk`), the targets (the teacher's c
 of the *un-augmented* crops, ``data.cache_teacher``: cheap, but the student then maps a changed
 view to the clean crop's point; or the teacher's embedding of each view it is shown, computed
 online: exact, and the only choice with mixed views), the loss with mixup/cutmix of two faces
-(:func:`mnapps.distill.views.mix_faces`) and the relational terms of
-:mod:`mnapps.distill.losses`, and the embedding warm start.
+(:func:`mnapps.tasks.face.distill.views.mix_faces`) and the relational terms of
+:mod:`mnapps.tasks.face.distill.losses`, and the embedding warm start.
 
 Reference points are printed before training and kept in ``distill_summary.json``: the
 untrained student's held-out cosine and the best *constant* prediction's, which a student must
 beat to have learnt anything image-dependent. Every evaluation also measures the spread of the
-student's held-out embeddings (:func:`mnapps.eval.face.embedding_spread`) and how well its
+student's held-out embeddings (:func:`mnapps.tasks.face.evaluation.embedding_spread`) and how well its
 pairwise similarities follow the teacher's (:func:`pair_agreement`, what verification uses), and
 the run warns loudly when the embeddings collapse. Throughput is printed at the end: images/s of
 a training step and the share of it the teacher took.
@@ -36,22 +36,22 @@ from tqdm.auto import tqdm
 
 from mnapps.config import to_dict
 from mnapps.data.cache import default_cache_dir
-from mnapps.data.faces import build_face_transforms, face_collate
-from mnapps.distill.losses import DistillationLoss
-from mnapps.distill.ood import RandomPhotoCrops
-from mnapps.distill.protocol import write_training_set
-from mnapps.distill.teacher import FacenetTeacher
-from mnapps.distill.views import mix_faces
-from mnapps.distill.warm_start import ridge_embedding_init, views_cache_path
+from mnapps.tasks.face.data.faces import build_face_transforms, face_collate
+from mnapps.tasks.face.distill.losses import DistillationLoss
+from mnapps.tasks.face.distill.ood import RandomPhotoCrops
+from mnapps.tasks.face.distill.protocol import write_training_set
+from mnapps.tasks.face.distill.teacher import FacenetTeacher
+from mnapps.tasks.face.distill.views import mix_faces
+from mnapps.tasks.face.distill.warm_start import ridge_embedding_init, views_cache_path
 from mnapps.engine.distributed import DistInfo, build_train_loader
 from mnapps.engine.loop import TaskHooks, to_device
-from mnapps.eval.face import collapse_warning, embed_faces, embedding_spread, is_collapsed
+from mnapps.tasks.face.evaluation import collapse_warning, embed_faces, embedding_spread, is_collapsed
 from mnapps.files import check_output_path
 from mnapps.heads.face_embedding import FaceEmbedder, build_face_embedder
 
 from ..training import RunRequest, TaskSteps, launch, train_task
 from .config import FaceDistillConfig, check_distill_config
-from .data import FaceDistillData, build_distill_data, clean_pool
+from .data.datasets import FaceDistillData, build_distill_data, clean_pool
 from .teacher import prepare_teacher, teacher_cache
 
 __all__ = ["distill_face", "pair_agreement"]

@@ -2,7 +2,7 @@
 
 This module owns the pair evaluation behind ``tools/eval_face.py``: alignment of only the
 photos a pair list uses (:func:`align_pair_images`), one embedding pass per model, and every
-figure of :mod:`mnapps.eval.face` (metrics, spread, ROC curves) per model, in one
+figure of :mod:`mnapps.tasks.face.evaluation` (metrics, spread, ROC curves) per model, in one
 :class:`VerificationResult`.
 """
 
@@ -17,8 +17,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from mnapps.data.align import FaceAligner, align_folder
-from mnapps.eval.face import (
+from mnapps.tasks.face.data.align import FaceAligner, align_folder
+from mnapps.tasks.face.evaluation import (
     DEFAULT_FARS,
     PairList,
     embed_faces,
@@ -79,13 +79,13 @@ def evaluate_face_verification(
     """Score every model on the pairs: one embedding pass each, then every verification figure.
 
     Args:
-        pairs: the pair list (:func:`mnapps.eval.face.read_pairs`).
+        pairs: the pair list (:func:`mnapps.tasks.face.evaluation.read_pairs`).
         image_dir: the (aligned) crops the pairs name.
         models: label -> embedder, e.g. ``{"student": ..., "teacher": ..., "imagenet trunk": ...}``.
             With labels ``student`` and ``teacher`` both present, their mean cosine over the
             images is reported too.
-        image_size, batch_size, device, flip_tta: as :func:`mnapps.eval.face.embed_faces`.
-        fars, threshold: as :func:`mnapps.eval.face.verification_metrics`.
+        image_size, batch_size, device, flip_tta: as :func:`mnapps.tasks.face.evaluation.embed_faces`.
+        fars, threshold: as :func:`mnapps.tasks.face.evaluation.verification_metrics`.
 
     Raises:
         ValueError: a pair names no image, or an image cannot be read (named).

@@ -21,7 +21,7 @@ import sys
 from pathlib import Path
 
 
-from mnapps.cli.choices import BENCH_SECTIONS
+from lab.models import SECTIONS as BENCH_SECTIONS
 from mnapps.files import atomic_write
 
 EXAMPLES = """examples:
@@ -57,7 +57,7 @@ def _import_heavy() -> None:
     global torch, resolve_device, SECTIONS, BenchSettings, check_targets, format_table, run_benchmark
     import torch
     from mnapps.engine.distributed import resolve_device
-    from mnapps.export.benchmark import SECTIONS, BenchSettings, check_targets, format_table, run_benchmark
+    from lab.models import SECTIONS, BenchSettings, check_targets, format_table, run_benchmark
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -52,11 +52,11 @@ class WarmStartConfig:
             of them; 0 leaves the random initialisation.
         ridge: ``lam / views``; larger trusts the teacher less and the trunk's own geometry more.
         augment_strength: augmentation of those views (``light`` or ``strong``, as
-            :func:`mnapps.data.faces.build_face_transforms`), independent of training's.
+            :func:`mnapps.tasks.face.data.faces.build_face_transforms`), independent of training's.
         mix_prob: mixup/cutmix share of those views (``data.mix_alpha``/``cutmix_share`` apply).
         extra_images: folders of photos *without* the training people (any photos: street
             scenes, animals); ``extra_views`` random crops of them are embedded by the teacher and
-            fitted on too, after the clean crops (:class:`mnapps.distill.ood.RandomPhotoCrops`).
+            fitted on too, after the clean crops (:class:`mnapps.tasks.face.distill.ood.RandomPhotoCrops`).
             They count towards ``views``.
         extra_views: how many such crops.
     """

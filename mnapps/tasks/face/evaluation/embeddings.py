@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from mnapps.data.faces import FaceFolder, face_collate
+from mnapps.tasks.face.data.faces import FaceFolder, face_collate
 
 __all__ = [
     "embed_faces",
@@ -60,10 +60,10 @@ def embed_faces(
     """Embed face crops with ``model``: the one embedding loop of distillation, evaluation and tools.
 
     Args:
-        model: a face embedder, :class:`mnapps.distill.teacher.FacenetTeacher`, or any module
+        model: a face embedder, :class:`mnapps.tasks.face.distill.teacher.FacenetTeacher`, or any module
             mapping ``[N, 3, S, S]`` images in [0, 1] to ``[N, D]``; its train/eval mode is
             restored afterwards.
-        images: a :class:`~mnapps.data.faces.FaceFolder` (its own transform applies) or image
+        images: a :class:`~mnapps.tasks.face.data.faces.FaceFolder` (its own transform applies) or image
             paths (each resized to ``image_size`` square).
         flip_tta: embed each image and its horizontal mirror and use the normalised sum (as
             insightface does).

@@ -14,7 +14,7 @@ folder (an absolute path or ``../`` would read any file of the machine into a we
 unless ``MNAPPS_ALLOW_OUTSIDE_PATHS=1`` is set (:func:`mnapps.files.inside_folder`); every
 field is type-checked with a message naming the manifest, the tensor and the field. (NaN or
 infinite weights are refused where tensors become model parameters, see
-:func:`mnapps.backbones.tf_checkpoint.check_finite_tensors`; graph constants may hold anything.)
+:func:`mnapps.importers.tf_checkpoint.check_finite_tensors`; graph constants may hold anything.)
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """How fast a distillation step runs, with the teacher cache and with the teacher online.
 
-This module owns :func:`benchmark_distill_step` (``tools/distill_face.py --benchmark``): the
+This module owns :func:`benchmark_distill_step` (``tools/bench_distill_step.py``): the
 same batch timed through forward, loss, backward and optimiser step both ways, so the cost of
 embedding each view with the teacher is a ratio measured side by side.
 """
@@ -13,13 +13,13 @@ from typing import Any
 
 import torch
 
-from mnapps.data.faces import face_collate
-from mnapps.distill.losses import DistillationLoss
+from mnapps.tasks.face.data.faces import face_collate
+from mnapps.tasks.face.distill.losses import DistillationLoss
 from mnapps.heads.face_embedding import build_face_embedder
 
-from .config import FaceDistillConfig
-from .data import build_distill_data
-from .teacher import prepare_teacher
+from mnapps.tasks.face.config import FaceDistillConfig
+from mnapps.tasks.face.data.datasets import build_distill_data
+from mnapps.tasks.face.teacher import prepare_teacher
 
 __all__ = ["benchmark_distill_step"]
 

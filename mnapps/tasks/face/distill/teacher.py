@@ -40,7 +40,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from mnapps.checkpoint import safe_load
-from mnapps.data.faces import face_collate
+from mnapps.tasks.face.data.faces import face_collate
 from mnapps.weights import resolve_weights
 
 __all__ = [
@@ -325,7 +325,7 @@ def cache_teacher_embeddings(
     Args:
         teacher: the frozen teacher.
         dataset: yields ``(image Tensor[3,H,W] in [0,1], index)`` or None for an unreadable
-            item (see :class:`mnapps.data.faces.FaceFolder`), *without* augmentation.
+            item (see :class:`mnapps.tasks.face.data.faces.FaceFolder`), *without* augmentation.
         path: the ``.npy`` file; ``path.with_suffix('.json')`` records which files (a hash of
             ``keys``, in dataset order) and which teacher (:func:`teacher_fingerprint`) it holds. A cache
             that matches both is reused; any other is recomputed.

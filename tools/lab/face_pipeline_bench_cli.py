@@ -216,14 +216,14 @@ def _import_heavy() -> None:
     global torch, FaceAligner, BoxFaceAligner, TeacherWeightsError, build_teacher, resolve_device, read_pairs, resolve_pairs, box_detector, load_detector, evaluate_face_verification
     global OrtEmbedder, ort_box_detector, load_face_embedder, detect_all, compare_boxes, write_pair_crops
     import torch
-    from mnapps.data.align import FaceAligner
+    from mnapps.tasks.face.data.align import FaceAligner
     from mnapps.data.box_crops import BoxFaceAligner
-    from mnapps.distill.teacher import TeacherWeightsError, build_teacher
+    from mnapps.tasks.face.distill.teacher import TeacherWeightsError, build_teacher
     from mnapps.engine.distributed import resolve_device
-    from mnapps.eval.face import read_pairs, resolve_pairs
+    from mnapps.tasks.face.evaluation import read_pairs, resolve_pairs
     from mnapps.tasks.detection import box_detector, load_detector
     from mnapps.tasks.face import evaluate_face_verification
-    from mnapps.bench.face_pipeline import OrtEmbedder, compare_boxes, detect_all, ort_box_detector, write_pair_crops
+    from lab.face_pipeline import OrtEmbedder, compare_boxes, detect_all, ort_box_detector, write_pair_crops
     from mnapps.tasks.face import load_face_embedder
 
 

@@ -5,7 +5,7 @@ train's statistics (118,287 images; the 80 real category ids and names; about 7.
 image with 41% small, 34% medium and 25% large boxes by COCO's area ranges; about 1% crowd
 annotations with RLE masks, 1% images without annotations; a polygon per object, so the file is
 as large as the real 448 MB one) over a small pool of real JPEGs that every entry reuses. The
-data-path benchmark (:mod:`mnapps.bench.data_path`) and the index tests read it.
+data-path benchmark (:mod:`lab.data_path`) and the index tests read it.
 """
 
 from __future__ import annotations

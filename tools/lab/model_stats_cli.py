@@ -1,4 +1,4 @@
-"""Print parameter and multiply-add counts of every model in ``mnapps.stats.ROWS``.
+"""Print parameter and multiply-add counts of every model in ``lab.paper_tables.ROWS``.
 
 Each model is built and run once (counts are measured, not computed from formulas) and shown
 beside the paper's figure with its deviation and whether it is within tolerance. ``--json``
@@ -15,7 +15,7 @@ import sys
 
 from tqdm import tqdm
 
-ROWS = None  # mnapps.stats.ROWS once _import_heavy() ran; kept when set before (tests choose their rows)
+ROWS = None  # lab.paper_tables.ROWS once _import_heavy() ran; kept when set before (tests choose their rows)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -57,8 +57,8 @@ def _millions(value: float | None) -> str:
 def _import_heavy() -> None:
     """Import torch and the tasks, after the arguments are parsed: --help answers at once."""
     global ROWS, StatsRow, measure
-    from mnapps.stats import ROWS as TABLE
-    from mnapps.stats import StatsRow, measure
+    from lab.paper_tables import ROWS as TABLE
+    from lab.paper_tables import StatsRow, measure
 
     ROWS = TABLE if ROWS is None else ROWS
 

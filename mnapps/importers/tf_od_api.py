@@ -40,9 +40,9 @@ from torchvision.models.detection.image_list import ImageList
 from torchvision.models.detection.ssd import SSD
 
 from mnapps.backbones.mobilenet_v1 import BLOCK_SETTINGS, make_divisible
-from mnapps.backbones.tf_checkpoint import read_tf_checkpoint
-from mnapps.backbones.tf_slim import BN_TF_TO_TORCH, NOT_WEIGHTS, conv_to_torch, stage_scopes
-from mnapps.backbones.tfjs import find_tfjs_manifest, read_tfjs_weights
+from mnapps.importers.tf_checkpoint import read_tf_checkpoint
+from mnapps.importers.tf_slim import BN_TF_TO_TORCH, NOT_WEIGHTS, conv_to_torch, stage_scopes
+from mnapps.importers.tfjs import find_tfjs_manifest, read_tfjs_weights
 from mnapps.config import BackboneConfig
 from mnapps.heads.ssd import SigmoidSSD, SSDConfig, build_ssd, ssd_anchor_specs
 

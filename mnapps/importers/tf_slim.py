@@ -23,7 +23,7 @@ from typing import Any, Mapping
 import numpy as np
 import torch
 
-from .mobilenet_v1 import BLOCK_SETTINGS, MobileNetV1
+from mnapps.backbones.mobilenet_v1 import BLOCK_SETTINGS, MobileNetV1
 from .tf_checkpoint import check_finite_tensors, read_tf_checkpoint
 
 __all__ = [
@@ -63,7 +63,7 @@ def read_tf_slim_tensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
     Args:
         path: an ``.npz`` (e.g. ``mobilenet_v1_1.0_224_tfslim.npz``) or the official
             checkpoint prefix ``mobilenet_v1_1.0_224.ckpt`` (the ``.index``/``.data-*``
-            files beside it, read by :func:`mnapps.backbones.tf_checkpoint.read_tf_checkpoint`
+            files beside it, read by :func:`mnapps.importers.tf_checkpoint.read_tf_checkpoint`
             without TensorFlow).
 
     Raises:

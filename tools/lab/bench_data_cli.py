@@ -39,10 +39,10 @@ from typing import Any
 import torch
 
 import mnapps
-from mnapps.bench.coco_sim import COCO_TRAIN2017_IMAGES
-from mnapps.bench.data_path import IMPLEMENTATIONS, ScaleSettings, run_scale_benchmark
-from mnapps.bench.data_report import check_acceptance, format_report, plot_report
-from mnapps.bench.models import COCO_CLASSES, time_call
+from lab.coco_sim import COCO_TRAIN2017_IMAGES
+from lab.data_path import IMPLEMENTATIONS, ScaleSettings, run_scale_benchmark
+from lab.data_report import check_acceptance, format_report, plot_report
+from lab.models import COCO_CLASSES, time_call
 from mnapps.data.coco import CocoDetection
 from mnapps.data.transforms import build_det_transforms
 from mnapps.heads.ssd import SSDConfig, build_ssd

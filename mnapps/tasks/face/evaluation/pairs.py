@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mnapps.data.faces import IMAGE_EXTENSIONS, list_images
+from mnapps.tasks.face.data.faces import IMAGE_EXTENSIONS, list_images
 
 __all__ = ["PairSpec", "PairList", "read_pairs", "resolve_pairs"]
 
@@ -191,7 +191,7 @@ def resolve_pairs(pairs: PairList, image_dir: str | os.PathLike) -> list[tuple[P
 
     A reference matches a file by its relative path, or by its relative path without the
     extension (so ``img20.jpg`` and LFW's ``name/name_0004`` find aligned ``.png`` crops, and
-    ``x.jpg`` finds the crop ``x.jpg.png`` that :func:`mnapps.data.align.align_folder` writes
+    ``x.jpg`` finds the crop ``x.jpg.png`` that :func:`mnapps.tasks.face.data.align.align_folder` writes
     when ``x.jpg`` and ``x.png`` share a folder). A reference that is absolute or climbs out of
     ``image_dir`` with ``..`` is still read (some tools write absolute paths), and one
     :class:`UserWarning` says how many there were.

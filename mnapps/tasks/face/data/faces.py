@@ -32,7 +32,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from .image_io import IMAGE_EXTENSIONS, ImageReadError, list_images, load_rgb
+from mnapps.data.image_io import IMAGE_EXTENSIONS, ImageReadError, list_images, load_rgb
 
 __all__ = [
     "FaceTransform",

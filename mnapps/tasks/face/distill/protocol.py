@@ -1,11 +1,11 @@
 """The identity-disjoint protocol with a teacher: clean training pools and seen/unseen pair scoring.
 
 This module owns the two places where the face code must know *who* is in a crop and only the
-teacher can say it (the pure pieces are :mod:`mnapps.data.persons` and
-:mod:`mnapps.data.face_check`):
+teacher can say it (the pure pieces are :mod:`mnapps.tasks.face.data.persons` and
+:mod:`mnapps.tasks.face.data.face_check`):
 
 * :func:`prepare_pool` turns the crops distillation was given into a clean, person-labelled
-  pool: crops that are not faces are dropped (:class:`mnapps.data.face_check.FaceCheck`), so
+  pool: crops that are not faces are dropped (:class:`mnapps.tasks.face.data.face_check.FaceCheck`), so
   are crops of anyone in ``exclude`` (e.g. the evaluation's photos: a crop whose teacher
   embedding lies within the same-person distance of any of them), and every remaining crop gets
   a person label (folder names, joined by teacher distance) so the held-out split is by person.
@@ -28,10 +28,10 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from mnapps.data.face_check import FaceCheck, face_scores
-from mnapps.data.faces import FaceFolder
-from mnapps.data.persons import SAME_PERSON_DISTANCE, name_from_identity, person_labels
-from mnapps.eval.face import PairList, embed_faces, verification_metrics
+from mnapps.tasks.face.data.face_check import FaceCheck, face_scores
+from mnapps.tasks.face.data.faces import FaceFolder
+from mnapps.tasks.face.data.persons import SAME_PERSON_DISTANCE, name_from_identity, person_labels
+from mnapps.tasks.face.evaluation import PairList, embed_faces, verification_metrics
 
 __all__ = ["PoolReport", "prepare_pool", "pair_image_name", "SeenPairs", "seen_pairs", "score_subsets",
            "read_training_set", "person_groups_by_name", "write_training_set", "mark_seen"]

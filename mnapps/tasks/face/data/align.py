@@ -33,7 +33,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from .faces import list_images
-from .image_io import ImageReadError, load_rgb
+from mnapps.data.image_io import ImageReadError, load_rgb
 
 __all__ = [
     "FaceAligner", "DetectedFace", "AlignReport", "align_folder", "crop_names", "extra_crop_names", "NO_FACE_REPORT",

@@ -8,7 +8,7 @@ Runtime, the exported graph's own pre- and post-processing), behind the same two
   what :class:`mnapps.data.box_crops.BoxFaceAligner` takes (:func:`ort_box_detector` for an
   exported SSD, :func:`mnapps.tasks.detection.box_detector` for a PyTorch one);
 * an *embedder* is a module mapping ``[N, 3, S, S]`` images in [0, 1] to ``[N, D]`` embeddings
-  (:class:`OrtEmbedder` for an exported one, which is what :func:`mnapps.eval.face.embed_faces`
+  (:class:`OrtEmbedder` for an exported one, which is what :func:`mnapps.tasks.face.evaluation.embed_faces`
   and :func:`mnapps.tasks.face.evaluate_face_verification` take), and :func:`embed_crops`
   embeds one photo's crops as the pipeline does, in one batch.
 
@@ -31,7 +31,7 @@ from PIL import Image
 from torch import Tensor, nn
 from torchvision.ops import box_iou
 
-from mnapps.data.align import FaceAligner, crop_names
+from mnapps.tasks.face.data.align import FaceAligner, crop_names
 from mnapps.data.box_crops import CROP_GEOMETRIES, BoxFaceAligner, crop_region, cut_crop
 from mnapps.data.image_io import ImageReadError, load_rgb
 from mnapps.data.transforms import sample_to_tensors
@@ -76,7 +76,7 @@ def ort_box_detector(path: str | os.PathLike, *, label: int = 1, threads: int = 
 def embed_crops(model: nn.Module, crops: Sequence[np.ndarray]) -> Tensor:
     """One photo's ``uint8[S, S, 3]`` crops embedded in one batch (``[N, D]``, L2-normalised rows).
 
-    The crops go in as :func:`mnapps.eval.face.embed_faces` feeds them: RGB scaled to [0, 1].
+    The crops go in as :func:`mnapps.tasks.face.evaluation.embed_faces` feeds them: RGB scaled to [0, 1].
     """
     if not crops:
         return torch.zeros(0, 0)

@@ -3,7 +3,7 @@
 This module owns :func:`build_distill_data` (the face folders a config names, or the embedded
 generated faces when it names none, and the held-out split: a folder of its own, or a share of
 the crops, by person on request), :func:`clean_pool` (a real teacher's clean, person-labelled
-crops, :func:`mnapps.distill.protocol.prepare_pool`) and :func:`face_image_files`, the crops
+crops, :func:`mnapps.tasks.face.distill.protocol.prepare_pool`) and :func:`face_image_files`, the crops
 export's parity and calibration read.
 """
 
@@ -15,14 +15,14 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from mnapps.data.faces import FaceFolder, RepeatedFaces, build_face_transforms, split_holdout
+from mnapps.tasks.face.data.faces import FaceFolder, RepeatedFaces, build_face_transforms, split_holdout
 from mnapps.data.image_io import IMAGE_EXTENSIONS, list_images
-from mnapps.data.persons import name_from_identity
-from mnapps.data.synthetic_faces import ensure_synthetic_faces
-from mnapps.distill.protocol import person_groups_by_name, prepare_pool
-from mnapps.distill.teacher import build_teacher
+from mnapps.tasks.face.data.persons import name_from_identity
+from mnapps.tasks.face.data.synthetic_faces import ensure_synthetic_faces
+from mnapps.tasks.face.distill.protocol import person_groups_by_name, prepare_pool
+from mnapps.tasks.face.distill.teacher import build_teacher
 
-from .config import FaceDataConfig, FaceDistillConfig, real_teacher
+from ..config import FaceDataConfig, FaceDistillConfig, real_teacher
 
 __all__ = ["FaceDistillData", "build_distill_data", "clean_pool", "face_datasets", "face_image_files"]
 
@@ -38,7 +38,7 @@ class FaceDistillData:
 
 def build_distill_data(cfg: FaceDataConfig, pool: tuple[FaceFolder, list[str]] | None = None) -> FaceDistillData:
     """Build the training and held-out face folders described by ``cfg`` (from ``pool``: crops and
-    person labels of :func:`mnapps.distill.protocol.prepare_pool`, when given)."""
+    person labels of :func:`mnapps.tasks.face.distill.protocol.prepare_pool`, when given)."""
     plain = build_face_transforms(False, cfg.image_size)
     augment = (build_face_transforms(True, cfg.image_size, strength=cfg.augment_strength, erasing=cfg.random_erasing)
                if cfg.augment else plain)
@@ -63,7 +63,7 @@ def build_distill_data(cfg: FaceDataConfig, pool: tuple[FaceFolder, list[str]] |
 
 
 def clean_pool(cfg: FaceDistillConfig, device: torch.device, verbose: bool) -> tuple[FaceFolder, list[str]] | None:
-    """A real teacher's clean, person-labelled crops (:func:`mnapps.distill.protocol.prepare_pool`), or None."""
+    """A real teacher's clean, person-labelled crops (:func:`mnapps.tasks.face.distill.protocol.prepare_pool`), or None."""
     data = cfg.data
     if not real_teacher(cfg.teacher) or not data.roots or not (data.min_face_score > 0 or data.exclude_people or data.split_by_identity):
         return None

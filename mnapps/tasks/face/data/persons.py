@@ -16,7 +16,7 @@ every split the face tools make (training / held-out / test pairs) is by person:
   "person"), and pairs a pair list labels "same". Joining is transitive (union find), so a
   person split over several folders or names ends up in one group. Wrongly merging two people
   only makes a split coarser; wrongly separating one person would leak them across it.
-* :func:`split_by_person` holds out whole persons (:func:`mnapps.data.faces.split_holdout` with
+* :func:`split_by_person` holds out whole persons (:func:`mnapps.tasks.face.data.faces.split_holdout` with
   the labels as groups) and :func:`check_person_disjoint` raises if any person is on both sides.
 """
 
@@ -58,7 +58,7 @@ def name_from_identity(identity: str) -> str | None:
     """The person a crop's folder names (its last part, lower-cased), or None when it names nobody.
 
     ``identity`` is the crop's folder relative to its root
-    (:attr:`mnapps.data.faces.FaceFolder.identities`): ``""`` for a crop at the top.
+    (:attr:`mnapps.tasks.face.data.faces.FaceFolder.identities`): ``""`` for a crop at the top.
     """
     last = PurePosixPath(identity).name.strip().lower() if identity else ""
     return None if last in GENERIC_FOLDERS else last

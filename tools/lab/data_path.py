@@ -1,8 +1,8 @@
 """What the data path costs at COCO scale: ``tools/bench_data.py``'s measurements.
 
-This module owns the measurements on the simulated COCO file of :mod:`mnapps.bench.coco_sim`:
+This module owns the measurements on the simulated COCO file of :mod:`lab.coco_sim`:
 :func:`run_scale_benchmark` runs each in a fresh Python process (:func:`run_isolated`), so that
-no figure inherits another's heap (:mod:`mnapps.bench.data_report` summarises and plots them):
+no figure inherits another's heap (:mod:`lab.data_report` summarises and plots them):
 
 * ``first_parse``: mnapps' first construction (JSON parse, validation, index, cache write)
   and pycocotools' own ``COCO()`` load, with the peak RSS of each;
@@ -378,7 +378,7 @@ def run_isolated(kind: str, timeout_s: float = 1800.0, **task: Any) -> dict[str,
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_root, env.get("PYTHONPATH")]))
     payload = json.dumps({"kind": kind, **{k: str(v) if isinstance(v, Path) else v for k, v in task.items()}})
-    proc = subprocess.run([sys.executable, "-c", "from mnapps.bench.data_path import _child_main; _child_main()"],
+    proc = subprocess.run([sys.executable, "-c", "from lab.data_path import _child_main; _child_main()"],
                           input=payload, capture_output=True, text=True, timeout=timeout_s, env=env)
     if proc.returncode != 0:
         raise RuntimeError(f"measurement {kind} {task} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")

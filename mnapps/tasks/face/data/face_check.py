@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .image_io import ImageReadError, load_rgb
+from mnapps.data.image_io import ImageReadError, load_rgb
 
 __all__ = ["FaceCheck", "FaceCheckingAligner", "drop_non_faces", "face_scores", "DEFAULT_MIN_FACE_SCORE"]
 
@@ -98,7 +98,7 @@ def drop_non_faces(faces: Sequence[T], check: FaceCheck) -> tuple[list[T], int]:
 class FaceCheckingAligner:
     """An aligner (``detect(image, keep_all=)``) whose detections pass :class:`FaceCheck`.
 
-    Wraps :class:`mnapps.data.align.FaceAligner` or :class:`mnapps.data.box_crops.BoxFaceAligner`
+    Wraps :class:`mnapps.tasks.face.data.align.FaceAligner` or :class:`mnapps.data.box_crops.BoxFaceAligner`
     and counts what it drops (``dropped``), so ``align_folder`` never writes a background patch:
     an image whose every detection fails is reported as having no face.
     """

@@ -1,6 +1,6 @@
 """The data-path benchmark's result as numbers to check, a text report and a plot.
 
-This module owns reading :func:`mnapps.bench.data_path.run_scale_benchmark`'s result: memory
+This module owns reading :func:`lab.data_path.run_scale_benchmark`'s result: memory
 per worker extrapolated to 8 workers (:func:`extrapolate_workers`, :func:`summarise`), the
 acceptance checks (:func:`check_acceptance`), and :func:`format_report` / :func:`plot_report`.
 """

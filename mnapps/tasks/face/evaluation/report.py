@@ -1,6 +1,6 @@
 """Reporting verification results: the ROC plot and the side-by-side text table.
 
-This module owns how :func:`mnapps.eval.face.metrics.verification_metrics` results are shown:
+This module owns how :func:`mnapps.tasks.face.evaluation.metrics.verification_metrics` results are shown:
 :func:`plot_roc` writes the ROC curves as a PNG (matplotlib Agg), and
 :func:`format_verification_table` prints one column per model, with the collapse guard's rows
 and notes where a FAR cannot be measured.

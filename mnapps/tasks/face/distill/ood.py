@@ -11,7 +11,7 @@ photos in the measured recipe.
 
 :class:`RandomPhotoCrops` draws seeded square crops (15 % to 90 % of the shorter side) of every
 photo under some folders, resized to the face crop size, as ``(image, index)`` items like
-:class:`mnapps.data.faces.FaceFolder`'s.
+:class:`mnapps.tasks.face.data.faces.FaceFolder`'s.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import numpy as np
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from mnapps.data.faces import build_face_transforms
+from mnapps.tasks.face.data.faces import build_face_transforms
 from mnapps.data.image_io import list_images, load_rgb
 
 __all__ = ["RandomPhotoCrops"]
