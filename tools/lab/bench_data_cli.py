@@ -13,7 +13,7 @@ else generated shapes images), then measures, each figure in a fresh process:
                    the workers, at each --workers count, after the first and after the last
                    of --passes passes of --batches random batches (persistent workers);
   speed            loader images/s (and per worker) with the SSD300 training transforms, and
-                   one SSD300 training step (MobileNetV1 1.0, 91 classes) in images/s;
+                   the engine's SSD300 training step (MobileNetV1 1.0, 91 classes) in images/s;
   epoch            after the passes, fresh workers read every sample's annotations once (no
                    pixels): their PSS/USS at its start and end show copy-on-read growth.
 
@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import statistics
 import sys
 import tempfile
 from pathlib import Path
@@ -42,7 +43,9 @@ import mnapps
 from lab.coco_sim import COCO_TRAIN2017_IMAGES
 from lab.data_path import IMPLEMENTATIONS, ScaleSettings, run_scale_benchmark
 from lab.data_report import check_acceptance, format_report, plot_report
-from lab.models import COCO_CLASSES, time_call
+from lab.engine_step import detector_loss, time_engine_steps
+from lab.models import COCO_CLASSES
+from mnapps.config import TrainConfig
 from mnapps.data.coco import CocoDetection
 from mnapps.data.transforms import build_det_transforms
 from mnapps.heads.ssd import SSDConfig, build_ssd
@@ -97,23 +100,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def measure_training_step(ann_file: Path, image_dir: Path, *, batch: int, device: str, threads: int,
                           input_size: int) -> dict[str, Any]:
-    """Images/s of one SSD300 training step (forward, loss, backward, SGD) on a real loader batch."""
-    torch.set_num_threads(threads)
+    """Images/s of the engine's SSD300 training step (``fit``'s step, SGD) on a real loader batch."""
     dataset = CocoDetection(ann_file, image_dir, build_det_transforms(True, input_size, "ssd"))
     torch.manual_seed(0)
     samples = [sample for sample in (dataset[i] for i in range(min(len(dataset), 4 * batch))) if sample][:batch]
-    images = [image.to(device) for image, _ in samples]
-    targets = [{"boxes": t["boxes"].to(device), "labels": t["labels"].to(device)} for _, t in samples]
-    model = build_ssd(SSDConfig(size=input_size), num_classes=COCO_CLASSES).to(device).train()
-    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
-
-    def step() -> None:
-        loss = sum(model(images, targets).values())
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-
-    seconds = time_call(step, warmup=1, repeats=3, device=device)
+    images = [image for image, _ in samples]
+    targets = [{"boxes": t["boxes"], "labels": t["labels"]} for _, t in samples]
+    model = build_ssd(SSDConfig(size=input_size), num_classes=COCO_CLASSES)
+    cfg = TrainConfig(optimizer="sgd", lr=1e-3, momentum=0.9, num_threads=threads)
+    steps = time_engine_steps(model, (images, targets), detector_loss, cfg, images=len(images), device=device,
+                              warmup=1, repeats=3)
+    seconds = statistics.median(steps)
     return {"images_per_s": len(images) / seconds, "batch": len(images), "device": device, "threads": threads,
             "num_classes": COCO_CLASSES, "seconds_per_step": seconds}
 

@@ -5,11 +5,13 @@ Rows (images/s at each --batch, warm-up then the median of repeats, --threads th
     channels_last, mnapps torch.compile, mnapps ONNX Runtime fp32 and int8;
   SSD300 end to end (resize + network + decoding/NMS, 480x640 images): torchvision
     ssdlite320_mobilenet_v3_large eager (peer), mnapps eager, mnapps ONNX Runtime;
-  one SSD300 training step (batch --train-batch) vs torchvision SSDLite's.
-Also measures the float32 GEMM peak (a large torch.mm) and prints, per row, the ratio to the
-peer, the achieved GFLOP/s (multiply-adds counted by mnapps.stats.count_macs) and its share of
-the peak, then the speed targets. All models have random weights (speed does not
-depend on them; accuracy after export is measured by tools/export.py --evaluate).
+  one SSD300 training step (batch --train-batch), the engine's own step, vs torchvision SSDLite's.
+Prints the CPU's upper bound, worked out from lscpu and /proc/cpuinfo (cores x clock x 2 FMA
+units, the architectural maximum, x vector lanes x 2 FLOPs), and a measured torch.mm beside it
+as a reference; then, per row, the ratio to the peer, the achieved GFLOP/s (multiply-adds
+counted by mnapps.stats.count_macs) and its share of the bound, then the speed targets. All
+models have random weights (speed does not depend on them; accuracy after export is measured
+by tools/export.py --evaluate).
 Run it on a quiet machine: other processes on the cores make every figure meaningless.
 """
 
@@ -48,7 +50,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="where to run (default: all = CPU, plus CUDA when available)")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile rows (slow to compile)")
     parser.add_argument("--no-onnx", action="store_true", help="skip the ONNX Runtime rows")
-    parser.add_argument("--json", type=Path, metavar="PATH", help="write every row and the peak as JSON")
+    parser.add_argument("--json", type=Path, metavar="PATH", help="write every row, the bound and the torch.mm rate as JSON")
     return parser.parse_args(argv)
 
 
