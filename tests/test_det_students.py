@@ -18,7 +18,7 @@ from torch import nn
 from mnapps.checkpoint import save_checkpoint
 from mnapps.config import BackboneConfig, to_dict
 from mnapps.heads.ssd import SSDConfig
-from mnapps.tasks.detection.students import recalibrate_batchnorm, slim_state_dict, student_checkpoint
+from mnapps.tasks.detection.students import reparametrize_batchnorm_keeping_output, slim_state_dict, student_checkpoint
 from mnapps.cli import make_student
 from mnapps.tasks.detection import DetConfig, DetModelConfig, build_model, load_detector, load_detector_weights
 
@@ -66,7 +66,7 @@ def test_recalibration_keeps_the_eval_function_and_moves_train_mode_to_it():
     # the first BatchNorm's input is the stem conv's output: its statistics worked out directly
     stem_out = []
     handle = norms[0].register_forward_hook(lambda m, inputs, out: stem_out.append(inputs[0].double()))
-    assert recalibrate_batchnorm(model, images) == len(norms)
+    assert reparametrize_batchnorm_keeping_output(model, images) == len(norms)
     handle.remove()
     stem = torch.cat([x.permute(1, 0, 2, 3).flatten(1) for x in stem_out], dim=1)
     torch.testing.assert_close(norms[0].running_mean.double(), stem.mean(dim=1), rtol=1e-4, atol=1e-5)
