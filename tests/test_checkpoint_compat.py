@@ -35,7 +35,7 @@ def _same_weights(model: torch.nn.Module, path: Path) -> None:
 def test_format1_detection_checkpoint_loads():
     path = FIXTURES / "format1_detection.pt"
     model, cfg = load_detector(path)
-    assert cfg.model.head == "ssd" and cfg.model.ssd.size == 64 and cfg.model.num_classes == 5
+    assert cfg.model.head == "ssd" and cfg.model.head_settings.size == 64 and cfg.model.num_classes == 5
     _same_weights(model, path)
     with torch.no_grad():
         assert set(model([torch.rand(3, 60, 80)])[0]) == {"boxes", "labels", "scores"}

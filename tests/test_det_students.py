@@ -28,7 +28,7 @@ SSD = SSDConfig(size=96, extra_depths=(64, 32, 32, 32), score_activation="sigmoi
 def _cfg(width: float, size: int = 96) -> DetConfig:
     model = DetModelConfig(
         head="ssd", backbone=BackboneConfig(width_mult=width, activation="relu6", bn_eps=1e-3, tf_padding=True),
-        ssd=dataclasses.replace(SSD, size=size), num_classes=2, class_names=("__background__", "face"),
+        head_settings=dataclasses.replace(SSD, size=size), num_classes=2, class_names=("__background__", "face"),
     )
     return DetConfig(model=model)
 
@@ -109,7 +109,7 @@ def test_student_checkpoint_rebuilds_at_the_new_size_and_width(tmp_path):
         Image.fromarray((image.permute(1, 2, 0).numpy() * 255).astype("uint8")).save(photos[-1])
     output, report = student_checkpoint(path, tmp_path / "student.pt", photos, size=64, width_mult=0.25)
     model, cfg = load_detector(output)
-    assert (cfg.model.ssd.size, cfg.model.backbone.width_mult) == (64, 0.25)
+    assert (cfg.model.head_settings.size, cfg.model.backbone.width_mult) == (64, 0.25)
     assert report["recalibrated"] == sum(isinstance(m, nn.BatchNorm2d) for m in model.modules())
     with pytest.raises(FileExistsError, match="already exists"):
         student_checkpoint(path, output, photos, size=64)

@@ -76,11 +76,11 @@ def test_a_model_key_of_the_config_that_differs_from_the_checkpoint_is_refused_b
     assert fine_tune_config(DETECTOR, None, ["model.backbone.frozen_bn=true"]).model.backbone.frozen_bn
     agreeing = _config(tmp_path, {"head": "ssd", "backbone": {"width_mult": 0.25}, "ssd": {"size": 64}})
     cfg = fine_tune_config(DETECTOR, agreeing)
-    assert cfg.train.epochs == 1 and cfg.model.ssd.size == 64
+    assert cfg.train.epochs == 1 and cfg.model.head_settings.size == 64
     # The head's default config (not chosen by the user) is read for data/train only.
     other = _config(tmp_path, {"backbone": {"width_mult": 0.5}, "ssd": {"size": 192}})
     cfg = fine_tune_config(DETECTOR, other, config_is_default=True)
-    assert (cfg.model.backbone.width_mult, cfg.model.ssd.size, cfg.train.epochs) == (0.25, 64, 1)
+    assert (cfg.model.backbone.width_mult, cfg.model.head_settings.size, cfg.train.epochs) == (0.25, 64, 1)
 
 
 def test_train_det_weights_with_frozen_bn_and_a_model_section(tmp_path, capsys):

@@ -20,7 +20,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from mnapps.cli.choices import HEAD_NAMES
+from mnapps.choices import DEFAULT_HEAD, HEAD_NAMES
 from mnapps.config import CONFIG_DIR, ConfigError, load_config
 from mnapps.weights import weights_arg
 
@@ -43,7 +43,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         description=__doc__.split("\n\n")[0], epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument(
-        "--head", help=f"detector head, one of {list(HEAD_NAMES)} (default: the config's, else ssd)"
+        "--head", help=f"detector head, one of {list(HEAD_NAMES)} (default: the config's, else {DEFAULT_HEAD.name})"
     )
     parser.add_argument("--config", type=Path, help="YAML config (default: the head's config for the embedded dataset)")
     parser.add_argument("--train-ann", metavar="F", help="COCO-format training annotation JSON")
@@ -72,7 +72,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def resolve_config(args: argparse.Namespace) -> tuple[DetConfig, Path | None]:
     """Load the config the arguments ask for; raises ValueError/ConfigError with a clear message."""
-    spec = head_spec(args.head or "ssd")
+    spec = head_spec(args.head or DEFAULT_HEAD.name)
     config_path = args.config if args.config is not None else CONFIG_DIR / spec.default_config
     overrides = []
     if args.head is not None:

@@ -170,13 +170,13 @@ def student_checkpoint(
     teacher_weights = read_checkpoint(teacher).weights
     _, teacher_cfg = load_detector(teacher)
     model_cfg = teacher_cfg.model
-    ssd = dataclasses.replace(model_cfg.ssd, size=size or model_cfg.ssd.size)
+    ssd = dataclasses.replace(model_cfg.head_settings, size=size or model_cfg.head_settings.size)
     backbone = model_cfg.backbone
     if width_mult is not None:
         if width_mult > backbone.width_mult:
             raise ValueError(f"width_mult {width_mult} is above the teacher's {backbone.width_mult}; a student is narrower")
         backbone = dataclasses.replace(backbone, width_mult=width_mult)
-    cfg = dataclasses.replace(teacher_cfg, model=dataclasses.replace(model_cfg, ssd=ssd, backbone=backbone))
+    cfg = dataclasses.replace(teacher_cfg, model=dataclasses.replace(model_cfg, head_settings=ssd, backbone=backbone))
     cfg = from_dict(DetConfig, to_dict(cfg))  # validated like any loaded config
     student = build_model(cfg, cfg.model.num_classes)
     if backbone.width_mult == model_cfg.backbone.width_mult:

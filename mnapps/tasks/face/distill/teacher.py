@@ -40,11 +40,11 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from mnapps.checkpoint import safe_load
+from mnapps.choices import PRETRAINED_TEACHERS
 from mnapps.tasks.face.data.faces import face_collate
 from mnapps.weights import resolve_weights
 
 __all__ = [
-    "PRETRAINED_TEACHERS",
     "TEACHER_INPUT_SIZE",
     "TEACHER_EMBEDDING_DIM",
     "FacenetTeacher",
@@ -57,11 +57,6 @@ __all__ = [
     "teacher_fingerprint",
 ]
 
-#: facenet-pytorch's pretrained sets and the file each download writes to $TORCH_HOME/checkpoints.
-PRETRAINED_TEACHERS = {
-    "vggface2": "20180402-114759-vggface2.pt",
-    "casia-webface": "20180408-102900-casia-webface.pt",
-}
 TEACHER_INPUT_SIZE = 160
 TEACHER_EMBEDDING_DIM = 512
 
