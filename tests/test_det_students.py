@@ -96,7 +96,7 @@ def test_slimming_keeps_the_strongest_channels_and_loads_strictly():
     assert all(torch.equal(same[k], v) for k, v in teacher.state_dict().items())
 
 
-def test_student_checkpoint_rebuilds_at_the_new_size_and_width(tmp_path):
+def test_student_checkpoint_rebuilds_at_the_new_size_and_width(tmp_path, checkpoint_reads):
     teacher = _folded_model(0.5)
     path = save_checkpoint(
         {"task": "detection", "head": "ssd", "config": to_dict(_cfg(0.5)), "model": teacher.state_dict(),
@@ -108,6 +108,7 @@ def test_student_checkpoint_rebuilds_at_the_new_size_and_width(tmp_path):
 
         Image.fromarray((image.permute(1, 2, 0).numpy() * 255).astype("uint8")).save(photos[-1])
     output, report = student_checkpoint(path, tmp_path / "student.pt", photos, size=64, width_mult=0.25)
+    assert checkpoint_reads == [path]  # the teacher is read once, for its config and its tensors
     model, cfg = load_detector(output)
     assert (cfg.model.head_settings.size, cfg.model.backbone.width_mult) == (64, 0.25)
     assert report["recalibrated"] == sum(isinstance(m, nn.BatchNorm2d) for m in model.modules())

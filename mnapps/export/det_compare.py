@@ -38,11 +38,11 @@ from mnapps.choices import THRESHOLD_RULE_NAMES
 from mnapps.data.image_io import load_rgb
 from mnapps.data.transforms import sample_to_tensors
 from mnapps.eval.plots import coco_precision
+from mnapps.graph_kind import GraphKind
 from mnapps.stats import count_macs, count_params
-from mnapps.tasks.detection import load_detector
 
 from .onnx import OrtSSD, ParityError
-from .pipeline import export_checkpoint
+from .pipeline import export_checkpoint, load_export_spec
 
 __all__ = ["BACKENDS", "choose_threshold", "coco_scores", "compare_detectors", "matches50",
            "operating_point", "threshold_for_recall"]
@@ -168,11 +168,14 @@ def _timed(fn: Callable[[], Any]) -> tuple[Any, float]:
 
 
 def _prepare(name: str, checkpoint: Path, work_dir: Path, calib: Sequence[Path], threads: int) -> dict[str, Any]:
-    model, cfg = load_detector(checkpoint)
+    spec = load_export_spec(checkpoint)  # the checkpoint is read once, for the table and the export
+    if spec.graph.kind is not GraphKind.SSD:
+        raise ValueError(f"{checkpoint}: compare_detectors compares SSD detectors, not a {spec.head or spec.task} model")
+    model, cfg = spec.model, spec.config
     size = cfg.model.head_settings.size
     fp32, int8 = work_dir / f"{name}.onnx", work_dir / f"{name}.int8.onnx"
     try:
-        export_checkpoint(checkpoint, fp32, int8=True, calib_images=list(calib), parity_images=list(calib),
+        export_checkpoint(spec, fp32, int8=True, calib_images=list(calib), parity_images=list(calib),
                           num_calib=32, num_parity=4, threads=threads)
     except ParityError as exc:
         # The int8 check compares with PyTorch on a few photos; the accuracy measured below on

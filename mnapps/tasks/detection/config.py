@@ -18,7 +18,7 @@ from typing import Any, Literal, Sequence
 
 from torch import nn
 
-from mnapps.checkpoint import read_checkpoint
+from mnapps.checkpoint import Checkpoint, read_checkpoint
 from mnapps.choices import DEFAULT_HEAD, SSD, SSDLITE
 from mnapps.config import (
     OMIT_IF_NONE,
@@ -224,7 +224,7 @@ def build_model(
 
 
 def fine_tune_config(
-    weights: str | os.PathLike,
+    weights: str | os.PathLike | Checkpoint,
     config: str | os.PathLike | None,
     overrides: Sequence[str] = (),
     *,
@@ -237,7 +237,9 @@ def fine_tune_config(
     ``config`` (None: defaults); ``overrides`` (``key=value``, ``model.*`` included) apply last.
     A ``model`` key that ``config`` writes must agree with the checkpoint (it would otherwise be
     lost without a word); ``config_is_default`` marks a file the user did not choose (the head's
-    default config of ``tools/train_det.py``), whose model section is passed over.
+    default config of ``tools/train_det.py``), whose model section is passed over. ``weights``
+    may be the :class:`~mnapps.checkpoint.Checkpoint` already read, so that the caller loads
+    the same record's tensors without reading the file again.
 
     Raises:
         ValueError: not a detection checkpoint, ``overrides`` change the head, or ``config``
@@ -252,16 +254,16 @@ def fine_tune_config(
     model = {k: v for k, v in checkpoint.model_config.items() if k not in decided_by_data}
     stored = load_config(None, DetConfig, [f"model={model!r}"]).model  # as read (legacy spellings too)
     if config is not None and not config_is_default:
-        _refuse_other_model_keys(config, stored, str(weights))
+        _refuse_other_model_keys(config, stored, checkpoint.origin)
     # The config loader's own steps (read, overrides, typed check), with the checkpoint's model
     # section placed between the file and the overrides.
     try:
         cfg = load_config(config, DetConfig, [f"model={model!r}", *overrides])
     except ConfigError as exc:
-        raise ConfigError(f"{exc} (the model section is that of {weights})") from None
+        raise ConfigError(f"{exc} (the model section is that of {checkpoint.origin})") from None
     if cfg.model.head != stored.head:
         raise ValueError(
-            f"--weights {weights} holds a {stored.head!r} detector but the head asked for is "
+            f"--weights {checkpoint.origin} holds a {stored.head!r} detector but the head asked for is "
             f"{cfg.model.head!r}; drop --head (the checkpoint decides the architecture)"
         )
     return cfg

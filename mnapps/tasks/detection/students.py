@@ -167,8 +167,9 @@ def student_checkpoint(
     output = Path(output)
     if output.exists() and not overwrite:
         raise FileExistsError(f"{output} already exists; pass overwrite=True or choose another output")
-    teacher_weights = read_checkpoint(teacher).weights
-    _, teacher_cfg = load_detector(teacher)
+    record = read_checkpoint(teacher)  # read once: its config rebuilds the teacher, its tensors start the student
+    _, teacher_cfg = load_detector(record)
+    teacher_weights = record.weights
     model_cfg = teacher_cfg.model
     ssd = dataclasses.replace(model_cfg.head_settings, size=size or model_cfg.head_settings.size)
     backbone = model_cfg.backbone
