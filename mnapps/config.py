@@ -47,6 +47,8 @@ __all__ = [
     "TaskConfig",
     "ConfigError",
     "from_dict",
+    "fields_from_dict",
+    "refuse_unknown_keys",
     "to_dict",
     "load_config",
     "apply_overrides",
@@ -164,12 +166,21 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
 
 
 def from_dict(cls: type[T], data: dict[str, Any] | None, where: str = "") -> T:
-    """Build dataclass ``cls`` from a (nested) dict; unknown keys are errors."""
-    data = {} if data is None else data
-    if not isinstance(data, dict):
-        raise ConfigError(f"{where or cls.__name__}: expected a mapping, got {data!r}")
-    hints = typing.get_type_hints(cls)
-    valid = [f.name for f in fields(cls) if f.init]
+    """Build dataclass ``cls`` from a (nested) dict; unknown keys are errors.
+
+    A schema whose section is not simply its field list reads itself: it defines a
+    ``from_config_dict(data, where)`` classmethod, which this calls instead (and
+    ``to_config_dict()``, which :func:`to_dict` calls). Detection's ``model`` section is one:
+    its ``head`` key decides which head's settings section may follow.
+    """
+    reader = getattr(cls, "from_config_dict", None)
+    if reader is not None:
+        return reader(data, where)
+    return fields_from_dict(cls, data, where)
+
+
+def refuse_unknown_keys(cls: type, data: dict[str, Any], valid: list[str], where: str = "") -> None:
+    """ConfigError naming the first key of ``data`` not in ``valid``, the closest valid ones and all of them."""
     unknown = sorted(set(data) - set(valid), key=str)
     if unknown:
         place = f"{where}." if where else ""
@@ -178,6 +189,15 @@ def from_dict(cls: type[T], data: dict[str, Any] | None, where: str = "") -> T:
         raise ConfigError(
             f"unknown key {place}{unknown[0]!s} in {cls.__name__}; {hint}valid keys are: {', '.join(valid)}"
         )
+
+
+def fields_from_dict(cls: type[T], data: dict[str, Any] | None, where: str = "") -> T:
+    """Build dataclass ``cls`` field by field from a (nested) dict; unknown keys are errors."""
+    data = {} if data is None else data
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where or cls.__name__}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    refuse_unknown_keys(cls, data, [f.name for f in fields(cls) if f.init], where)
     kwargs = {}
     factories = {f.name: f.default_factory for f in fields(cls) if f.default_factory is not dataclasses.MISSING}
     for name, value in data.items():
@@ -208,6 +228,9 @@ def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
 
 def to_dict(obj: Any) -> Any:
     """Dataclass (nested) -> plain dict/list values, suitable for YAML or a checkpoint."""
+    writer = getattr(obj, "to_config_dict", None)
+    if writer is not None and is_dataclass(obj) and not isinstance(obj, type):
+        return writer()
     if is_dataclass(obj):
         return {
             f.name: to_dict(getattr(obj, f.name))

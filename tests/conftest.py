@@ -46,3 +46,23 @@ def deepface_four(shared_data: Path, tmp_path: Path) -> tuple[Path, Path, list[s
     pairs = tmp_path / "pairs.csv"
     pairs.write_text("file_x,file_y,Decision\n" + "\n".join(rows * 2) + "\n")
     return photos, pairs, names
+
+
+@pytest.fixture
+def checkpoint_reads(monkeypatch: pytest.MonkeyPatch) -> list[Path]:
+    """The checkpoint files read from the disk from now on, one entry per read.
+
+    Every loader reads a file through ``mnapps.checkpoint.load_checkpoint`` (``read_checkpoint``
+    calls it by its module-global name), so counting there sees them all; a record passed on
+    instead of a path is no new entry."""
+    import mnapps.checkpoint
+
+    reads: list[Path] = []
+    reader = mnapps.checkpoint.load_checkpoint
+
+    def counting(path, *args, **kwargs):
+        reads.append(Path(path))
+        return reader(path, *args, **kwargs)
+
+    monkeypatch.setattr(mnapps.checkpoint, "load_checkpoint", counting)
+    return reads

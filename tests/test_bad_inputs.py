@@ -59,7 +59,7 @@ def material(tmp_path_factory) -> dict[str, Path]:
     # Score threshold 0.5: an untrained model (scores ~1/5) keeps no detection, so evaluation is quick.
     det_cfg = DetConfig(model=DetModelConfig(
         head="ssd", backbone=BackboneConfig(width_mult=0.25),
-        ssd=SSDConfig(size=96, score_threshold=0.5, detections_per_image=10),
+        head_settings=SSDConfig(size=96, score_threshold=0.5, detections_per_image=10),
         num_classes=5, class_names=("__background__", "circle", "square", "triangle", "cross"),
         category_ids=(2, 5, 9, 11),
     ))  # fmt: skip

@@ -35,7 +35,7 @@ def _same_weights(model: torch.nn.Module, path: Path) -> None:
 def test_format1_detection_checkpoint_loads():
     path = FIXTURES / "format1_detection.pt"
     model, cfg = load_detector(path)
-    assert cfg.model.head == "ssd" and cfg.model.ssd.size == 64 and cfg.model.num_classes == 5
+    assert cfg.model.head == "ssd" and cfg.model.head_settings.size == 64 and cfg.model.num_classes == 5
     _same_weights(model, path)
     with torch.no_grad():
         assert set(model([torch.rand(3, 60, 80)])[0]) == {"boxes", "labels", "scores"}
@@ -114,7 +114,7 @@ def test_a_format1_training_checkpoint_resumes(tmp_path):
     assert result["engine"]["epochs_run"] == 1 and [h["epoch"] for h in result["engine"]["history"]] == [1, 2]
 
 
-def test_a_format1_checkpoint_exports(tmp_path):
+def test_a_format1_checkpoint_exports(tmp_path, checkpoint_reads):
     pytest.importorskip("onnxruntime")
     images = tmp_path / "images"
     images.mkdir()
@@ -124,3 +124,4 @@ def test_a_format1_checkpoint_exports(tmp_path):
     result = export_checkpoint(FIXTURES / "format1_classification.pt", tmp_path / "cls.onnx", parity_images=images,
                                num_parity=2)
     assert result.fp32_path.is_file() and all(report.passed for report in result.reports)
+    assert checkpoint_reads == [FIXTURES / "format1_classification.pt"]  # read once: model, plan and data

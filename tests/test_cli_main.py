@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from mnapps.cli import choices
+from mnapps import choices
 from mnapps.cli.main import VERBS, main
 
 ROOT = Path(__file__).resolve().parents[1]
-NOT_TOOLS = {"__init__", "main", "choices", "weight_importers"}
+NOT_TOOLS = {"__init__", "main", "weight_importers"}
 
 
 def test_every_tool_is_a_verb_and_an_entry_point():
@@ -74,22 +74,35 @@ def test_train_det_help_is_quick():
     assert elapsed < 3.0, f"mnapps train-det --help took {elapsed:.1f} s"
 
 
-@pytest.mark.parametrize("names, table", [
-    (choices.HEAD_NAMES, "mnapps.heads:HEADS"),
-    (choices.PRETRAINED_TEACHER_NAMES, "mnapps.tasks.face.distill.teacher:PRETRAINED_TEACHERS"),
-    (choices.CROP_GEOMETRY_NAMES, "mnapps.data.box_crops:CROP_GEOMETRIES"),
-    (choices.THRESHOLD_RULE_NAMES, "mnapps.export.det_compare:THRESHOLD_RULES"),
-])  # fmt: skip
-def test_the_light_choice_lists_equal_their_tables(names, table):
-    module, name = table.split(":")
-    real = getattr(__import__(module, fromlist=[name]), name)
-    assert sorted(names) == sorted(real)
+def test_the_choices_module_imports_only_the_standard_library():
+    code = ("import sys, mnapps.choices\n"
+            "print(sorted(m for m in ('torch', 'numpy', 'yaml', 'PIL') if m in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
 
 
-@pytest.mark.parametrize("value, constant", [
-    (choices.DEFAULT_MIN_FACE_SCORE, "mnapps.tasks.face.data.face_check:DEFAULT_MIN_FACE_SCORE"),
-    (choices.SAME_PERSON_DISTANCE, "mnapps.tasks.face.data.persons:SAME_PERSON_DISTANCE"),
-])  # fmt: skip
-def test_the_light_defaults_equal_the_library_constants(value, constant):
-    module, name = constant.split(":")
-    assert value == getattr(__import__(module, fromlist=[name]), name)
+def test_the_library_tables_are_keyed_by_the_choices():
+    from mnapps.data.box_crops import CROP_GEOMETRIES, MTCNN_LIKE, SQUARE
+    from mnapps.heads import HEADS
+    from mnapps.heads.faster_rcnn import build_faster_rcnn_fpn
+    from mnapps.heads.ssd import build_ssdlite
+
+    assert tuple(HEADS) == choices.HEAD_NAMES == ("ssd", "ssdlite", "faster_rcnn", "faster_rcnn_fpn")
+    assert HEADS["ssdlite"].build is build_ssdlite and HEADS["faster_rcnn_fpn"].build is build_faster_rcnn_fpn
+    for head in choices.SHIPPED_HEADS:
+        assert HEADS[head.name].default_config == head.default_config
+        assert (ROOT / "configs" / head.default_config).is_file()
+    assert CROP_GEOMETRIES == {"mtcnn": MTCNN_LIKE, "square": SQUARE}
+
+
+@pytest.mark.parametrize("rule", choices.THRESHOLD_RULE_NAMES)
+def test_every_threshold_rule_choice_is_one_the_library_runs(rule):
+    from mnapps.export.det_compare import threshold_for_recall
+
+    # Ten found faces scoring 0.1 .. 1.0, target 0.5: conformal m = floor(11 * 0.5) = 5, the 5th
+    # lowest score 0.5; val-recall keeps ceil(0.5 * 10) = 5 faces, the 5th highest score 0.6.
+    threshold, reached = threshold_for_recall([i / 10 for i in range(1, 11)], 10, 0.5, rule)
+    assert reached and threshold == pytest.approx({"conformal": 0.5, "val-recall": 0.6}[rule])
+    with pytest.raises(ValueError, match="unknown threshold rule 'majority'"):
+        threshold_for_recall([0.5], 1, 0.5, "majority")

@@ -67,7 +67,7 @@ def det_checkpoint(tmp_path_factory) -> Path:
         model=DetModelConfig(
             head="ssd",
             backbone=BackboneConfig(width_mult=0.25),
-            ssd=SSDConfig(size=96, score_threshold=0.05, detections_per_image=10),
+            head_settings=SSDConfig(size=96, score_threshold=0.05, detections_per_image=10),
             num_classes=5,
             class_names=("__background__", "circle", "square", "triangle", "cross"),
             category_ids=(2, 5, 9, 11),

@@ -18,7 +18,7 @@ from torch import nn
 from mnapps.checkpoint import save_checkpoint
 from mnapps.config import BackboneConfig, to_dict
 from mnapps.heads.ssd import SSDConfig
-from mnapps.tasks.detection.students import recalibrate_batchnorm, slim_state_dict, student_checkpoint
+from mnapps.tasks.detection.students import reparametrize_batchnorm_keeping_output, slim_state_dict, student_checkpoint
 from mnapps.cli import make_student
 from mnapps.tasks.detection import DetConfig, DetModelConfig, build_model, load_detector, load_detector_weights
 
@@ -28,7 +28,7 @@ SSD = SSDConfig(size=96, extra_depths=(64, 32, 32, 32), score_activation="sigmoi
 def _cfg(width: float, size: int = 96) -> DetConfig:
     model = DetModelConfig(
         head="ssd", backbone=BackboneConfig(width_mult=width, activation="relu6", bn_eps=1e-3, tf_padding=True),
-        ssd=dataclasses.replace(SSD, size=size), num_classes=2, class_names=("__background__", "face"),
+        head_settings=dataclasses.replace(SSD, size=size), num_classes=2, class_names=("__background__", "face"),
     )
     return DetConfig(model=model)
 
@@ -66,7 +66,7 @@ def test_recalibration_keeps_the_eval_function_and_moves_train_mode_to_it():
     # the first BatchNorm's input is the stem conv's output: its statistics worked out directly
     stem_out = []
     handle = norms[0].register_forward_hook(lambda m, inputs, out: stem_out.append(inputs[0].double()))
-    assert recalibrate_batchnorm(model, images) == len(norms)
+    assert reparametrize_batchnorm_keeping_output(model, images) == len(norms)
     handle.remove()
     stem = torch.cat([x.permute(1, 0, 2, 3).flatten(1) for x in stem_out], dim=1)
     torch.testing.assert_close(norms[0].running_mean.double(), stem.mean(dim=1), rtol=1e-4, atol=1e-5)
@@ -96,7 +96,7 @@ def test_slimming_keeps_the_strongest_channels_and_loads_strictly():
     assert all(torch.equal(same[k], v) for k, v in teacher.state_dict().items())
 
 
-def test_student_checkpoint_rebuilds_at_the_new_size_and_width(tmp_path):
+def test_student_checkpoint_rebuilds_at_the_new_size_and_width(tmp_path, checkpoint_reads):
     teacher = _folded_model(0.5)
     path = save_checkpoint(
         {"task": "detection", "head": "ssd", "config": to_dict(_cfg(0.5)), "model": teacher.state_dict(),
@@ -108,8 +108,9 @@ def test_student_checkpoint_rebuilds_at_the_new_size_and_width(tmp_path):
 
         Image.fromarray((image.permute(1, 2, 0).numpy() * 255).astype("uint8")).save(photos[-1])
     output, report = student_checkpoint(path, tmp_path / "student.pt", photos, size=64, width_mult=0.25)
+    assert checkpoint_reads == [path]  # the teacher is read once, for its config and its tensors
     model, cfg = load_detector(output)
-    assert (cfg.model.ssd.size, cfg.model.backbone.width_mult) == (64, 0.25)
+    assert (cfg.model.head_settings.size, cfg.model.backbone.width_mult) == (64, 0.25)
     assert report["recalibrated"] == sum(isinstance(m, nn.BatchNorm2d) for m in model.modules())
     with pytest.raises(FileExistsError, match="already exists"):
         student_checkpoint(path, output, photos, size=64)

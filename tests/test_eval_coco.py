@@ -434,7 +434,7 @@ def test_tool_checkpoint_mode(shared_data: Path, tmp_path: Path, capsys):
     cfg = detection.DetConfig(
         model=detection.DetModelConfig(
             backbone=BackboneConfig(width_mult=0.25),
-            ssd=SSDConfig(size=128),
+            head_settings=SSDConfig(size=128),
             num_classes=dataset.num_classes,
             class_names=tuple(dataset.class_names),
             category_ids=tuple(dataset.cat_ids),

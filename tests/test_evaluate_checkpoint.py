@@ -51,10 +51,11 @@ def test_the_checkpoints_task_entry_evaluates_it(monkeypatch):
     assert calls == [(record, request)]
 
 
-def test_detection_evaluation_matches_the_pieces_called_by_hand(shapes):
+def test_detection_evaluation_matches_the_pieces_called_by_hand(shapes, checkpoint_reads):
     path = FIXTURES / "format1_detection.pt"
     result = evaluate_checkpoint(path, EvalRequest(val_ann=shapes.val_ann, val_images=shapes.val_images, batch_size=2,
                                                    workers=0, max_images=2, progress=False))
+    assert checkpoint_reads == [path]  # read once, the record handed to the task's evaluator
 
     model, cfg = load_detector(path)
     dataset = build_eval_dataset(cfg, shapes.val_ann, shapes.val_images)

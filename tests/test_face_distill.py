@@ -22,7 +22,7 @@ from mnapps.tasks.face.distill.teacher import (
     TeacherWeightsError,
     build_teacher,
     cache_teacher_embeddings,
-    recalibrate_batchnorm,
+    reestimate_batchnorm_statistics,
 )
 from mnapps.heads.face_embedding import FaceModelConfig, build_face_embedder
 
@@ -139,7 +139,7 @@ def test_bn_recalibration_spreads_random_teacher_embeddings(scope):
     images = torch.rand(12, 3, 1, 1, generator=generator).expand(12, 3, 160, 160).contiguous()
     before = teacher(images)
     assert (before @ before.T).min() > 0.999  # default statistics: one direction for every image
-    assert recalibrate_batchnorm(teacher, [images[:6], images[6:]], scope=scope) == 12
+    assert reestimate_batchnorm_statistics(teacher, [images[:6], images[6:]], scope=scope) == 12
     after = teacher(images)
     off_diagonal = ~torch.eye(12, dtype=torch.bool)
     assert (after @ after.T)[off_diagonal].mean() < 0.5
@@ -163,7 +163,7 @@ def test_bn_recalibration_spreads_random_teacher_embeddings(scope):
 def test_bn_recalibration_scope_is_checked():
     teacher = build_teacher("random", seed=0)
     with pytest.raises(ValueError, match="'embedding', 'all'"):
-        recalibrate_batchnorm(teacher, [torch.rand(2, 3, 160, 160)], scope="last")
+        reestimate_batchnorm_statistics(teacher, [torch.rand(2, 3, 160, 160)], scope="last")
 
 
 # ---------------------------------------------------------------------------- student
@@ -486,7 +486,7 @@ def test_calibration_scope_decides_how_stable_the_random_teacher_is(tmp_path):
     stability = {}
     for scope in ("embedding", "all"):
         teacher = build_teacher("random", seed=0)
-        recalibrate_batchnorm(teacher, [images], scope=scope)
+        reestimate_batchnorm_statistics(teacher, [images], scope=scope)
         embeddings = teacher(images)
         constant = F.normalize(embeddings.mean(0, keepdim=True), dim=1)
         assert float((embeddings @ constant.T).mean()) < 0.35, scope  # embeddings spread out

@@ -360,7 +360,7 @@ def test_configs_build_their_detector(name, head, min_size):
     from mnapps.tasks.detection import DetConfig
 
     cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / f"{name}.yaml", DetConfig)
-    assert cfg.model.head == head and cfg.model.faster_rcnn.min_size == min_size
+    assert cfg.model.head == head and cfg.model.head_settings.min_size == min_size
     model = build_model(cfg, 81)
     assert model.transform.min_size == (min_size,)
     if "coco" in name:  # the paper's 300 proposals at test time, ImageNet-style fine-tuning
@@ -376,7 +376,7 @@ def test_checkpoint_reloads_with_load_detector(tmp_path):
         model=DetModelConfig(
             head="faster_rcnn",
             backbone=BackboneConfig(width_mult=0.25, trainable_stages=5),
-            faster_rcnn=SMALL,
+            head_settings=SMALL,
             num_classes=3,
             class_names=("__background__", "a", "b"),
             category_ids=(1, 2),

@@ -76,14 +76,14 @@ def test_a_model_key_of_the_config_that_differs_from_the_checkpoint_is_refused_b
     assert fine_tune_config(DETECTOR, None, ["model.backbone.frozen_bn=true"]).model.backbone.frozen_bn
     agreeing = _config(tmp_path, {"head": "ssd", "backbone": {"width_mult": 0.25}, "ssd": {"size": 64}})
     cfg = fine_tune_config(DETECTOR, agreeing)
-    assert cfg.train.epochs == 1 and cfg.model.ssd.size == 64
+    assert cfg.train.epochs == 1 and cfg.model.head_settings.size == 64
     # The head's default config (not chosen by the user) is read for data/train only.
     other = _config(tmp_path, {"backbone": {"width_mult": 0.5}, "ssd": {"size": 192}})
     cfg = fine_tune_config(DETECTOR, other, config_is_default=True)
-    assert (cfg.model.backbone.width_mult, cfg.model.ssd.size, cfg.train.epochs) == (0.25, 64, 1)
+    assert (cfg.model.backbone.width_mult, cfg.model.head_settings.size, cfg.train.epochs) == (0.25, 64, 1)
 
 
-def test_train_det_weights_with_frozen_bn_and_a_model_section(tmp_path, capsys):
+def test_train_det_weights_with_frozen_bn_and_a_model_section(tmp_path, capsys, checkpoint_reads):
     shapes = ensure_shapes_detection(tmp_path / "shapes", num_train=4, num_val=2, image_size=96, progress=False)
     data = ["--train-ann", str(shapes.train_ann), "--train-images", str(shapes.train_images),
             "--val-ann", str(shapes.val_ann), "--val-images", str(shapes.val_images)]
@@ -96,11 +96,13 @@ def test_train_det_weights_with_frozen_bn_and_a_model_section(tmp_path, capsys):
     assert code == 2 and len(errors) == 1 and "model.backbone.frozen_bn" in errors[0]
 
     out = tmp_path / "frozen"
+    checkpoint_reads.clear()
     code = train_det.main(["--weights", str(DETECTOR), *data, *fast, "--set", "model.backbone.frozen_bn=true",
                            "--output-dir", str(out)])
     printed = capsys.readouterr().out
     assert code == 0
     assert f"weights: loaded " in printed and "does not fit" not in printed
+    assert checkpoint_reads.count(DETECTOR) == 1  # one read gives the config its model section and the model its tensors
     model, cfg = load_detector(out / "last.pt")
     assert cfg.model.backbone.frozen_bn
     # Frozen BatchNorm kept the checkpoint's statistics through the epoch.

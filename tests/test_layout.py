@@ -296,3 +296,28 @@ def test_the_dispatch_check_finds_an_isinstance_chain(tmp_path):
                       "def f(m):\n    if not isinstance(m, SSD):\n        raise ValueError(m)\n"
                       "    return 1 if isinstance(m, SSD) else 2\n")
     assert model_class_dispatch(sample) == ["line 5: isinstance(..., SSD)"]
+
+
+def graph_string_dispatch(path: Path) -> list[str]:
+    """Comparisons of a ``.graph`` / ``.export_graph`` attribute with a string (``spec.graph == "detector"``)."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Compare):
+            sides = [node.left, *node.comparators]
+            named = any(isinstance(side, ast.Attribute) and side.attr in ("graph", "export_graph") for side in sides)
+            text = any(isinstance(side, ast.Constant) and isinstance(side.value, str) for side in sides)
+            if named and text:
+                found.append(f"line {node.lineno}")
+    return found
+
+
+def test_export_graph_kinds_are_objects_not_strings():
+    bad = [f"{path.relative_to(PACKAGE.parent)} {hit}" for path in MODULES.values() for hit in graph_string_dispatch(path)]
+    assert not bad, "a graph kind compared with a string (use GraphKind and mnapps.export.graphs):\n" + "\n".join(bad)
+
+
+def test_the_graph_dispatch_check_finds_a_string_comparison(tmp_path):
+    sample = tmp_path / "sample.py"
+    sample.write_text("def f(spec):\n    if spec.graph is GraphKind.SSD:\n        return 1\n"
+                      "    return 2 if spec.graph == 'detector' else 3\n")
+    assert graph_string_dispatch(sample) == ["line 4"]

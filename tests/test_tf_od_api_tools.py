@@ -80,7 +80,7 @@ def _as_tensor(array: np.ndarray) -> torch.Tensor:
 
 def test_import_tool_writes_a_detector_checkpoint_that_rebuilds_the_source(mini_tfjs, mini_ckpt, capsys):
     model, cfg = load_detector(mini_ckpt)
-    ssd = cfg.model.ssd
+    ssd = cfg.model.head_settings
     # face-api.js reports only logit 1 (face): its third logit is dropped by default.
     assert cfg.model.head == "ssd" and cfg.model.num_classes == 2
     assert cfg.model.class_names == ("__background__", "face")
@@ -108,7 +108,7 @@ def test_import_tool_refuses_overwrite_and_bad_options(mini_tfjs, mini_ckpt, tmp
     printed = capsys.readouterr().out
     assert "input 96, 2 class(es) + background (face, other), faceapi layout, anchor order after-square" in printed
     _, cfg = load_detector(copy)
-    assert cfg.model.class_names == ("__background__", "face", "other") and cfg.model.ssd.nms_threshold == 0.45
+    assert cfg.model.class_names == ("__background__", "face", "other") and cfg.model.head_settings.nms_threshold == 0.45
     assert import_weights.main(["--kind", "ssd", str(mini_tfjs), "--output", str(tmp_path / "x.pt"),
                                 "--class-names", "a,b,c"]) == 2  # fmt: skip
     assert "the model has 2 foreground classes" in capsys.readouterr().err
@@ -128,7 +128,7 @@ def test_import_tool_reads_the_tf_od_api_npz_layout(tmp_path, capsys):
                                 "--class-names", "a,b", "--output", str(output)]) == 0  # fmt: skip
     assert "tf_od_api layout, anchor order last, preprocess tf_resize" in capsys.readouterr().out
     model, cfg = load_detector(output)
-    assert cfg.model.ssd.nms_threshold == 0.6 and cfg.model.ssd.preprocess == "tf_resize"
+    assert cfg.model.head_settings.nms_threshold == 0.6 and cfg.model.head_settings.preprocess == "tf_resize"
     assert cfg.model.class_names == ("__background__", "a", "b")
     # The default output name follows the source.
     assert import_weights._default_output(import_weights.parse_args(["--kind", "ssd", str(source)])).name == (
@@ -175,8 +175,8 @@ FAST = ["--set", "train.num_workers=0", "--set", "train.num_threads=1", "--set",
 
 def test_load_detector_weights_keeps_what_fits(mini_ckpt):
     cfg = fine_tune_config(mini_ckpt, None, ["model.ssd.score_threshold=0.2"])
-    assert cfg.model.num_classes is None and cfg.model.ssd.preprocess == "tf_pad_resize"
-    assert cfg.model.ssd.score_threshold == 0.2 and cfg.model.backbone.tf_padding
+    assert cfg.model.num_classes is None and cfg.model.head_settings.preprocess == "tf_pad_resize"
+    assert cfg.model.head_settings.score_threshold == 0.2 and cfg.model.backbone.tf_padding
     source = load_checkpoint(mini_ckpt)["model"]
     same = build_model(cfg, 2)
     lines = load_detector_weights(same, mini_ckpt, 2)
@@ -206,7 +206,7 @@ def test_train_det_fine_tunes_an_imported_detector(mini_ckpt, tiny_shapes, tmp_p
     assert "weights: class predictors re-initialised (2 classes in the checkpoint, 5 in the data" in printed
     model, cfg = load_detector(out / "last.pt")
     assert cfg.model.num_classes == 5 and cfg.model.class_names[1:] == ("circle", "square", "triangle", "cross")
-    assert (cfg.model.ssd.size, cfg.model.ssd.preprocess, cfg.model.ssd.score_activation) == (96, "tf_pad_resize", "sigmoid")
+    assert (cfg.model.head_settings.size, cfg.model.head_settings.preprocess, cfg.model.head_settings.score_activation) == (96, "tf_pad_resize", "sigmoid")
     # One epoch moved the weights it loaded, starting from the imported ones.
     imported = load_checkpoint(mini_ckpt)["model"]
     key = "head.regression_head.module_list.1.weight"

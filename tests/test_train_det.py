@@ -73,7 +73,7 @@ def test_train_evaluate_checkpoint_and_reload(tiny_shapes, tmp_path, capsys):
     assert checkpoint["task"] == "detection" and checkpoint["head"] == "ssd" and checkpoint["epoch"] == 1
     assert (out / "best.pt").is_file()
     model, cfg = load_detector(out / "best.pt")
-    assert not model.training and cfg.model.ssd.size == 96
+    assert not model.training and cfg.model.head_settings.size == 96
     with torch.no_grad():
         detections = model([torch.rand(3, 80, 100)])
     assert set(detections[0]) == {"boxes", "labels", "scores"}

@@ -46,7 +46,7 @@ def data(tmp_path_factory):
 def _detection(data, seed: int):
     _, shapes = data
     cfg = DetConfig(
-        model=DetModelConfig(head="ssd", backbone=TINY, ssd=SSDConfig(size=96)),
+        model=DetModelConfig(head="ssd", backbone=TINY, head_settings=SSDConfig(size=96)),
         data=DetDataConfig(train_ann=str(shapes.train_ann), train_images=str(shapes.train_images),
                            val_ann=str(shapes.val_ann), val_images=str(shapes.val_images)),
         train=_train(seed),

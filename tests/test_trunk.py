@@ -29,7 +29,7 @@ def build(name: str, backbone: BackboneConfig, weights=None) -> torch.nn.Module:
     if name == "classifier":
         return build_classifier(ClsModelConfig(backbone=backbone), 3, weights_backbone=weights)
     spec = HEADS[name]
-    return spec.build(spec.config_cls(), num_classes=3, backbone_cfg=backbone, weights_backbone=weights)
+    return spec.build(spec.settings_cls(), num_classes=3, backbone_cfg=backbone, weights_backbone=weights)
 
 
 MODELS = [*HEADS, "face", "classifier"]

@@ -20,9 +20,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from mnapps.cli.choices import CROP_GEOMETRY_NAMES
+from mnapps.choices import CROP_GEOMETRY_NAMES, DEFAULT_MIN_FACE_SCORE, MTCNN_CROP
 from mnapps.weights import weights_arg
-from mnapps.cli.choices import DEFAULT_MIN_FACE_SCORE
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -42,7 +41,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="mnapps detection checkpoint of the SSD face detector (for --detector ssd)")
     parser.add_argument("--min-score", type=float, default=0.5,
                         help="SSD boxes scoring below this are not faces (default 0.5, face-api.js's)")
-    parser.add_argument("--crop", choices=list(CROP_GEOMETRY_NAMES), default="mtcnn",
+    parser.add_argument("--crop", choices=list(CROP_GEOMETRY_NAMES), default=MTCNN_CROP,
                         help="SSD crop region: the box moved onto where MTCNN's box would be (mtcnn, default) "
                         "or the square around it")
     parser.add_argument("--margin", type=int, default=0, help="extra pixels around the box in the crop (default 0)")

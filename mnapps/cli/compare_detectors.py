@@ -26,7 +26,7 @@ import json
 import sys
 from pathlib import Path
 
-from mnapps.cli.choices import THRESHOLD_RULE_NAMES
+from mnapps.choices import THRESHOLD_RULE_NAMES
 from mnapps.data.image_io import list_images
 from mnapps.files import atomic_write
 

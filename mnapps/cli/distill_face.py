@@ -21,7 +21,7 @@ import math
 import sys
 from pathlib import Path
 
-from mnapps.cli.choices import PRETRAINED_TEACHER_NAMES
+from mnapps.choices import PRETRAINED_TEACHER_NAMES
 from mnapps.config import CONFIG_DIR, ConfigError
 
 DEFAULT_CONFIG = CONFIG_DIR / "face_mnv1_a050_r160_synthetic.yaml"

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mnapps.cli.choices import PRETRAINED_TEACHER_NAMES
+from mnapps.choices import PRETRAINED_TEACHER_NAMES
 from mnapps.data.image_io import list_images
 from mnapps.files import atomic_write, check_output_path
 from mnapps.weights import weights_arg

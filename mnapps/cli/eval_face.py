@@ -25,8 +25,7 @@ import warnings
 from pathlib import Path
 
 
-from mnapps.cli.choices import PRETRAINED_TEACHER_NAMES
-from mnapps.cli.choices import SAME_PERSON_DISTANCE
+from mnapps.choices import PRETRAINED_TEACHER_NAMES, SAME_PERSON_DISTANCE
 from mnapps.files import atomic_write, check_output_path
 from mnapps.weights import weights_arg
 

@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     model = report["config"].model
     print(
-        f"wrote {path}: {model.head} on MobileNetV1 x{model.backbone.width_mult:g}, input {model.ssd.size}, "
+        f"wrote {path}: {model.head} on MobileNetV1 x{model.backbone.width_mult:g}, input {model.head_settings.size}, "
         f"{report['recalibrated']} BatchNorms recalibrated on {len(photos)} photos"
     )
     return 0

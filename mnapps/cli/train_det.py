@@ -20,7 +20,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from mnapps.cli.choices import HEAD_NAMES
+from mnapps.choices import DEFAULT_HEAD, HEAD_NAMES
 from mnapps.config import CONFIG_DIR, ConfigError, load_config
 from mnapps.weights import weights_arg
 
@@ -43,7 +43,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         description=__doc__.split("\n\n")[0], epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument(
-        "--head", help=f"detector head, one of {list(HEAD_NAMES)} (default: the config's, else ssd)"
+        "--head", help=f"detector head, one of {list(HEAD_NAMES)} (default: the config's, else {DEFAULT_HEAD.name})"
     )
     parser.add_argument("--config", type=Path, help="YAML config (default: the head's config for the embedded dataset)")
     parser.add_argument("--train-ann", metavar="F", help="COCO-format training annotation JSON")
@@ -70,9 +70,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def resolve_config(args: argparse.Namespace) -> tuple[DetConfig, Path | None]:
-    """Load the config the arguments ask for; raises ValueError/ConfigError with a clear message."""
-    spec = head_spec(args.head or "ssd")
+def resolve_config(args: argparse.Namespace, weights: Checkpoint | None = None) -> tuple[DetConfig, Path | None]:
+    """Load the config the arguments ask for; raises ValueError/ConfigError with a clear message.
+
+    ``weights`` is the ``--weights`` checkpoint, already read (its model section is the config's).
+    """
+    spec = head_spec(args.head or DEFAULT_HEAD.name)
     config_path = args.config if args.config is not None else CONFIG_DIR / spec.default_config
     overrides = []
     if args.head is not None:
@@ -88,8 +91,8 @@ def resolve_config(args: argparse.Namespace) -> tuple[DetConfig, Path | None]:
         if value is not None:
             overrides.append(f"{key}={value!r}" if isinstance(value, str) else f"{key}={value}")
     overrides += args.set
-    if args.weights is not None:
-        return fine_tune_config(args.weights, config_path, overrides, config_is_default=args.config is None), config_path
+    if weights is not None:
+        return fine_tune_config(weights, config_path, overrides, config_is_default=args.config is None), config_path
     return load_config(config_path, DetConfig, overrides), config_path
 
 
@@ -97,6 +100,8 @@ def _import_heavy() -> None:
     """Import torch and the tasks, after the arguments are parsed: --help answers at once."""
     global claim_run_folder, report_interrupt
     global resolve_device, NonFiniteLossError, HEADS, head_spec, DetConfig, fine_tune_config, train_detector
+    global Checkpoint, read_checkpoint
+    from mnapps.checkpoint import Checkpoint, read_checkpoint
     from mnapps.engine.distributed import resolve_device
     from mnapps.engine.loop import NonFiniteLossError
     from mnapps.engine.run_lock import claim_run_folder, report_interrupt
@@ -110,7 +115,9 @@ def main(argv: list[str] | None = None) -> int:
     output_dir = args.output_dir
     try:
         resolve_device(args.device)
-        cfg, config_path = resolve_config(args)
+        # --weights is read once: the same record gives the config its model section and the model its tensors.
+        weights = read_checkpoint(args.weights) if args.weights is not None else None
+        cfg, config_path = resolve_config(args, weights)
         output_dir = args.output_dir or Path("runs") / config_path.stem
         with claim_run_folder(output_dir, resume=args.resume, overwrite=args.overwrite) as claim:
             train_detector(
@@ -120,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
                 weights_backbone=args.weights_backbone,
                 device=args.device,
                 overwrite=claim.overwrite,
-                weights=args.weights,
+                weights=weights,
             )
     except (ValueError, ConfigError, FileNotFoundError, NonFiniteLossError) as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -25,6 +25,8 @@ from typing import Callable, Sequence
 import numpy as np
 from PIL import Image
 
+from mnapps.choices import MTCNN_CROP, SQUARE_CROP
+
 __all__ = [
     "BoxDetector",
     "BoxFace",
@@ -68,7 +70,7 @@ class CropGeometry:
 # box's longer side away from it.
 MTCNN_LIKE = CropGeometry(scale_x=1.022, scale_y=1.07, shift_x=0.012, shift_y=-0.017)
 SQUARE = CropGeometry(square=True)
-CROP_GEOMETRIES = {"mtcnn": MTCNN_LIKE, "square": SQUARE}
+CROP_GEOMETRIES = {MTCNN_CROP: MTCNN_LIKE, SQUARE_CROP: SQUARE}
 
 
 @dataclass

@@ -34,16 +34,17 @@ import torch
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
+from mnapps.choices import THRESHOLD_RULE_NAMES
 from mnapps.data.image_io import load_rgb
 from mnapps.data.transforms import sample_to_tensors
 from mnapps.eval.plots import coco_precision
+from mnapps.graph_kind import GraphKind
 from mnapps.stats import count_macs, count_params
-from mnapps.tasks.detection import load_detector
 
 from .onnx import OrtSSD, ParityError
-from .pipeline import export_checkpoint
+from .pipeline import export_checkpoint, load_export_spec
 
-__all__ = ["BACKENDS", "THRESHOLD_RULES", "choose_threshold", "coco_scores", "compare_detectors", "matches50",
+__all__ = ["BACKENDS", "choose_threshold", "coco_scores", "compare_detectors", "matches50",
            "operating_point", "threshold_for_recall"]
 
 BACKENDS = ("torch_fp32", "ort_fp32", "ort_int8")
@@ -106,9 +107,6 @@ def operating_point(gt: COCO, results: list[dict[str, Any]], threshold: float) -
             "precision50": found / int(kept.sum()) if kept.any() else 1.0, "detections": int(kept.sum())}
 
 
-THRESHOLD_RULES = ("conformal", "val-recall")
-
-
 def threshold_for_recall(face_scores: np.ndarray, faces: int, target_recall: float,
                          rule: str = "conformal") -> tuple[float, bool]:
     """A score threshold for finding ``target_recall`` of the faces, from validation faces' scores.
@@ -130,8 +128,8 @@ def threshold_for_recall(face_scores: np.ndarray, faces: int, target_recall: flo
     """
     if not 0.0 < target_recall <= 1.0:
         raise ValueError(f"the target recall must be in (0, 1], got {target_recall}")
-    if rule not in THRESHOLD_RULES:
-        raise ValueError(f"unknown threshold rule {rule!r}; valid: {', '.join(THRESHOLD_RULES)}")
+    if rule not in THRESHOLD_RULE_NAMES:
+        raise ValueError(f"unknown threshold rule {rule!r}; valid: {', '.join(THRESHOLD_RULE_NAMES)}")
     if faces == 0:
         raise ValueError("the validation file has no ground-truth box: no recall to choose a threshold by")
     found = np.sort(np.asarray(face_scores, float))[::-1]  # best first
@@ -170,11 +168,14 @@ def _timed(fn: Callable[[], Any]) -> tuple[Any, float]:
 
 
 def _prepare(name: str, checkpoint: Path, work_dir: Path, calib: Sequence[Path], threads: int) -> dict[str, Any]:
-    model, cfg = load_detector(checkpoint)
-    size = cfg.model.ssd.size
+    spec = load_export_spec(checkpoint)  # the checkpoint is read once, for the table and the export
+    if spec.graph.kind is not GraphKind.SSD:
+        raise ValueError(f"{checkpoint}: compare_detectors compares SSD detectors, not a {spec.head or spec.task} model")
+    model, cfg = spec.model, spec.config
+    size = cfg.model.head_settings.size
     fp32, int8 = work_dir / f"{name}.onnx", work_dir / f"{name}.int8.onnx"
     try:
-        export_checkpoint(checkpoint, fp32, int8=True, calib_images=list(calib), parity_images=list(calib),
+        export_checkpoint(spec, fp32, int8=True, calib_images=list(calib), parity_images=list(calib),
                           num_calib=32, num_parity=4, threads=threads)
     except ParityError as exc:
         # The int8 check compares with PyTorch on a few photos; the accuracy measured below on

@@ -2,17 +2,19 @@
 
 This module owns what ``tools/export.py`` does, as library code:
 
-1. :func:`load_export_spec` rebuilds the trained model of an mnapps checkpoint with its
-   task's own loader and reads the task's :class:`~mnapps.tasks.spec.ExportPlan`, both from the
-   checkpoint's entry of :data:`mnapps.tasks.table.TASKS` (a detector's graph kind comes from its
-   :class:`~mnapps.heads.HeadSpec`), and says what goes in the graph and how images become its
+1. :func:`load_export_spec` reads an mnapps checkpoint once, rebuilds its trained model with
+   its task's own loader and reads the task's :class:`~mnapps.tasks.spec.ExportPlan`, both from
+   the checkpoint's entry of :data:`mnapps.tasks.table.TASKS` (a detector's graph kind comes
+   from its :class:`~mnapps.heads.HeadSpec`), and picks the graph class of that kind
+   (:mod:`mnapps.export.graphs`), which says what goes in the graph and how images become its
    input.
-2. :func:`export_checkpoint` folds BatchNorm, exports the graph, and runs the parity check
-   on real images (ONNX Runtime vs the PyTorch model in eval mode): logits / embeddings by
-   max abs difference, SSD raw outputs likewise and the final detections (after the shared
-   post-processing) by agreement. With ``int8`` it calibrates on images, applies bias
-   correction, quantizes (:mod:`mnapps.export.quantize`) and checks the int8 graph with
-   looser, int8-sized limits. Any failed check raises :class:`ParityError`.
+2. :func:`export_checkpoint` folds BatchNorm, has the graph write itself, and runs the graph's
+   parity check on real images (ONNX Runtime vs the PyTorch model in eval mode): logits /
+   embeddings by max abs difference, SSD raw outputs likewise and the final detections (after
+   the shared post-processing) by agreement. With ``int8`` it calibrates on images, applies
+   bias correction, quantizes (:mod:`mnapps.export.quantize`) and checks the int8 graph with
+   looser, int8-sized limits (:data:`~mnapps.export.graphs.PARITY_LIMITS`). Any failed check
+   raises :class:`ParityError`.
 3. :func:`evaluate_export` measures the accuracy that deployment keeps: top-1 (classifier)
    or COCO AP50 (SSD) of PyTorch, ONNX Runtime fp32 and int8 on the task's validation set
    (the embedded shapes sets unless the config names other data).
@@ -46,20 +48,9 @@ from mnapps.eval.coco import evaluate_detector
 from mnapps.tasks.spec import ExportPlan
 from mnapps.tasks.table import TASKS, task_spec
 
-from .detection import split_ssd
 from .fuse import fold_batchnorm
-from .onnx import (
-    OrtDetector,
-    OrtModel,
-    OrtSSD,
-    ParityError,
-    ParityReport,
-    compare_arrays,
-    compare_detections,
-    export_detector_onnx,
-    export_onnx,
-)
-from .postprocess import preprocess_images
+from .graphs import PARITY_LIMITS, ExportGraph, Runtime, build_export_graph
+from .onnx import ParityError, ParityReport
 from .quantize import int8_bias_correction, quantize_onnx, resolve_reduce_range
 
 __all__ = [
@@ -74,17 +65,6 @@ __all__ = [
 ]
 
 
-# What "the same model" means after export. fp32 differs from PyTorch only by operation order
-# (~1e-5 on logits of size ~10). int8 is a different model by design: it must keep the
-# outputs' direction (cosine) and, for detection, most of the confident detections.
-PARITY_LIMITS: dict[str, dict[str, float]] = {
-    "fp32": {"atol": 1e-3, "min_cosine": 0.9999, "min_top1": 1.0, "min_det_agreement": 0.95},
-    "int8": {"min_cosine": 0.98, "min_det_agreement": 0.8},
-}
-# Detections compared for int8 parity: the confident ones (the low-score tail reshuffles).
-INT8_DETECTION_MIN_SCORE = 0.3
-
-
 @dataclass
 class ExportSpec:
     """Everything the exporter needs to know about one trained model.
@@ -93,38 +73,21 @@ class ExportSpec:
         task: ``"classification"``, ``"detection"`` or ``"face"``.
         head: the detector head (``"ssd"``, ``"ssdlite"``) or None.
         model: the training model in eval mode (the parity reference).
-        network: the module that goes into the graph (``model`` itself, or an SSD's
-            :class:`~mnapps.export.detection.SSDNetwork`).
-        input_size: ``(S_h, S_w)`` of the graph input.
-        output_names: graph output names.
-        metadata: ``mnapps.*`` metadata written into the file.
-        to_input: image ``Tensor[3, H, W]`` in [0, 1] -> graph input ``Tensor[3, S_h, S_w]``.
-        graph: ``"tensor"`` (batch in, one output), ``"ssd"`` (raw outputs, shared
-            post-processing) or ``"detector"`` (a whole Faster R-CNN, one image per run).
+        graph: the graph of its kind (:mod:`mnapps.export.graphs`): what goes into the file,
+            how it is written, run and checked.
         config: the checkpoint's config as a typed object (for evaluation).
         default_images: ``split -> folder or list of image files`` used when the caller gives
             no images (``"parity"``: validation images, ``"calibration"``: training images).
-        top1: parity also compares top-1 agreement (classifiers).
         accuracy: what :func:`evaluate_export` measures (``"top1"``, ``"coco"`` or None).
     """
 
     task: str
     head: str | None
     model: nn.Module
-    network: nn.Module
-    input_size: tuple[int, int]
-    output_names: tuple[str, ...]
-    metadata: dict[str, Any]
-    to_input: Callable[[Tensor], Tensor]
+    graph: ExportGraph
     config: Any = None
     default_images: dict[str, Callable[[], list[Path]]] = field(default_factory=dict)
-    graph: str = "tensor"  # "tensor" (classifier, face), "ssd" or "detector" (whole Faster R-CNN)
-    top1: bool = False
     accuracy: str | None = None
-
-    @property
-    def is_ssd(self) -> bool:
-        return self.graph == "ssd"
 
 
 @dataclass
@@ -193,56 +156,6 @@ def _read_images(paths: Sequence[Path], desc: str) -> list[Tensor]:
 # checkpoint -> spec
 
 
-def _resize_to(size: tuple[int, int], preprocess: str = "resize") -> Callable[[Tensor], Tensor]:
-    def convert(image: Tensor) -> Tensor:
-        return preprocess_images([image], size, preprocess)[0][0]
-
-    return convert
-
-
-# How each SSD preprocess mode turns a photo into the graph input (for the file's metadata).
-_RESIZE_WORDS = {
-    "resize": "resized (bilinear) from the photo",
-    "tf_resize": "resized from the photo with TF's legacy bilinear resize (align_corners=False, "
-    "half_pixel_centers=False)",
-    "tf_pad_resize": "the photo zero-padded bottom/right to a square, then TF's legacy bilinear resize",
-}
-
-
-def _tensor_graph(plan: ExportPlan, model: nn.Module, cfg: Any) -> dict[str, Any]:
-    """A batch of ``S x S`` images in, the plan's one output out (classifier, face embedder)."""
-    size = (plan.input_size, plan.input_size)
-    return {"network": model, "input_size": size, "output_names": plan.output_names, "metadata": plan.metadata,
-            "to_input": plan.to_input or _resize_to(size)}
-
-
-def _ssd_graph(plan: ExportPlan, model: nn.Module, cfg: Any) -> dict[str, Any]:
-    """The SSD network's raw outputs and anchors; post-processing stays outside the graph."""
-    network, params = split_ssd(model, tuple(cfg.model.class_names))
-    size, words = params.size, _RESIZE_WORDS[params.preprocess]
-    metadata = {key: value for key, value in plan.metadata.items() if key != "class_names"}  # in ssd_postprocess
-    metadata.update(input=f"images [N, 3, {size[0]}, {size[1]}] RGB in [0, 1], {words}",
-                    ssd_postprocess=params.to_json())
-    return {"network": network, "input_size": size, "output_names": ("bbox_regression", "cls_logits", "anchors"),
-            "metadata": metadata, "to_input": _resize_to(size, params.preprocess)}
-
-
-def _detector_graph(plan: ExportPlan, model: nn.Module, cfg: Any) -> dict[str, Any]:
-    """The whole two-stage detector, NMS included, one image of any size per run."""
-    metadata = dict(plan.metadata, input="image [3, H, W] RGB in [0, 1], any size, one image per run",
-                    output="boxes [D, 4] xyxy pixels, labels [D], scores [D] (NMS done)")
-    return {"network": model, "input_size": (0, 0), "output_names": ("boxes", "labels", "scores"),
-            "metadata": metadata, "to_input": lambda image: image}
-
-
-# ExportPlan.graph -> what goes into the file (the plan comes from the task's TASKS entry).
-_GRAPHS: dict[str, Callable[[ExportPlan, nn.Module, Any], dict[str, Any]]] = {
-    "tensor": _tensor_graph,
-    "ssd": _ssd_graph,
-    "detector": _detector_graph,
-}
-
-
 def _default_images(checkpoint: Checkpoint, plan: ExportPlan, files: Callable[[str], list[Path]]):
     def split_files(split: str) -> list[Path]:
         if not plan.own_data:
@@ -261,6 +174,9 @@ def _default_images(checkpoint: Checkpoint, plan: ExportPlan, files: Callable[[s
 def load_export_spec(checkpoint: str | os.PathLike | dict[str, Any] | Checkpoint) -> ExportSpec:
     """Rebuild the model of an mnapps checkpoint and describe its graph (see :class:`ExportSpec`).
 
+    ``checkpoint`` is read once (a :class:`~mnapps.checkpoint.Checkpoint` already read is used as
+    it is); the task's loader and export plan get that record.
+
     Raises:
         FileNotFoundError: no such checkpoint.
         ValueError: an unknown task, an unsupported head, or a config/weights mismatch.
@@ -269,74 +185,18 @@ def load_export_spec(checkpoint: str | os.PathLike | dict[str, Any] | Checkpoint
     task = task_spec(record)
     model, cfg = task.load(record)
     plan = task.export(record, model, cfg)
-    graph = _GRAPHS[plan.graph](plan, model, cfg)
     defaults = _default_images(record, plan, lambda split: task.image_files(cfg, split))
-    return ExportSpec(
-        task=record.task, head=record.head, model=model, config=cfg, graph=plan.graph, top1=plan.top1,
-        accuracy=plan.accuracy, default_images=defaults, **graph,
-    )
+    return ExportSpec(task=record.task, head=record.head, model=model, graph=build_export_graph(plan, model, cfg),
+                      config=cfg, default_images=defaults, accuracy=plan.accuracy)
 
 
 # ------------------------------------------------------------------------------------------
 # export + parity
 
 
-def _parity(
-    spec: ExportSpec, path: Path, images: list[Tensor], batch: Tensor | None, precision: str, threads: int
-) -> list[ParityReport]:
-    limits = PARITY_LIMITS[precision]
-    name = f"{spec.task} {precision}"
-    ort_model = OrtModel(path, threads=threads)
-    reports = []
-    with torch.no_grad():
-        if spec.graph == "detector":
-            # One image per call on both sides: batching pads images to a common size, which
-            # changes a two-stage detector's proposals near the padded border.
-            reports.append(
-                compare_detections(
-                    f"{name} detections",
-                    [spec.model([image])[0] for image in images],
-                    OrtDetector(ort_model.session)(images),
-                    min_agreement=limits["min_det_agreement"],
-                )
-            )
-        elif not spec.is_ssd:
-            reference = spec.model(batch)
-            candidate = ort_model(batch)[spec.output_names[0]]
-            reports.append(
-                compare_arrays(
-                    f"{name} {spec.output_names[0]}",
-                    reference,
-                    candidate,
-                    atol=limits.get("atol"),
-                    min_cosine=limits.get("min_cosine"),
-                    min_top1_agreement=limits.get("min_top1") if spec.top1 else None,
-                    top1=spec.top1,
-                )
-            )
-        else:
-            regression, logits, _ = spec.network(batch)
-            outputs = ort_model(batch)
-            for key, ref in (("bbox_regression", regression), ("cls_logits", logits)):
-                reports.append(
-                    compare_arrays(
-                        f"{name} {key}",
-                        ref.reshape(ref.shape[0], -1),
-                        outputs[key].reshape(ref.shape[0], -1),
-                        atol=limits.get("atol"),
-                        min_cosine=limits.get("min_cosine"),
-                    )
-                )
-            detector = OrtSSD(ort_model.session)
-            reports.append(
-                compare_detections(
-                    f"{name} detections",
-                    spec.model(images),
-                    detector(images),
-                    min_agreement=limits["min_det_agreement"],
-                    min_score=0.0 if precision == "fp32" else INT8_DETECTION_MIN_SCORE,
-                )
-            )
+def _parity(spec: ExportSpec, path: Path, images: list[Tensor], precision: str, threads: int) -> list[ParityReport]:
+    """The graph's parity reports for the file at ``path``, printed, then raised if one failed."""
+    reports = spec.graph.parity(path, images, precision, threads, label=f"{spec.task} {precision}")
     for report in reports:
         print(report)
     for report in reports:
@@ -383,27 +243,18 @@ def export_checkpoint(
         raise ValueError(f"output file {out} must end in .onnx")
     parity_files = find_images(parity_images if parity_images is not None else spec.default_images["parity"](), num_parity)
     images = _read_images(parity_files, "parity images")
-    if int8 and spec.graph == "detector":
-        raise ValueError(
-            f"int8 export covers the classifier, the SSD heads and the face embedder, not {spec.head!r} "
-            "(its RoI stage and in-graph NMS are left in float); drop --int8"
-        )
-    folded = fold_batchnorm(spec.network)
-    metadata = dict(spec.metadata, precision="fp32", folded_batchnorms=folded.folded_batchnorms)
-    if spec.graph == "detector":
-        batch = None
-        export_detector_onnx(folded, images[0], out, metadata=metadata)
-    else:
-        batch = torch.stack([spec.to_input(image) for image in images])
-        example = batch[:2] if len(batch) >= 2 else batch.repeat(2, 1, 1, 1)
-        export_onnx(folded, example, out, output_names=spec.output_names, metadata=metadata)
+    if int8:
+        spec.graph.refuse_int8(spec.head)
+    folded = fold_batchnorm(spec.graph.network)
+    metadata = dict(spec.graph.metadata, precision="fp32", folded_batchnorms=folded.folded_batchnorms)
+    spec.graph.write(folded, images, out, metadata)
     print(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB, {folded.folded_batchnorms} BatchNorms folded)")
     result = ExportResult(fp32_path=out)
-    result.reports += _parity(spec, out, images, batch, "fp32", threads)
+    result.reports += _parity(spec, out, images, "fp32", threads)
 
     if int8:
         calib_files = find_images(calib_images if calib_images is not None else spec.default_images["calibration"](), num_calib)
-        calib = torch.stack([spec.to_input(image) for image in _read_images(calib_files, "calibration images")])
+        calib = spec.graph.batch(_read_images(calib_files, "calibration images"))
         reduce_range = resolve_reduce_range(reduce_range)  # once, for the corrections and the graph
         with torch.no_grad():
             corrections = int8_bias_correction(folded, calib, reduce_range=reduce_range)
@@ -414,7 +265,7 @@ def export_checkpoint(
             f"{7 if reduce_range else 8}-bit dense-conv weights)"
         )
         result.int8_path = int8_path
-        result.reports += _parity(spec, int8_path, images, batch, "int8", threads)
+        result.reports += _parity(spec, int8_path, images, "int8", threads)
     return result
 
 
@@ -425,9 +276,9 @@ def export_checkpoint(
 class _OrtDetector(nn.Module):
     """An ONNX Runtime detector in the ``nn.Module`` clothes :func:`evaluate_detector` expects."""
 
-    def __init__(self, path: Path, threads: int, graph: str) -> None:
+    def __init__(self, detector: Runtime) -> None:
         super().__init__()
-        self.detector = OrtSSD(path, threads=threads) if graph == "ssd" else OrtDetector(path, threads=threads)
+        self.detector = detector
 
     def forward(self, images: list[Tensor]) -> list[dict[str, Tensor]]:
         return self.detector([image.cpu() for image in images])
@@ -453,11 +304,7 @@ def _top1_accuracy(spec: ExportSpec, backends: dict[str, Any], threads: int, max
     loader = torch.utils.data.DataLoader(val_set, batch_size=32, collate_fn=collate_cls)
     results = {}
     for name, backend in backends.items():
-        if isinstance(backend, Path):
-            ort_model = OrtModel(backend, threads=threads)
-            predict = lambda x, m=ort_model: m(x)[spec.output_names[0]]  # noqa: E731
-        else:
-            predict = lambda x, m=backend: m(x)  # noqa: E731
+        predict = spec.graph.runtime(backend, threads) if isinstance(backend, Path) else backend
         with torch.no_grad():
             results[name] = {"top1": _top1(predict, loader, name)}
     return results
@@ -468,7 +315,7 @@ def _coco_accuracy(spec: ExportSpec, backends: dict[str, Any], threads: int, max
     loader = torch.utils.data.DataLoader(dataset, batch_size=8, collate_fn=collate_fn)
     results = {}
     for name, backend in backends.items():
-        model = _OrtDetector(backend, threads, spec.graph) if isinstance(backend, Path) else backend
+        model = _OrtDetector(spec.graph.runtime(backend, threads)) if isinstance(backend, Path) else backend
         metrics, _, _ = evaluate_detector(model, loader, dataset, "cpu", max_images=max_images)
         results[name] = {"AP": metrics["AP"], "AP50": metrics["AP50"]}
     return results

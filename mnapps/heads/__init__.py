@@ -1,22 +1,26 @@
 """Detection heads on the MobileNetV1 trunk, and :data:`HEADS`: the one table ``--head`` reads.
 
 Each entry of :data:`HEADS` says everything the rest of mnapps needs about a head: its builder
-(``build(section_cfg, *, num_classes, backbone_cfg, weights_backbone)`` returning a torchvision
-detector that takes ``list[Tensor[3, H, W]]`` in [0, 1]), the config section that holds its
-settings with that section's dataclass (:class:`mnapps.tasks.detection.DetModelConfig` gets one
-field per section of this table), the config it trains with when ``tools/train_det.py`` is given
+(``build(settings, *, num_classes, backbone_cfg, weights_backbone)`` returning a torchvision
+detector that takes ``list[Tensor[3, H, W]]`` in [0, 1]), the dataclass of its settings and the
+``model`` key they are read from, the config it trains with when ``tools/train_det.py`` is given
 no ``--config``, the fixed input size it resizes to (None when it keeps the aspect ratio), and
-the kind of ONNX graph export makes of it. Adding a head is one module with its builder plus one
-entry here; ``--head`` choices, config sections, defaults, checks and export derive from this
-table (an entry added before :mod:`mnapps.tasks.detection` is imported is seen everywhere).
+the kind of ONNX graph export makes of it. The names of the shipped heads come from the
+torch-free :mod:`mnapps.choices`, which the command line reads too. Adding a head is one module
+with its builder plus one entry here; a plug-in adds its entry at run time
+(``HEADS["mine"] = HeadSpec(...)``), before or after the task layer is imported: configs,
+checkpoints and export look the head up when they meet its name.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Literal
+from typing import Any, Callable
 
 from torch import nn
+
+from mnapps.choices import FASTER_RCNN, FASTER_RCNN_FPN, SSD, SSDLITE
+from mnapps.graph_kind import GraphKind
 
 from .faster_rcnn import FasterRCNNConfig, build_faster_rcnn, build_faster_rcnn_fpn
 from .ssd import SSDConfig, build_ssd, build_ssdlite
@@ -26,33 +30,49 @@ __all__ = ["HeadSpec", "HEADS", "head_spec"]
 
 @dataclass(frozen=True)
 class HeadSpec:
-    """What mnapps needs to know about one detection head (see the module docstring)."""
+    """What mnapps needs to know about one detection head (see the module docstring).
+
+    Attributes:
+        build: ``build(settings, *, num_classes, backbone_cfg, weights_backbone) -> nn.Module``.
+        settings_cls: the frozen dataclass of the head's settings (``model.<section>`` in a
+            config); :class:`mnapps.tasks.detection.DetModelConfig` holds an instance of it.
+        section: the key under ``model`` its settings are read from (heads may share one:
+            ``ssd`` and ``ssdlite`` both read ``model.ssd``).
+        default_config: a file name in ``configs/``.
+        input_size: settings -> the fixed square input side, or None (the head keeps the
+            aspect ratio).
+        min_batch_images: the fewest images a training step may see (SSD: 2, its 1x1 extra maps
+            cannot batch-normalise one).
+        graph: the ONNX graph export makes of it; None: not exportable.
+    """
 
     build: Callable[..., nn.Module]
+    settings_cls: type
     section: str
-    config_cls: type
-    default_config: str  # a file name in configs/
-    input_size: Callable[[Any], int | None]  # section config -> fixed square input side, or None
-    # Fewest images a training step may see (SSD: 2, its 1x1 extra maps cannot batch-normalise one).
+    default_config: str
+    input_size: Callable[[Any], int | None]
     min_batch_images: int = 1
-    # The ONNX graph export makes: "ssd" (raw box/class outputs and anchors, post-processing
-    # shared outside the graph), "detector" (the whole model, NMS included, one image per run)
-    # or None (not exportable).
-    export_graph: Literal["ssd", "detector"] | None = None
+    graph: GraphKind | None = None
+
+
+def _ssd_size(settings: SSDConfig) -> int:
+    return settings.size
+
+
+def _keeps_aspect_ratio(settings: FasterRCNNConfig) -> None:
+    return None
 
 
 HEADS: dict[str, HeadSpec] = {
-    "ssd": HeadSpec(build_ssd, "ssd", SSDConfig, "ssd_mnv1_a050_r192_shapes.yaml", lambda c: c.size, 2, "ssd"),
-    "ssdlite": HeadSpec(
-        build_ssdlite, "ssd", SSDConfig, "ssdlite_mnv1_a050_r192_shapes.yaml", lambda c: c.size, 2, "ssd"
+    SSD.name: HeadSpec(build_ssd, SSDConfig, "ssd", SSD.default_config, _ssd_size, 2, GraphKind.SSD),
+    SSDLITE.name: HeadSpec(build_ssdlite, SSDConfig, "ssd", SSDLITE.default_config, _ssd_size, 2, GraphKind.SSD),
+    FASTER_RCNN.name: HeadSpec(
+        build_faster_rcnn, FasterRCNNConfig, "faster_rcnn", FASTER_RCNN.default_config, _keeps_aspect_ratio,
+        graph=GraphKind.DETECTOR,
     ),
-    "faster_rcnn": HeadSpec(
-        build_faster_rcnn, "faster_rcnn", FasterRCNNConfig, "faster_rcnn_mnv1_a025_r256_shapes.yaml", lambda c: None,
-        export_graph="detector",
-    ),
-    "faster_rcnn_fpn": HeadSpec(
-        build_faster_rcnn_fpn, "faster_rcnn", FasterRCNNConfig, "faster_rcnn_fpn_mnv1_a025_r256_shapes.yaml",
-        lambda c: None, export_graph="detector",
+    FASTER_RCNN_FPN.name: HeadSpec(
+        build_faster_rcnn_fpn, FasterRCNNConfig, "faster_rcnn", FASTER_RCNN_FPN.default_config, _keeps_aspect_ratio,
+        graph=GraphKind.DETECTOR,
     ),
 }
 

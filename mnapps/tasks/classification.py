@@ -41,6 +41,7 @@ from mnapps.data.imagefolder import ImageFolderDataset, build_cls_transforms, co
 from mnapps.engine.distributed import DistInfo, build_eval_loader, build_train_loader
 from mnapps.data.synthetic_cls import ensure_shapes_classification
 from mnapps.engine.loop import TaskHooks, to_device
+from mnapps.graph_kind import GraphKind
 
 from .spec import ExportPlan
 from .training import RunRequest, TaskSteps, launch, train_task
@@ -388,7 +389,7 @@ def cls_export_plan(checkpoint: Checkpoint, model: nn.Module, cfg: ClsConfig) ->
         "input": f"images [N, 3, {size}, {size}] RGB standardised to [-1, 1] (x / 127.5 - 1)",
         "class_names": list(cfg.model.class_names),
     }
-    return ExportPlan("tensor", metadata, input_size=size, output_names=("logits",), to_input=to_input, top1=True,
+    return ExportPlan(GraphKind.TENSOR, metadata, input_size=size, output_names=("logits",), to_input=to_input, top1=True,
                       accuracy="top1")
 
 

@@ -19,6 +19,7 @@ from torch import Tensor, nn
 
 from mnapps.checkpoint import Checkpoint
 from mnapps.config import TaskConfig
+from mnapps.graph_kind import GraphKind
 
 __all__ = ["TaskSpec", "ExportPlan", "EvalRequest", "Evaluation"]
 
@@ -28,12 +29,14 @@ class ExportPlan:
     """How a trained model of a task becomes an ONNX graph (read by :mod:`mnapps.export.pipeline`).
 
     Attributes:
-        graph: ``"tensor"`` (a batch in, one output), ``"ssd"`` (raw outputs, shared
-            post-processing) or ``"detector"`` (a whole two-stage detector, one image per run);
-            a detection head's comes from its :class:`mnapps.heads.HeadSpec`.
+        graph: the kind of graph (:class:`mnapps.graph_kind.GraphKind`: a batch in and one
+            output out, an SSD's raw outputs, or a whole two-stage detector); a detection
+            head's comes from its :class:`mnapps.heads.HeadSpec`. Export picks the class that
+            owns that kind's export, parity check, int8 path and runtime
+            (:mod:`mnapps.export.graphs`).
         metadata: ``mnapps.*`` metadata for the file (the graph adds its input/output words).
-        input_size: side of a ``"tensor"`` graph's square input (None for detectors).
-        output_names: the ``"tensor"`` graph's output names.
+        input_size: side of a tensor graph's square input (None for detectors).
+        output_names: the tensor graph's output names.
         to_input: image ``Tensor[3, H, W]`` in [0, 1] -> graph input; None resizes to ``input_size``.
         top1: parity also compares top-1 agreement (classifiers).
         accuracy: what :func:`mnapps.export.pipeline.evaluate_export` measures: ``"top1"``,
@@ -42,7 +45,7 @@ class ExportPlan:
             parity/calibration images would be unlike what it sees).
     """
 
-    graph: str
+    graph: GraphKind
     metadata: dict[str, Any]
     input_size: int | None = None
     output_names: tuple[str, ...] = ()

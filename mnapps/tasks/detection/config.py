@@ -3,88 +3,125 @@
 This module owns the schema of ``configs/ssd*.yaml`` and friends and the few functions that
 read it to build things: :func:`build_model` (the detector ``cfg.model`` describes),
 :func:`model_input_size` and :func:`fine_tune_config` (the config for fine-tuning a whole
-detector checkpoint). :class:`DetModelConfig` holds one optional settings section per head
-section of :data:`mnapps.heads.HEADS`, generated from that table when this module is imported,
-so adding a head adds its section here without an edit.
+detector checkpoint). :class:`DetModelConfig` holds the chosen head's settings as an instance of
+that head's own dataclass (:attr:`mnapps.heads.HeadSpec.settings_cls`), looked up in
+:data:`mnapps.heads.HEADS` when a config is read or built, so a head added to that table at any
+time (a plug-in, after this module was imported) has its settings read, checked and saved here
+without an edit.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any, Literal, Sequence
 
 from torch import nn
 
-from mnapps.checkpoint import read_checkpoint
-from mnapps.config import OMIT_IF_NONE, BackboneConfig, ConfigError, TaskConfig, load_config, read_yaml
+from mnapps.checkpoint import Checkpoint, read_checkpoint
+from mnapps.choices import DEFAULT_HEAD, SSD, SSDLITE
+from mnapps.config import (
+    OMIT_IF_NONE,
+    BackboneConfig,
+    ConfigError,
+    TaskConfig,
+    fields_from_dict,
+    from_dict,
+    load_config,
+    read_yaml,
+    refuse_unknown_keys,
+    to_dict,
+)
 from mnapps.data.transforms import RECIPES
-from mnapps.heads import HEADS, head_spec
+from mnapps.heads import HEADS, HeadSpec
 
 __all__ = ["DetModelConfig", "DetDataConfig", "DetDistillConfig", "DetConfig", "build_model", "model_input_size",
            "fine_tune_config"]
 
-HeadName = Literal[tuple(HEADS)]  # type: ignore[valid-type]
 RecipeName = Literal[tuple(RECIPES)]  # type: ignore[valid-type]
 
 
-def _check_sections(self: Any) -> None:
-    """Only the chosen head's section may be set; it is filled with its defaults when absent."""
-    legacy = getattr(self, "ssd", None)
-    if self.head == "ssd" and legacy is not None and legacy.lite:
-        # Written before the head alone chose SSDLite: `head: ssd` with `ssd.lite: true` built one.
-        object.__setattr__(self, "head", "ssdlite")
-    spec = head_spec(self.head)
-    for name in {other.section for other in HEADS.values()} - {spec.section}:
-        if getattr(self, name) is not None:
-            users = sorted(h for h, other in HEADS.items() if other.section == name)
-            raise ConfigError(
-                f"model.{name} holds settings of the {'/'.join(users)} head(s) but model.head is "
-                f"{self.head!r}: remove the model.{name} section or change model.head"
-            )
-    if getattr(self, spec.section) is None:
-        object.__setattr__(self, spec.section, spec.config_cls())
+def _head_spec(head: Any, where: str) -> HeadSpec:
+    """The :data:`HEADS` entry of ``head`` as the config names it; ConfigError listing the heads otherwise."""
+    if not isinstance(head, str) or head not in HEADS:
+        raise ConfigError(f"{where}: {head!r} is not one of {sorted(HEADS)}")
+    return HEADS[head]
 
 
-def _head_config(self: Any) -> Any:
-    """The settings section of the chosen head (``ssd``, ``faster_rcnn``, ...)."""
-    return getattr(self, head_spec(self.head).section)
+@dataclass(frozen=True)
+class DetModelConfig:
+    """Which detector, on which trunk, and what the data decided about its classes.
 
-
-def _sections() -> list[tuple[str, Any, Any]]:
-    """One optional field per settings section of :data:`HEADS`, in table order."""
-    seen: dict[str, type] = {}
-    for spec in HEADS.values():
-        seen.setdefault(spec.section, spec.config_cls)
-    return [(name, cls | None, field(default=None, metadata=OMIT_IF_NONE)) for name, cls in seen.items()]
-
-
-DetModelConfig = dataclasses.make_dataclass(
-    "DetModelConfig",
-    [
-        ("head", HeadName, field(default="ssd")),
-        ("backbone", BackboneConfig, field(default_factory=BackboneConfig)),
-        *_sections(),
-        ("num_classes", int | None, field(default=None)),
-        ("class_names", tuple[str, ...], field(default=())),
-        ("category_ids", tuple[int, ...], field(default=())),
-    ],
-    namespace={"__post_init__": _check_sections, "head_config": property(_head_config)},
-    frozen=True,
-)
-DetModelConfig.__module__ = __name__
-DetModelConfig.__doc__ = """Which detector, on which trunk, and what the data decided about its classes.
+    In YAML the head's settings sit under the head's section key (``model.ssd``,
+    ``model.faster_rcnn``, a plug-in's own), read into :attr:`head_settings`; only the chosen
+    head's section may be given, and a missing one is the head's defaults.
 
     Attributes:
         head: a key of :data:`mnapps.heads.HEADS` (``ssd``, ``ssdlite``, ...).
         backbone: MobileNetV1 settings (the same section in every task).
-        ssd, faster_rcnn, ...: one section per ``HeadSpec.section`` of :data:`HEADS`; the chosen
-            head's is filled with defaults when absent, another head's is an error to give.
+        head_settings: the chosen head's settings, an instance of its ``HeadSpec.settings_cls``
+            (None when building one: the head's defaults).
         num_classes: classes including background; None takes it from the training data.
         class_names: ``class_names[label]`` (``[0]`` is background); filled in from the data.
         category_ids: the dataset category id of labels ``1..K``; filled in from the data.
     """
+
+    head: str = DEFAULT_HEAD.name
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    head_settings: Any = None
+    num_classes: int | None = None
+    class_names: tuple[str, ...] = ()
+    category_ids: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        spec = _head_spec(self.head, "model.head")
+        if self.head_settings is None:
+            object.__setattr__(self, "head_settings", spec.settings_cls())
+        elif not isinstance(self.head_settings, spec.settings_cls):
+            raise ConfigError(
+                f"model.head_settings is a {type(self.head_settings).__name__} but the {self.head} head takes a "
+                f"{spec.settings_cls.__name__}"
+            )
+        if self.head == SSD.name and getattr(self.head_settings, "lite", False):
+            # Written before the head alone chose SSDLite: `head: ssd` with `ssd.lite: true` built one.
+            object.__setattr__(self, "head", SSDLITE.name)
+
+    @property
+    def section(self) -> str:
+        """The ``model`` key the head's settings are written under (``ssd``, ``faster_rcnn``, ...)."""
+        return HEADS[self.head].section
+
+    @classmethod
+    def from_config_dict(cls, data: dict[str, Any] | None, where: str = "model") -> DetModelConfig:
+        """Read the ``model`` section: ``head`` picks the settings section and its dataclass.
+
+        Raises:
+            ConfigError: an unknown head (the valid ones listed), another head's settings
+                section, or an unknown key (the valid ones listed).
+        """
+        data, where = ({} if data is None else data), where or "model"
+        if not isinstance(data, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {data!r}")
+        spec = _head_spec(data.get("head", DEFAULT_HEAD.name), f"{where}.head")
+        for other in sorted({entry.section for entry in HEADS.values()} - {spec.section}):
+            if other in data:
+                users = sorted(name for name, entry in HEADS.items() if entry.section == other)
+                raise ConfigError(
+                    f"{where}.{other} holds settings of the {'/'.join(users)} head(s) but {where}.head is "
+                    f"{data.get('head', DEFAULT_HEAD.name)!r}: remove the {where}.{other} section or change {where}.head"
+                )
+        plain = [f.name for f in fields(cls) if f.name != "head_settings"]
+        refuse_unknown_keys(cls, data, [*plain[:2], spec.section, *plain[2:]], where)
+        settings = from_dict(spec.settings_cls, data.get(spec.section), f"{where}.{spec.section}")
+        rest = {key: value for key, value in data.items() if key != spec.section}
+        return fields_from_dict(cls, {**rest, "head_settings": settings}, where)
+
+    def to_config_dict(self) -> dict[str, Any]:
+        """The ``model`` section as :meth:`from_config_dict` reads it (settings under their section key)."""
+        written = {f.name: to_dict(getattr(self, f.name)) for f in fields(self)}
+        settings = written.pop("head_settings")
+        head_and_backbone = {key: written.pop(key) for key in ("head", "backbone")}
+        return {**head_and_backbone, self.section: settings, **written}
 
 
 @dataclass(frozen=True)
@@ -171,16 +208,15 @@ def model_input_size(cfg: DetConfig) -> int | None:
     ``ssd.size``), else None (heads that resize themselves keeping the aspect ratio)."""
     if cfg.data.train_size is not None:
         return cfg.data.train_size
-    return head_spec(cfg.model.head).input_size(cfg.model.head_config)
+    return HEADS[cfg.model.head].input_size(cfg.model.head_settings)
 
 
 def build_model(
     cfg: DetConfig, num_classes: int, weights_backbone: str | os.PathLike | dict[str, Any] | None = None
 ) -> nn.Module:
     """The detector ``cfg.model`` describes (head, trunk, classes), trunk weights optional."""
-    spec = head_spec(cfg.model.head)
-    return spec.build(
-        cfg.model.head_config,
+    return HEADS[cfg.model.head].build(
+        cfg.model.head_settings,
         num_classes=num_classes,
         backbone_cfg=cfg.model.backbone,
         weights_backbone=weights_backbone,
@@ -188,7 +224,7 @@ def build_model(
 
 
 def fine_tune_config(
-    weights: str | os.PathLike,
+    weights: str | os.PathLike | Checkpoint,
     config: str | os.PathLike | None,
     overrides: Sequence[str] = (),
     *,
@@ -201,7 +237,9 @@ def fine_tune_config(
     ``config`` (None: defaults); ``overrides`` (``key=value``, ``model.*`` included) apply last.
     A ``model`` key that ``config`` writes must agree with the checkpoint (it would otherwise be
     lost without a word); ``config_is_default`` marks a file the user did not choose (the head's
-    default config of ``tools/train_det.py``), whose model section is passed over.
+    default config of ``tools/train_det.py``), whose model section is passed over. ``weights``
+    may be the :class:`~mnapps.checkpoint.Checkpoint` already read, so that the caller loads
+    the same record's tensors without reading the file again.
 
     Raises:
         ValueError: not a detection checkpoint, ``overrides`` change the head, or ``config``
@@ -216,16 +254,16 @@ def fine_tune_config(
     model = {k: v for k, v in checkpoint.model_config.items() if k not in decided_by_data}
     stored = load_config(None, DetConfig, [f"model={model!r}"]).model  # as read (legacy spellings too)
     if config is not None and not config_is_default:
-        _refuse_other_model_keys(config, stored, weights)
+        _refuse_other_model_keys(config, stored, checkpoint.origin)
     # The config loader's own steps (read, overrides, typed check), with the checkpoint's model
     # section placed between the file and the overrides.
     try:
         cfg = load_config(config, DetConfig, [f"model={model!r}", *overrides])
     except ConfigError as exc:
-        raise ConfigError(f"{exc} (the model section is that of {weights})") from None
+        raise ConfigError(f"{exc} (the model section is that of {checkpoint.origin})") from None
     if cfg.model.head != stored.head:
         raise ValueError(
-            f"--weights {weights} holds a {stored.head!r} detector but the head asked for is "
+            f"--weights {checkpoint.origin} holds a {stored.head!r} detector but the head asked for is "
             f"{cfg.model.head!r}; drop --head (the checkpoint decides the architecture)"
         )
     return cfg
@@ -240,13 +278,18 @@ def _written_keys(section: dict[str, Any], prefix: str = "") -> list[str]:
     return keys
 
 
-def _setting(model: Any, key: str) -> Any:
-    for name in key.split("."):
-        model = getattr(model, name, None)
-    return model
+def _setting(model: DetModelConfig, key: str) -> Any:
+    """The value of a dotted ``model`` key (``backbone.frozen_bn``; ``ssd.size`` is in the head's settings)."""
+    names = key.split(".")
+    value: Any = model
+    if names[0] == model.section:
+        value, names = model.head_settings, names[1:]
+    for name in names:
+        value = getattr(value, name, None)
+    return value
 
 
-def _refuse_other_model_keys(config: str | os.PathLike, stored: Any, weights: str | os.PathLike) -> None:
+def _refuse_other_model_keys(config: str | os.PathLike, stored: DetModelConfig, weights: str) -> None:
     """ValueError naming the first ``model`` key of ``config`` whose value differs from the checkpoint's."""
     written = read_yaml(config).get("model")
     if not isinstance(written, dict):

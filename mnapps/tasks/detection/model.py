@@ -19,7 +19,7 @@ from torch import nn
 from mnapps.checkpoint import Checkpoint, read_checkpoint, read_task_checkpoint
 from mnapps.config import load_config
 
-from mnapps.heads import head_spec
+from mnapps.heads import HEADS
 
 from ..spec import ExportPlan
 from .config import DetConfig, build_model
@@ -142,7 +142,7 @@ def load_detector_weights(
 
 def det_export_plan(checkpoint: Checkpoint, model: nn.Module, cfg: DetConfig) -> ExportPlan:
     """How export makes a graph of the detector: the kind its :class:`mnapps.heads.HeadSpec` names."""
-    graph = head_spec(cfg.model.head).export_graph
+    graph = HEADS[cfg.model.head].graph
     if graph is None:
         raise ValueError(f"{checkpoint.origin}: exporting the {cfg.model.head!r} head is not supported")
     metadata = {"task": "detection", "head": cfg.model.head, "class_names": list(cfg.model.class_names),

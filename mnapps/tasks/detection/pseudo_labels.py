@@ -159,7 +159,7 @@ def pseudo_label_coco(
         "teacher_checkpoint": str(checkpoint),
         "teacher_sha256": _sha256(checkpoint),
         "score_threshold": float(score_threshold),
-        "nms_threshold": getattr(cfg.model.head_config, "nms_threshold", None),
+        "nms_threshold": getattr(cfg.model.head_settings, "nms_threshold", None),
         "date_created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
     coco = {"info": info, "images": images, "annotations": annotations, "categories": categories}

@@ -8,8 +8,8 @@ face-api.js's face detector) into the ``--weights`` a student starts from in ``t
   strongest channels of every layer (:func:`slim_state_dict`: by the L1 norm of each output
   filter, the same channels carried through the depthwise convs, BatchNorms and the next
   layer's inputs), then recalibrates BatchNorm on the user's photos.
-* :func:`recalibrate_batchnorm` is why a student can be trained at all: imported TF models carry
-  BatchNorm folded into the convolutions (loaded as identity BatchNorms: mean 0, variance 1), so
+* :func:`reparametrize_batchnorm_keeping_output` is why a student can be trained at all: imported
+  TF models carry BatchNorm folded into the convolutions (loaded as identity BatchNorms: mean 0, variance 1), so
   in train mode, where BatchNorm normalises by the batch's own statistics, the network computes
   something else than the teacher and fine-tuning starts from a broken model. Each BatchNorm is
   re-parametrised so that its running statistics are the measured mean and variance of its
@@ -33,18 +33,20 @@ from mnapps.data.image_io import load_rgb
 from mnapps.data.transforms import build_det_transforms
 from mnapps.tasks.detection import DetConfig, build_model, load_detector
 
-__all__ = ["recalibrate_batchnorm", "slim_state_dict", "student_checkpoint"]
+__all__ = ["reparametrize_batchnorm_keeping_output", "slim_state_dict", "student_checkpoint"]
 
 
 @torch.no_grad()
-def recalibrate_batchnorm(model: nn.Module, images: Iterable[Tensor]) -> int:
+def reparametrize_batchnorm_keeping_output(model: nn.Module, images: Iterable[Tensor]) -> int:
     """Re-parametrise every ``BatchNorm2d`` of ``model`` on the statistics of its real input.
 
     With ``m, v`` the measured per-channel mean and variance of a BatchNorm's input over
     ``images`` (eval-mode forward passes, one image ``[3, H, W]`` in [0, 1] each), its running
     statistics become ``m, v`` and its affine ``gamma, beta`` are changed so that
     ``gamma' (x - m) / sqrt(v + eps) + beta' == gamma (x - mean) / sqrt(var + eps) + beta`` for
-    every ``x``: the model's eval-mode output does not change (to float rounding).
+    every ``x``: the model's eval-mode output does not change (to float rounding). (The face
+    teacher's :func:`mnapps.tasks.face.distill.teacher.reestimate_batchnorm_statistics` is the
+    opposite: it keeps the weights and so changes the output.)
 
     Returns:
         the number of BatchNorms re-parametrised.
@@ -165,16 +167,17 @@ def student_checkpoint(
     output = Path(output)
     if output.exists() and not overwrite:
         raise FileExistsError(f"{output} already exists; pass overwrite=True or choose another output")
-    teacher_weights = read_checkpoint(teacher).weights
-    _, teacher_cfg = load_detector(teacher)
+    record = read_checkpoint(teacher)  # read once: its config rebuilds the teacher, its tensors start the student
+    _, teacher_cfg = load_detector(record)
+    teacher_weights = record.weights
     model_cfg = teacher_cfg.model
-    ssd = dataclasses.replace(model_cfg.ssd, size=size or model_cfg.ssd.size)
+    ssd = dataclasses.replace(model_cfg.head_settings, size=size or model_cfg.head_settings.size)
     backbone = model_cfg.backbone
     if width_mult is not None:
         if width_mult > backbone.width_mult:
             raise ValueError(f"width_mult {width_mult} is above the teacher's {backbone.width_mult}; a student is narrower")
         backbone = dataclasses.replace(backbone, width_mult=width_mult)
-    cfg = dataclasses.replace(teacher_cfg, model=dataclasses.replace(model_cfg, ssd=ssd, backbone=backbone))
+    cfg = dataclasses.replace(teacher_cfg, model=dataclasses.replace(model_cfg, head_settings=ssd, backbone=backbone))
     cfg = from_dict(DetConfig, to_dict(cfg))  # validated like any loaded config
     student = build_model(cfg, cfg.model.num_classes)
     if backbone.width_mult == model_cfg.backbone.width_mult:
@@ -184,7 +187,7 @@ def student_checkpoint(
     resize = build_det_transforms(False, ssd.size)
     empty_boxes, empty_labels = torch.zeros((0, 4)).numpy(), torch.zeros((0,), dtype=torch.int64).numpy()
     images = (resize(load_rgb(path), empty_boxes, empty_labels)[0] for path in photos)
-    count = recalibrate_batchnorm(student, images)
+    count = reparametrize_batchnorm_keeping_output(student, images)
     checkpoint = Checkpoint(
         task="detection", head=cfg.model.head, config=to_dict(cfg), weights=student.state_dict(),
         source=f"student of {Path(teacher).name}: size {ssd.size}, width {backbone.width_mult:g}, "

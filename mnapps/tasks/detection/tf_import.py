@@ -97,7 +97,7 @@ def import_tf_od_api_ssd_checkpoint(
         changes["nms_threshold"] = nms_threshold
     ssd_cfg = dataclasses.replace(imported.ssd, **changes)
     model_cfg = DetModelConfig(
-        head="ssd", backbone=imported.backbone, ssd=ssd_cfg, num_classes=imported.num_classes,
+        head="ssd", backbone=imported.backbone, head_settings=ssd_cfg, num_classes=imported.num_classes,
         class_names=("__background__",) + names,
     )
     weights = imported.model.state_dict()

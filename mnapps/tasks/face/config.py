@@ -14,7 +14,7 @@ from typing import Literal, Sequence
 
 from mnapps.config import TaskConfig, TrainConfig, load_config
 from mnapps.tasks.face.distill.losses import DistillLossConfig
-from mnapps.tasks.face.distill.teacher import PRETRAINED_TEACHERS
+from mnapps.choices import PRETRAINED_TEACHERS
 from mnapps.tasks.face.distill.warm_start import WarmStartConfig
 from mnapps.heads.face_embedding import FaceModelConfig
 

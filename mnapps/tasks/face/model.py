@@ -18,6 +18,7 @@ from mnapps.backbones import prepare_trunk
 from mnapps.checkpoint import Checkpoint, read_checkpoint
 from mnapps.config import BackboneConfig, ConfigError, from_dict
 from mnapps.heads.face_embedding import FaceEmbedder, FaceModelConfig, PooledTrunkEmbedder, build_face_embedder
+from mnapps.graph_kind import GraphKind
 
 from ..spec import ExportPlan
 from .config import FaceDistillConfig
@@ -94,4 +95,4 @@ def face_export_plan(checkpoint: Checkpoint, model: nn.Module, cfg: FaceDistillC
         "input": f"images [N, 3, {size}, {size}] RGB in [0, 1] (aligned face crops)",
         "output": "embeddings [N, D], unit L2 norm",
     }
-    return ExportPlan("tensor", metadata, input_size=size, output_names=("embeddings",))
+    return ExportPlan(GraphKind.TENSOR, metadata, input_size=size, output_names=("embeddings",))

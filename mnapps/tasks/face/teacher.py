@@ -15,7 +15,12 @@ import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from mnapps.tasks.face.data.faces import FaceFolder, face_collate
-from mnapps.tasks.face.distill.teacher import FacenetTeacher, build_teacher, cache_teacher_embeddings, recalibrate_batchnorm
+from mnapps.tasks.face.distill.teacher import (
+    FacenetTeacher,
+    build_teacher,
+    cache_teacher_embeddings,
+    reestimate_batchnorm_statistics,
+)
 from mnapps.engine.distributed import DistInfo
 
 from .config import TeacherConfig
@@ -35,7 +40,7 @@ def prepare_teacher(cfg: TeacherConfig, data: FaceDistillData, *, device: str | 
         loader = torch.utils.data.DataLoader(subset, batch_size=batch_size, collate_fn=face_collate)
         batches = (images for images, _, _ in tqdm(loader, desc="teacher BN calibration", unit="batch", leave=False)
                    if images.shape[0] > 0)
-        recalibrate_batchnorm(teacher, batches, device=device, scope=cfg.calibrate_bn)
+        reestimate_batchnorm_statistics(teacher, batches, device=device, scope=cfg.calibrate_bn)
     return teacher
 
 

@@ -31,12 +31,11 @@ import numpy as np
 import torch
 from PIL import Image
 
+from mnapps.choices import DEFAULT_MIN_FACE_SCORE
 from mnapps.data.image_io import ImageReadError, load_rgb
 
-__all__ = ["FaceCheck", "FaceCheckingAligner", "drop_non_faces", "face_scores", "DEFAULT_MIN_FACE_SCORE"]
+__all__ = ["FaceCheck", "FaceCheckingAligner", "drop_non_faces", "face_scores"]
 
-#: Crops whose re-detection score is below this are not faces (see the module docstring).
-DEFAULT_MIN_FACE_SCORE = 0.95
 
 T = TypeVar("T")
 
@@ -45,7 +44,7 @@ class FaceCheck:
     """Scores a face crop by MTCNN's probability of a face box centred in it.
 
     Args:
-        min_score: the score a face must reach (:data:`DEFAULT_MIN_FACE_SCORE`).
+        min_score: the score a face must reach (:data:`mnapps.choices.DEFAULT_MIN_FACE_SCORE`).
         pad: black border added around the crop, as a share of its side.
         device: where MTCNN runs.
     """

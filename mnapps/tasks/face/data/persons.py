@@ -11,7 +11,7 @@ every split the face tools make (training / held-out / test pairs) is by person:
   ``img12.png``): then the files do not say who it is.
 * :func:`person_labels`: one label per crop, joining crops that share a name, groups of crops
   whose teacher embeddings lie closer than the same-person threshold on average
-  (:data:`SAME_PERSON_DISTANCE`; average linkage, because single linkage chains: on the shared
+  (:data:`mnapps.choices.SAME_PERSON_DISTANCE`; average linkage, because single linkage chains: on the shared
   photos, links below 1.1 alone joined Obama, Biden, Kit Harington and Matt Damon into one
   "person"), and pairs a pair list labels "same". Joining is transitive (union find), so a
   person split over several folders or names ends up in one group. Wrongly merging two people
@@ -29,11 +29,12 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from mnapps.choices import SAME_PERSON_DISTANCE
+
 from .faces import split_holdout
 
 __all__ = [
     "GENERIC_FOLDERS",
-    "SAME_PERSON_DISTANCE",
     "name_from_identity",
     "person_labels",
     "split_by_person",
@@ -46,9 +47,6 @@ GENERIC_FOLDERS = frozenset({
     "photos", "pictures", "data", "dataset", "faces", "aligned", "crops", "knn_examples", "unknown", "misc",
 })
 
-#: L2 distance between unit teacher embeddings below which two crops are taken to show one
-#: person: the CASIA-WebFace FaceNet classifies deepface's 300 pairs at 0.9967 accuracy there.
-SAME_PERSON_DISTANCE = 1.1
 
 #: Teacher-distance grouping keeps an N x N distance matrix; beyond this, identity folders are needed.
 MAX_LINKED_CROPS = 20000

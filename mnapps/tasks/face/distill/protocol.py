@@ -30,7 +30,8 @@ from torch import Tensor, nn
 
 from mnapps.tasks.face.data.face_check import FaceCheck, face_scores
 from mnapps.tasks.face.data.faces import FaceFolder
-from mnapps.tasks.face.data.persons import SAME_PERSON_DISTANCE, name_from_identity, person_labels
+from mnapps.choices import SAME_PERSON_DISTANCE
+from mnapps.tasks.face.data.persons import name_from_identity, person_labels
 from mnapps.tasks.face.evaluation import PairList, embed_faces, verification_metrics
 
 __all__ = ["PoolReport", "prepare_pool", "pair_image_name", "SeenPairs", "seen_pairs", "score_subsets",

@@ -11,10 +11,10 @@ This module owns everything about the teacher side of face distillation:
   facenet-pytorch's own pretrained download (``vggface2`` / ``casia-webface``; offline this
   raises :class:`TeacherWeightsError` saying how to get the file), or with a seeded random
   initialisation for tests and the offline demo.
-* :func:`recalibrate_batchnorm` re-estimates BatchNorm statistics of a randomly initialised
-  teacher on real images. Without it a random InceptionResnetV1 maps every image to nearly the
-  same unit vector (mean pairwise cosine 0.99995 on the generated faces), which any constant
-  student matches. Re-estimating only the *embedding* BatchNorm (``last_bn``) centres and scales
+* :func:`reestimate_batchnorm_statistics` re-estimates BatchNorm statistics of a randomly
+  initialised teacher on real images, changing what the network computes. Without it a random
+  InceptionResnetV1 maps every image to nearly the same unit vector (mean pairwise cosine
+  0.99995 on the generated faces), which any constant student matches. Re-estimating only the *embedding* BatchNorm (``last_bn``) centres and scales
   each output dimension over the data and leaves the network's own function alone; re-estimating
   *all* of them also standardises every hidden layer, which makes the random network chaotic
   (BatchNorm in a deep random network decorrelates nearby inputs: a 2-pixel shift of a crop
@@ -40,11 +40,11 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from mnapps.checkpoint import safe_load
+from mnapps.choices import PRETRAINED_TEACHERS
 from mnapps.tasks.face.data.faces import face_collate
 from mnapps.weights import resolve_weights
 
 __all__ = [
-    "PRETRAINED_TEACHERS",
     "TEACHER_INPUT_SIZE",
     "TEACHER_EMBEDDING_DIM",
     "FacenetTeacher",
@@ -52,16 +52,11 @@ __all__ = [
     "build_teacher",
     "load_teacher_state_dict",
     "CALIBRATION_SCOPES",
-    "recalibrate_batchnorm",
+    "reestimate_batchnorm_statistics",
     "cache_teacher_embeddings",
     "teacher_fingerprint",
 ]
 
-#: facenet-pytorch's pretrained sets and the file each download writes to $TORCH_HOME/checkpoints.
-PRETRAINED_TEACHERS = {
-    "vggface2": "20180402-114759-vggface2.pt",
-    "casia-webface": "20180408-102900-casia-webface.pt",
-}
 TEACHER_INPUT_SIZE = 160
 TEACHER_EMBEDDING_DIM = 512
 
@@ -242,12 +237,12 @@ def build_teacher(
     return teacher.to(device)
 
 
-#: What :func:`recalibrate_batchnorm` re-estimates: every BatchNorm, or the embedding's alone.
+#: What :func:`reestimate_batchnorm_statistics` re-estimates: every BatchNorm, or the embedding's alone.
 CALIBRATION_SCOPES = ("embedding", "all")
 
 
 @torch.no_grad()
-def recalibrate_batchnorm(
+def reestimate_batchnorm_statistics(
     teacher: FacenetTeacher,
     batches: Iterable[Tensor],
     device: str | torch.device = "cpu",
@@ -257,9 +252,10 @@ def recalibrate_batchnorm(
     """Re-estimate BatchNorm running means/variances of ``teacher`` on ``batches``.
 
     The statistics become the exact average over all the given batches (cumulative, not an
-    exponential average); the weights are unchanged. Meant for a *randomly initialised*
-    teacher: its default statistics (mean 0, variance 1) do not match its activations, which
-    collapses all embeddings onto one direction.
+    exponential average); the weights are unchanged, so the eval-mode output changes (unlike
+    :func:`mnapps.tasks.detection.students.reparametrize_batchnorm_keeping_output`, which keeps
+    it). Meant for a *randomly initialised* teacher: its default statistics (mean 0, variance 1)
+    do not match its activations, which collapses all embeddings onto one direction.
 
     Args:
         teacher: the teacher to modify in place (it stays frozen and in eval mode).
@@ -305,7 +301,7 @@ def recalibrate_batchnorm(
             module.momentum = momentum
         teacher.model.eval()
     if seen == 0:
-        raise ValueError("recalibrate_batchnorm got no images")
+        raise ValueError("reestimate_batchnorm_statistics got no images")
     return seen
 
 
