@@ -86,8 +86,8 @@ def _cycle(work: Path) -> dict:
     same = all(torch.equal(model.state_dict()[k], record.weights[k]) for k in record.weights)
     exported = export_checkpoint(work / "run" / "last.pt", work / "toy.onnx", num_parity=2)
     return {
-        "steps": result["engine"]["history"][0]["train"]["loss"] > 0,
-        "ap": "AP" in result["metrics"],
+        "steps": result.fit.history[0].train.loss > 0,
+        "ap": "AP" in result.metrics,
         "head": record.head,
         "section": loaded.model.toy.size if loaded.model.toy else None,
         "other_sections": [loaded.model.ssd, loaded.model.faster_rcnn],

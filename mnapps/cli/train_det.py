@@ -70,8 +70,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def resolve_config(args: argparse.Namespace) -> tuple[DetConfig, Path | None]:
-    """Load the config the arguments ask for; raises ValueError/ConfigError with a clear message."""
+def resolve_config(args: argparse.Namespace, weights: Checkpoint | None = None) -> tuple[DetConfig, Path | None]:
+    """Load the config the arguments ask for (``weights``: the ``--weights`` checkpoint, read once);
+    raises ValueError/ConfigError with a clear message."""
     spec = head_spec(args.head or "ssd")
     config_path = args.config if args.config is not None else CONFIG_DIR / spec.default_config
     overrides = []
@@ -88,15 +89,16 @@ def resolve_config(args: argparse.Namespace) -> tuple[DetConfig, Path | None]:
         if value is not None:
             overrides.append(f"{key}={value!r}" if isinstance(value, str) else f"{key}={value}")
     overrides += args.set
-    if args.weights is not None:
-        return fine_tune_config(args.weights, config_path, overrides, config_is_default=args.config is None), config_path
+    if weights is not None:
+        return fine_tune_config(weights, config_path, overrides, config_is_default=args.config is None), config_path
     return load_config(config_path, DetConfig, overrides), config_path
 
 
 def _import_heavy() -> None:
     """Import torch and the tasks, after the arguments are parsed: --help answers at once."""
-    global claim_run_folder, report_interrupt
+    global claim_run_folder, report_interrupt, Checkpoint, read_checkpoint
     global resolve_device, NonFiniteLossError, HEADS, head_spec, DetConfig, fine_tune_config, train_detector
+    from mnapps.checkpoint import Checkpoint, read_checkpoint
     from mnapps.engine.distributed import resolve_device
     from mnapps.engine.loop import NonFiniteLossError
     from mnapps.engine.run_lock import claim_run_folder, report_interrupt
@@ -110,7 +112,8 @@ def main(argv: list[str] | None = None) -> int:
     output_dir = args.output_dir
     try:
         resolve_device(args.device)
-        cfg, config_path = resolve_config(args)
+        weights = read_checkpoint(args.weights) if args.weights is not None else None  # read once: config and weights
+        cfg, config_path = resolve_config(args, weights)
         output_dir = args.output_dir or Path("runs") / config_path.stem
         with claim_run_folder(output_dir, resume=args.resume, overwrite=args.overwrite) as claim:
             train_detector(
@@ -118,9 +121,9 @@ def main(argv: list[str] | None = None) -> int:
                 output_dir=output_dir,
                 resume=args.resume,
                 weights_backbone=args.weights_backbone,
+                weights=weights,
                 device=args.device,
                 overwrite=claim.overwrite,
-                weights=args.weights,
             )
     except (ValueError, ConfigError, FileNotFoundError, NonFiniteLossError) as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -17,7 +17,7 @@ from typing import Any, Literal, Sequence
 
 from torch import nn
 
-from mnapps.checkpoint import read_checkpoint
+from mnapps.checkpoint import Checkpoint, read_checkpoint
 from mnapps.config import OMIT_IF_NONE, BackboneConfig, ConfigError, TaskConfig, load_config, read_yaml
 from mnapps.data.transforms import RECIPES
 from mnapps.heads import HEADS, head_spec
@@ -188,13 +188,14 @@ def build_model(
 
 
 def fine_tune_config(
-    weights: str | os.PathLike,
+    weights: str | os.PathLike | Checkpoint,
     config: str | os.PathLike | None,
     overrides: Sequence[str] = (),
     *,
     config_is_default: bool = False,
 ) -> DetConfig:
-    """The config to fine-tune a whole detector checkpoint with.
+    """The config to fine-tune a whole detector checkpoint with (``weights``: its path, or the record
+    already read, so that ``train_det --weights`` reads the file once for this and the training).
 
     The model section is the checkpoint's (its architecture: head, backbone, head settings),
     with the classes left for the training data to decide; ``data`` and ``train`` come from
@@ -208,6 +209,7 @@ def fine_tune_config(
             writes a model key that differs from the checkpoint's (named, with the fix).
     """
     checkpoint = read_checkpoint(weights)
+    source = checkpoint.origin
     checkpoint.require_task(
         "detection", "pass a detector (train_det's best.pt, or tools/import_weights.py --kind ssd), or use "
         "--weights-backbone for a trunk"
@@ -216,16 +218,16 @@ def fine_tune_config(
     model = {k: v for k, v in checkpoint.model_config.items() if k not in decided_by_data}
     stored = load_config(None, DetConfig, [f"model={model!r}"]).model  # as read (legacy spellings too)
     if config is not None and not config_is_default:
-        _refuse_other_model_keys(config, stored, weights)
+        _refuse_other_model_keys(config, stored, source)
     # The config loader's own steps (read, overrides, typed check), with the checkpoint's model
     # section placed between the file and the overrides.
     try:
         cfg = load_config(config, DetConfig, [f"model={model!r}", *overrides])
     except ConfigError as exc:
-        raise ConfigError(f"{exc} (the model section is that of {weights})") from None
+        raise ConfigError(f"{exc} (the model section is that of {source})") from None
     if cfg.model.head != stored.head:
         raise ValueError(
-            f"--weights {weights} holds a {stored.head!r} detector but the head asked for is "
+            f"--weights {source} holds a {stored.head!r} detector but the head asked for is "
             f"{cfg.model.head!r}; drop --head (the checkpoint decides the architecture)"
         )
     return cfg
@@ -246,7 +248,7 @@ def _setting(model: Any, key: str) -> Any:
     return model
 
 
-def _refuse_other_model_keys(config: str | os.PathLike, stored: Any, weights: str | os.PathLike) -> None:
+def _refuse_other_model_keys(config: str | os.PathLike, stored: Any, weights: str) -> None:
     """ValueError naming the first ``model`` key of ``config`` whose value differs from the checkpoint's."""
     written = read_yaml(config).get("model")
     if not isinstance(written, dict):
