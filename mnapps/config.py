@@ -395,7 +395,7 @@ class TaskConfig:
     A task's schema (:class:`mnapps.tasks.detection.DetConfig`, ``ClsConfig``,
     ``FaceDistillConfig``) subclasses it, narrowing ``model`` and ``data`` to its own sections
     (``model`` always holds ``backbone``, a :class:`BackboneConfig`) and adding any others; the
-    training skeleton (:func:`mnapps.tasks.training.train_task`) reads a run's seed, trunk
+    training order (:meth:`mnapps.tasks.task.Task.train`) reads a run's seed, trunk
     weights and optimisation settings through these three names.
     """
 

@@ -83,7 +83,7 @@ def train(out: Path, *, info: DistInfo) -> dict:
         "params": {k: v.detach().clone() for k, v in model.named_parameters()},
         "seen": seen,
         "eval_calls": eval_calls,
-        "history": result["history"],
+        "history": [entry.to_dict() for entry in result.history],
     }
 
 

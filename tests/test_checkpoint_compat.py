@@ -111,7 +111,9 @@ def test_a_format1_training_checkpoint_resumes(tmp_path):
     cfg = DetConfig(model=replace(stored.model, num_classes=None, class_names=(), category_ids=()), data=data,
                     train=train)
     result = train_detector(cfg, output_dir=run, resume=True, device="cpu")
-    assert result["engine"]["epochs_run"] == 1 and [h["epoch"] for h in result["engine"]["history"]] == [1, 2]
+    assert result.fit.epochs_run == 1 and [h.epoch for h in result.fit.history] == [1, 2]
+    # The format-1 epoch came back as a typed record holding the file's very figures.
+    assert result.fit.history[0].to_dict() == read_checkpoint(FIXTURES / "format1_detection.pt").training.history[0]
 
 
 def test_a_format1_checkpoint_exports(tmp_path, checkpoint_reads):

@@ -126,7 +126,7 @@ def test_resume_after_kill_matches_uninterrupted_run(tmp_path):
         full, build_train_loader(dataset, CFG), CFG, loss_fn=_classification_loss, output_dir=tmp_path / "full",
         evaluate=evaluate, best_metric="acc",
     )
-    assert result_full["epochs_run"] == 3
+    assert result_full.epochs_run == 3
 
     # Same run killed on the 3rd batch of epoch 3 (6 steps per epoch), then resumed in a
     # "new process": a differently initialised model and disturbed global RNGs.
@@ -143,17 +143,16 @@ def test_resume_after_kill_matches_uninterrupted_run(tmp_path):
         resumed, build_train_loader(RandomAugmentedImages(), CFG), CFG, loss_fn=_classification_loss,
         output_dir=tmp_path / "cut", evaluate=evaluate, best_metric="acc", resume=True,
     )
-    assert result_resumed["epochs_run"] == 1
+    assert result_resumed.epochs_run == 1
     full_state, resumed_state = full.state_dict(), resumed.state_dict()
     assert full_state.keys() == resumed_state.keys()
     for key in full_state:
         assert torch.equal(full_state[key], resumed_state[key]), key
-    timing = ("images_per_s", "time_s")
-    for epoch_full, epoch_resumed in zip(result_full["history"], result_resumed["history"], strict=True):
-        assert epoch_full["metrics"] == epoch_resumed["metrics"]
-        for name, value in epoch_full["train"].items():
-            assert name in timing or epoch_resumed["train"][name] == value, (epoch_full["epoch"], name)
-    assert result_resumed["best"] == result_full["best"]
+    for epoch_full, epoch_resumed in zip(result_full.history, result_resumed.history, strict=True):
+        assert epoch_full.metrics == epoch_resumed.metrics
+        assert epoch_full.train.losses == epoch_resumed.train.losses, epoch_full.epoch
+        assert epoch_full.train.lr == epoch_resumed.train.lr, epoch_full.epoch
+    assert result_resumed.best == result_full.best
 
 
 def test_non_finite_loss_names_step_and_keeps_last_checkpoint(tmp_path):
@@ -196,9 +195,10 @@ def test_best_checkpoint_follows_metric(tmp_path, mode, best_epoch, best_value):
     assert (last["task"], last["head"], last["config"]) == ("test", "tiny", {"model": {"width": 1}})
     assert {"optimizer", "scheduler", "scaler", "rng", "history"} <= set(last)
     assert {"torch", "numpy", "python"} <= set(last["rng"])
-    assert result["best"] == best_value and result["best_metric"] == "AP"
-    assert [h["metrics"]["AP"] for h in result["history"]] == [0.2, 0.5, 0.3]
-    assert result["last_metrics"] == {"AP": 0.3}
+    assert result.best == best_value and result.best_metric == "AP"
+    assert [h.metrics["AP"] for h in result.history] == [0.2, 0.5, 0.3]
+    assert result.last_metrics == {"AP": 0.3}
+    assert result.checkpoint == tmp_path / "last.pt" and result.best_checkpoint == tmp_path / "best.pt"
 
 
 def _one_parameter_run(tmp_path, loss_of_weight, **cfg_changes):
@@ -227,9 +227,9 @@ def test_loss_terms_are_summed_and_logged(tmp_path, capsys):
         tmp_path, lambda w: {"loss_a": 1.0 + w.sum(), "loss_b": 2.0 + 2 * w.sum()}
     )
     assert torch.allclose(weight, torch.full((3,), -3.0))  # gradient of the sum is 3 per element
-    train = result["history"][0]["train"]
-    assert (train["loss"], train["loss_a"], train["loss_b"]) == (3.0, 1.0, 2.0)
-    assert train["lr"] == 1.0 and train["images_per_s"] > 0
+    train = result.history[0].train
+    assert train.losses == {"loss": 3.0, "loss_a": 1.0, "loss_b": 2.0} and train.loss == 3.0
+    assert train.lr == 1.0 and train.images_per_s > 0
     out = capsys.readouterr().out
     assert "epoch 1/1: loss 3.0000 loss_a 1.0000 loss_b 2.0000" in out
 
@@ -299,7 +299,7 @@ def test_run_folder_with_checkpoints_is_refused_unless_resume_or_overwrite(tmp_p
                  loss_fn=_classification_loss, output_dir=folder, overwrite=True)  # fmt: skip
     assert "--overwrite: removed last.pt, best.pt of the previous run" in capsys.readouterr().out
     assert sorted(p.name for p in folder.iterdir()) == ["last.pt", "metrics.csv", "results.png"]
-    assert result["best_checkpoint"] is None
+    assert result.best_checkpoint is None
     assert load_checkpoint(folder / "last.pt")["history"][0]["metrics"] == {}
 
 
@@ -320,7 +320,7 @@ def test_last_checkpoint_precedes_evaluation_and_resume_finishes_it(tmp_path, ca
             output_dir=tmp_path / "cut", evaluate=crashing_evaluate, best_metric="acc")  # fmt: skip
     last = load_checkpoint(tmp_path / "cut" / "last.pt")
     assert last["epoch"] == 2 and last["evaluation_pending"] is True  # epoch 2's training is kept
-    assert [h["metrics"] for h in last["history"]] == [result_full["history"][0]["metrics"], {}]
+    assert [h["metrics"] for h in last["history"]] == [result_full.history[0].metrics, {}]
     assert load_checkpoint(tmp_path / "cut" / "best.pt")["epoch"] == 1
 
     capsys.readouterr()
@@ -329,11 +329,11 @@ def test_last_checkpoint_precedes_evaluation_and_resume_finishes_it(tmp_path, ca
                  output_dir=tmp_path / "cut", evaluate=accuracy, best_metric="acc", resume=True)  # fmt: skip
     printed = [line for line in capsys.readouterr().out.splitlines() if line.startswith("epoch")]
     assert [line.split(":")[0] for line in printed] == ["epoch 2/3", "epoch 3/3"]  # epoch 2 evaluated first
-    assert result["epochs_run"] == 1
+    assert result.epochs_run == 1 and [h.epoch for h in result.epochs_trained_here] == [3]
     for key, value in full.state_dict().items():
         assert torch.equal(value, resumed.state_dict()[key]), key
-    assert [h["metrics"] for h in result["history"]] == [h["metrics"] for h in result_full["history"]]
-    assert result["best"] == result_full["best"]
+    assert [h.metrics for h in result.history] == [h.metrics for h in result_full.history]
+    assert result.best == result_full.best
     assert load_checkpoint(tmp_path / "cut" / "last.pt")["evaluation_pending"] is False
 
 

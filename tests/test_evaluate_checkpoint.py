@@ -20,7 +20,8 @@ from mnapps.data.synthetic_det import ensure_shapes_detection
 from mnapps.engine.distributed import build_eval_loader
 from mnapps.eval.coco import evaluate_detector
 from mnapps.tasks.detection import build_eval_dataset, load_detector
-from mnapps.tasks.spec import EvalRequest, Evaluation, TaskSpec
+from mnapps.tasks.detection import DetectionTask
+from mnapps.tasks.spec import EvalRequest, Evaluation
 from mnapps.tasks.table import TASKS, evaluate_checkpoint
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -36,14 +37,14 @@ def shapes(tmp_path_factory):
 def test_the_checkpoints_task_entry_evaluates_it(monkeypatch):
     calls = []
 
-    def toy_evaluate(record, request):
-        calls.append((record, request))
-        return Evaluation({"score": 0.5}, {}, "toy summary", {"checkpoint": record.origin})
+    class ToyTask(DetectionTask):
+        name = "toy"
 
-    detection = TASKS["detection"]
-    toy = TaskSpec(detection.config_cls, detection.train, detection.load, detection.datasets, detection.image_files,
-                   detection.export, evaluate=toy_evaluate)
-    monkeypatch.setitem(TASKS, "toy", toy)
+        def evaluate(self, record, request):
+            calls.append((record, request))
+            return Evaluation({"score": 0.5}, {}, "toy summary", {"checkpoint": record.origin})
+
+    monkeypatch.setitem(TASKS, "toy", ToyTask())
     record = Checkpoint(task="toy", head=None, config={}, weights={"w": torch.zeros(1)})
     request = EvalRequest(max_images=3)
     result = evaluate_checkpoint(record, request)

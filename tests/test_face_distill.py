@@ -355,13 +355,17 @@ def test_distillation_mechanics_run_resume_refusal_and_summary(tmp_path, monkeyp
     cfg = _smoke_config(tmp_path)
     summary = distill_face(cfg, output_dir=tmp_path / "run", device="cpu")
     saved = json.loads((tmp_path / "run" / "distill_summary.json").read_text())
-    assert saved["final_cosine"] == pytest.approx(summary["final_cosine"])
-    assert summary["train_images"] == 16 and summary["val_images"] == 8
-    assert -1.0 <= summary["constant_baseline_cosine"] <= 1.0 and summary["throughput"]["targets"] == "cached"
-    assert summary["throughput"]["images_per_s"] > 0 and summary["throughput"]["teacher_share"] == 0.0
-    assert 1.0 <= summary["final_spread"]["effective_rank"] <= 8.0
+    assert list(saved) == ["train_images", "views_per_epoch", "val_images", "teacher", "start_cosine",
+                           "start_pair_agreement", "constant_baseline_cosine", "teacher_val_spread_cosine",
+                           "final_cosine", "best_cosine", "final_pair_agreement", "final_spread", "collapsed",
+                           "throughput", "checkpoint", "best_checkpoint"]  # the layout older runs wrote
+    assert saved["final_cosine"] == pytest.approx(summary.final_cosine) and saved["checkpoint"].endswith("last.pt")
+    assert summary.train_images == 16 and summary.val_images == 8
+    assert -1.0 <= summary.reference.constant_baseline_cosine <= 1.0 and summary.throughput.targets == "cached"
+    assert summary.throughput.images_per_s > 0 and summary.throughput.teacher_share == 0.0
+    assert 1.0 <= summary.final_spread.effective_rank <= 8.0
     # NaN when every held-out pair has the same cosine (a tiny untrained student may): no geometry to compare.
-    assert math.isnan(summary["final_pair_agreement"]) or -1.0 <= summary["final_pair_agreement"] <= 1.0
+    assert math.isnan(summary.final_pair_agreement) or -1.0 <= summary.final_pair_agreement <= 1.0
     model, checkpoint = load_face_embedder(tmp_path / "run" / "last.pt")
     assert checkpoint.task == "face" and checkpoint.epoch == 2 and not model.training
     before = (tmp_path / "run" / "best.pt").read_bytes()
@@ -374,13 +378,14 @@ def test_distillation_mechanics_run_resume_refusal_and_summary(tmp_path, monkeyp
                            random_erasing=0.5, repeats=2)
     online = replace(online, warm_start=WarmStartConfig(views=24, ridge=1.0))
     summary = distill_face(online, output_dir=tmp_path / "run", device="cpu", overwrite=True)
-    assert summary["views_per_epoch"] == 32 and summary["throughput"]["targets"] == "online teacher"
-    assert summary["warm_start"]["views"] == 24 and -1.0 <= summary["warm_start"]["cosine"] <= 1.0
-    assert 0.0 < summary["throughput"]["teacher_share"] < 1.0
+    warm = summary.reference.warm_start
+    assert summary.views_per_epoch == 32 and summary.throughput.targets == "online teacher"
+    assert warm.views == 24 and -1.0 <= warm.cosine <= 1.0
+    assert 0.0 < summary.throughput.teacher_share < 1.0
     # The same start again: the views come from the cache, the solved layer is the same.
     again = distill_face(online, output_dir=tmp_path / "again", device="cpu")
-    assert summary["warm_start"]["cached"] == 0.0 and again["warm_start"]["cached"] == 1.0
-    assert again["warm_start"]["fit_cosine"] == summary["warm_start"]["fit_cosine"]
+    assert warm.cached == 0.0 and again.reference.warm_start.cached == 1.0
+    assert again.reference.warm_start.fit_cosine == warm.fit_cosine
 
 
 def test_backbone_weights_come_from_the_config_or_the_flag(tmp_path):
@@ -521,8 +526,8 @@ def test_collapse_guard_catches_generated_faces_with_the_real_teacher(shared_dat
                           num_workers=0, channels_last=False, log_every=50),
     )
     summary = distill_face(cfg, output_dir=tmp_path / "run", device="cpu")
-    assert summary["constant_baseline_cosine"] > 0.7  # the teacher hardly tells generated faces apart
-    assert summary["collapsed"] and summary["final_spread"]["mean_pairwise_cosine"] > 0.99
+    assert summary.reference.constant_baseline_cosine > 0.7  # the teacher hardly tells generated faces apart
+    assert summary.collapsed and summary.final_spread.mean_pairwise_cosine > 0.99
     assert "COLLAPSED" in capsys.readouterr().err
     real_faces = list_images(shared_data / "facenet_test_images" / "test_images_aligned")
     student, _ = load_face_embedder(tmp_path / "run" / "last.pt")
@@ -558,6 +563,8 @@ def test_distill_face_tool_errors_are_one_line_and_benchmark_prints(tmp_path, ca
 
 def test_the_distillation_step_benchmark_times_both_ways(tmp_path, capsys):
     from bench_distill_step import main as bench_main
+    from mnapps.config import save_config
+
     from mnapps.config import save_config
 
     _flat_images(tmp_path / "train", 8, seed=0, size=64)

@@ -13,6 +13,7 @@ from test_engine import CFG, RandomAugmentedImages, _accuracy_on, _classificatio
 
 from mnapps.engine import run_log
 from mnapps.engine.distributed import build_train_loader
+from mnapps.engine.result import EpochRecord, EpochStats
 
 
 def _read_csv(path):
@@ -22,10 +23,9 @@ def _read_csv(path):
 
 def test_history_rows_name_every_value():
     history = [
-        {"epoch": 1, "train": {"loss": 2.0, "cls": 1.5, "box": 0.5, "lr": 0.1, "images_per_s": 10.0, "time_s": 3.0},
-         "metrics": {}},
-        {"epoch": 2, "train": {"loss": 1.0, "cls": 0.75, "box": 0.25, "lr": 0.05, "images_per_s": 12.0, "time_s": 2.5},
-         "metrics": {"AP": 0.25, "note": "text is left out"}},
+        EpochRecord(1, EpochStats({"loss": 2.0, "cls": 1.5, "box": 0.5}, lr=0.1, images_per_s=10.0, time_s=3.0)),
+        EpochRecord(2, EpochStats({"loss": 1.0, "cls": 0.75, "box": 0.25}, lr=0.05, images_per_s=12.0, time_s=2.5),
+                    {"AP": 0.25, "note": "text is left out"}),
     ]  # fmt: skip
     columns, rows = run_log.history_rows(history)
     assert columns == ["epoch", "train/loss", "train/cls", "train/box", "lr", "images_per_s", "time_s", "val/AP"]
@@ -41,10 +41,10 @@ def test_a_run_writes_metrics_csv_and_results_png_and_says_where(tmp_path, capsy
                  output_dir=tmp_path, evaluate=_accuracy_on(dataset), best_metric="acc")  # fmt: skip
     rows = _read_csv(tmp_path / "metrics.csv")
     assert [int(r["epoch"]) for r in rows] == [1, 2, 3]
-    for row, entry in zip(rows, result["history"], strict=True):
-        assert float(row["train/loss"]) == pytest.approx(entry["train"]["loss"], rel=1e-5)
-        assert float(row["lr"]) == pytest.approx(entry["train"]["lr"], rel=1e-5)
-        assert float(row["val/acc"]) == pytest.approx(entry["metrics"]["acc"], rel=1e-5)
+    for row, entry in zip(rows, result.history, strict=True):
+        assert float(row["train/loss"]) == pytest.approx(entry.train.loss, rel=1e-5)
+        assert float(row["lr"]) == pytest.approx(entry.train.lr, rel=1e-5)
+        assert float(row["val/acc"]) == pytest.approx(entry.metrics["acc"], rel=1e-5)
     with Image.open(tmp_path / "results.png") as image:
         assert image.format == "PNG" and image.width > 600
     out = capsys.readouterr().out
@@ -66,7 +66,7 @@ def test_a_resumed_run_lists_every_epoch_once(tmp_path):
     rows = _read_csv(tmp_path / "cut" / "metrics.csv")
     assert [int(r["epoch"]) for r in rows] == [1, 2, 3]
     assert [r["val/acc"] for r in rows] == [r["val/acc"] for r in _read_csv(tmp_path / "full" / "metrics.csv")]
-    assert [e["metrics"]["acc"] for e in full["history"]] == pytest.approx([float(r["val/acc"]) for r in rows])
+    assert [e.metrics["acc"] for e in full.history] == pytest.approx([float(r["val/acc"]) for r in rows])
 
 
 def test_tensorboard_gets_every_scalar_of_the_epoch_when_installed(tmp_path, capsys, monkeypatch):
@@ -87,9 +87,8 @@ def test_tensorboard_gets_every_scalar_of_the_epoch_when_installed(tmp_path, cap
     fake.SummaryWriter = FakeWriter
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", fake)
     monkeypatch.setattr(run_log.importlib.util, "find_spec", lambda name: object())
-    history = [{"epoch": 1, "train": {"loss": 2.0, "lr": 0.1, "images_per_s": 5.0, "time_s": 1.0}, "metrics": {}},
-               {"epoch": 2, "train": {"loss": 1.0, "lr": 0.05, "images_per_s": 6.0, "time_s": 1.0},
-                "metrics": {"AP": 0.5}}]  # fmt: skip
+    history = [EpochRecord(1, EpochStats({"loss": 2.0}, lr=0.1, images_per_s=5.0, time_s=1.0)),
+               EpochRecord(2, EpochStats({"loss": 1.0}, lr=0.05, images_per_s=6.0, time_s=1.0), {"AP": 0.5})]
     run_log.log_epoch(tmp_path, history[:1], log=print)
     run_log.log_epoch(tmp_path, history, log=print)
     assert calls[0] == ("open", str(tmp_path / "tensorboard"))

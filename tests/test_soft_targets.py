@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -16,7 +17,7 @@ from mnapps.data.synthetic_det import ensure_shapes_detection
 from mnapps.config import load_config
 from mnapps.tasks.detection import (DetConfig, DetDistillConfig, load_detector, soft_target_losses,
                                     with_soft_targets)
-from mnapps.tasks.detection.train import detection_loss_fn
+from mnapps.tasks.detection.train import BatchCounter, detection_losses
 
 DETECTOR = Path(__file__).parent / "fixtures" / "format1_detection.pt"  # SSD x0.25 at 64 px, 5 classes
 LN3 = math.log(3.0)
@@ -65,7 +66,7 @@ def test_the_student_learns_the_teachers_outputs_through_the_loss():
             parameter.add_(torch.randn_like(parameter) * 0.5)
     student.train()
     distill = DetDistillConfig(teacher=str(DETECTOR), weight=1.0, box_weight=1.0, foreground_score=0.2)
-    loss_fn = with_soft_targets(detection_loss_fn(min_images=2), teacher, distill)
+    loss_fn = with_soft_targets(partial(detection_losses, counter=BatchCounter(), min_images=2), teacher, distill)
     optimiser = torch.optim.Adam(student.head.parameters(), lr=0.01)
     batch, first = _batch(), None
     for _ in range(30):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -195,12 +196,18 @@ def test_load_detector_weights_keeps_what_fits(mini_ckpt):
         assert torch.equal(value, expected), key
 
 
-def test_train_det_fine_tunes_an_imported_detector(mini_ckpt, tiny_shapes, tmp_path, capsys):
+def test_train_det_fine_tunes_an_imported_detector(mini_ckpt, tiny_shapes, tmp_path, capsys, monkeypatch):
+    import mnapps.checkpoint
+
+    reads = []
+    real_load = mnapps.checkpoint.safe_load
+    monkeypatch.setattr(mnapps.checkpoint, "safe_load", lambda path, *a: reads.append(Path(path)) or real_load(path, *a))
     out = tmp_path / "ft"
     code = train_det.main(["--weights", str(mini_ckpt), *_data_args(tiny_shapes), "--epochs", "1",
                            "--batch-size", "4", "--output-dir", str(out), *FAST])  # fmt: skip
     printed = capsys.readouterr().out
     assert code == 0
+    assert reads.count(Path(mini_ckpt)) == 1  # --weights is read once, for the config and the weights alike
     total = len(load_checkpoint(mini_ckpt)["model"])  # all fit but the 6 class predictors' weights and biases
     assert f"weights: loaded {total - 12} of {total} tensors from {mini_ckpt}" in printed
     assert "weights: class predictors re-initialised (2 classes in the checkpoint, 5 in the data" in printed

@@ -95,8 +95,8 @@ def _cycle(work: Path) -> dict:
     return {
         "imported_first": imported_first,
         "misspelt": misspelt,
-        "steps": result["engine"]["history"][0]["train"]["loss"] > 0,
-        "ap": "AP" in result["metrics"],
+        "steps": result.fit.history[0].train.loss > 0,
+        "ap": "AP" in result.metrics,
         "head": record.head,
         "settings": [type(loaded.model.head_settings).__name__, loaded.model.head_settings.size],
         "saved_sections": list(to_dict(loaded.model)),

@@ -204,16 +204,16 @@ def test_short_training_run_learns(tiny_colours, tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # the broken image, counted below
         result = train_classifier(cfg, output_dir=tmp_path / "run", device="cpu")
-    history = result["engine"]["history"]
+    history = result.fit.history
     assert len(history) == 8
     first, last = history[0], history[-1]
-    assert last["train"]["loss"] < 0.75 * first["train"]["loss"]
+    assert last.train.loss < 0.75 * first.train.loss
     # Chance is 1/3. Eval uses BN running statistics gathered from batches of 6, so single
     # epochs are noisy: the best epoch and the last one are checked with room to spare.
-    assert max(h["metrics"]["top1"] for h in history) >= 0.8
-    assert result["top1"] > 0.5 and result["top1"] > first["metrics"]["top1"]
-    assert result["num_skipped_train"] >= 1  # the broken image was skipped and training went on
-    assert result["num_skipped"] == 1  # and skipped once per evaluation
+    assert max(h.metrics["top1"] for h in history) >= 0.8
+    assert result.metrics["top1"] > 0.5 and result.metrics["top1"] > first.metrics["top1"]
+    assert result.skipped_train_images >= 1  # the broken image was skipped and training went on
+    assert result.metrics["num_skipped"] == 1  # and skipped once per evaluation
 
     checkpoint = load_checkpoint(tmp_path / "run" / "best.pt")
     assert checkpoint["task"] == "classification"

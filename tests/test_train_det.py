@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import sys
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -154,14 +155,14 @@ def test_an_unreadable_training_image_is_skipped_and_reported(tiny_shapes, tmp_p
 
 def test_loss_fn_pads_a_batch_of_one_and_zeroes_an_empty_batch():
     from mnapps.config import BackboneConfig
-    from mnapps.tasks.detection.train import _BatchCounter, detection_loss_fn
+    from mnapps.tasks.detection.train import BatchCounter, detection_losses
     from mnapps.heads.ssd import SSDConfig, build_ssd
 
     model = build_ssd(SSDConfig(size=64), num_classes=3, backbone_cfg=BackboneConfig(width_mult=0.25)).train()
     seen = []
     model.register_forward_pre_hook(lambda module, args: seen.append(len(args[0])))
-    counter = _BatchCounter()
-    loss_fn = detection_loss_fn(counter, min_images=2)
+    counter = BatchCounter()
+    loss_fn = partial(detection_losses, counter=counter, min_images=2)
     target = {"boxes": torch.tensor([[4.0, 4.0, 40.0, 40.0]]), "labels": torch.tensor([1]), "image_id": 7}
     losses = loss_fn(model, ([torch.rand(3, 64, 64)], [target], 1), torch.device("cpu"))
     assert seen == [2] and set(losses) == {"bbox_regression", "classification"}

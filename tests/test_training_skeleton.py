@@ -1,4 +1,4 @@
-"""The one training skeleton: every task's model starts from weights that depend only on train.seed.
+"""The one training order (``Task.train``): every task's model starts from weights that depend only on train.seed.
 
 Each task's real training entry point runs with ``fit`` replaced by a stub that records the model
 it is handed (the initial weights) and the run options, so the check costs no training. What ran
@@ -14,7 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
-import mnapps.tasks.training as training
+import mnapps.tasks.task as task_module
 from mnapps.config import BackboneConfig, TrainConfig
 from mnapps.data.synthetic_det import ensure_shapes_detection
 from mnapps.engine.run_folder import RunFolderError
@@ -23,6 +23,7 @@ from mnapps.heads.ssd import SSDConfig
 from mnapps.tasks.classification import ClsConfig, ClsDataConfig, ClsModelConfig, train_classifier
 from mnapps.tasks.detection import DetConfig, DetDataConfig, DetModelConfig, train_detector
 from mnapps.tasks.face import FaceDataConfig, FaceDistillConfig, TeacherConfig, distill_face
+from mnapps.tasks.table import TASKS
 
 TINY = BackboneConfig(width_mult=0.25)
 
@@ -85,7 +86,7 @@ def initial_weights(monkeypatch, tmp_path):
         seen.append(({k: v.detach().clone() for k, v in model.state_dict().items()}, options))
         raise _Stop
 
-    monkeypatch.setattr(training, "fit", stub_fit)
+    monkeypatch.setattr(task_module, "fit", stub_fit)
 
     def run(task, data, seed: int, noise: int):
         train, cfg = task(data, seed)
@@ -123,7 +124,18 @@ def test_the_run_folder_is_checked_before_any_data_work(tmp_path, data):
 
 
 def test_weights_precedence():
-    request = training.RunRequest("out", weights_backbone="flag.pt")
-    assert training.initial_weights(request, "config.pt") == "flag.pt"
-    assert training.initial_weights(training.RunRequest("out"), "config.pt") == "config.pt"
-    assert training.initial_weights(training.RunRequest("out", resume=True, weights_backbone="flag.pt"), "c.pt") is None
+    RunRequest, initial_weights = task_module.RunRequest, task_module.initial_weights
+    assert initial_weights(RunRequest("out", weights_backbone="flag.pt"), "config.pt") == "flag.pt"
+    assert initial_weights(RunRequest("out"), "config.pt") == "config.pt"
+    assert initial_weights(RunRequest("out", resume=True, weights_backbone="flag.pt"), "c.pt") is None
+    # A whole detector to fine-tune brings its own trunk: the config's trunk weights are not loaded first.
+    assert initial_weights(RunRequest("out", weights="detector.pt"), "config.pt") is None
+    with pytest.raises(ValueError, match="not both"):
+        RunRequest("out", weights="detector.pt", weights_backbone="flag.pt")
+
+
+def test_only_detection_fine_tunes_a_whole_model(tmp_path, data):
+    _, cfg = _classification(data, 0)
+    with pytest.raises(ValueError, match="the classification task fine-tunes no whole model"):
+        TASKS["classification"].train(cfg, task_module.RunRequest(tmp_path / "run", weights="detector.pt"))
+    assert not (tmp_path / "run").exists()  # refused before any work

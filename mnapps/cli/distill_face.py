@@ -82,23 +82,25 @@ def _overrides(args: argparse.Namespace) -> list[str]:
     return overrides
 
 
-def _report(summary: dict) -> str:
-    throughput = summary["throughput"]
+def _report(result: FaceResult) -> str:
+    throughput, reference, spread = result.throughput, result.reference, result.final_spread
     smoke = ("\n(a random teacher: this run checks the mechanics and measures no face quality; compare the cosine "
-             "with the best constant prediction's, not with any target)" if summary["teacher"].startswith("random")
+             "with the best constant prediction's, not with any target)" if result.teacher.startswith("random")
              else "")
-    targets = ("targets: cached teacher embeddings" if throughput["targets"] == "cached"
-               else f"teacher in the step: {100 * throughput['teacher_share']:.0f}% of it")
+    targets = ("targets: cached teacher embeddings" if throughput.targets == "cached"
+               else f"teacher in the step: {100 * throughput.teacher_share:.0f}% of it")
+    start, constant, teacher_spread = ((reference.start_cosine, reference.constant_baseline_cosine,
+                                        reference.teacher_val_spread_cosine) if reference else (math.nan,) * 3)
     return (
-        f"held-out mean student-teacher cosine: {summary['final_cosine']:.4f} (best {summary['best_cosine']:.4f}; "
-        f"untrained student {summary.get('start_cosine', math.nan):.4f}, best constant prediction "
-        f"{summary.get('constant_baseline_cosine', math.nan):.4f}) over {summary['val_images']} crops; "
-        f"pairwise-similarity agreement with the teacher {summary['final_pair_agreement']:.4f}; "
-        f"embedding spread: mean pairwise cosine {summary['final_spread']['mean_pairwise_cosine']:.4f} "
-        f"(teacher {summary.get('teacher_val_spread_cosine', math.nan):.4f}), effective rank "
-        f"{summary['final_spread']['effective_rank']:.2f}\n"
-        f"throughput: {throughput['images_per_s']:.1f} images/s per training step "
-        f"({targets}); checkpoint {summary['best_checkpoint']}{smoke}"
+        f"held-out mean student-teacher cosine: {result.final_cosine:.4f} (best {result.best_cosine:.4f}; "
+        f"untrained student {start:.4f}, best constant prediction "
+        f"{constant:.4f}) over {result.val_images} crops; "
+        f"pairwise-similarity agreement with the teacher {result.final_pair_agreement:.4f}; "
+        f"embedding spread: mean pairwise cosine {spread.mean_pairwise_cosine:.4f} "
+        f"(teacher {teacher_spread:.4f}), effective rank "
+        f"{spread.effective_rank:.2f}\n"
+        f"throughput: {throughput.images_per_s:.1f} images/s per training step "
+        f"({targets}); checkpoint {result.fit.best_checkpoint}{smoke}"
     )
 
 
@@ -123,12 +125,12 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError(f"--output-dir {args.output_dir} is an existing file; give a folder for the run")
         cfg = load_distill_config(config_path, _overrides(args))
         with claim_run_folder(args.output_dir, resume=args.resume or None, overwrite=args.overwrite) as claim:
-            summary = distill_face(cfg, output_dir=args.output_dir, resume=args.resume or None, device=args.device,
-                                   weights_backbone=args.weights_backbone, overwrite=claim.overwrite)
+            result = distill_face(cfg, output_dir=args.output_dir, resume=args.resume or None, device=args.device,
+                                  weights_backbone=args.weights_backbone, overwrite=claim.overwrite)
     except (ConfigError, FileNotFoundError, ValueError, TeacherWeightsError, NonFiniteLossError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return report_interrupt(args.output_dir, "tools/distill_face.py", argv)
-    print(_report(summary))
+    print(_report(result))
     return 0

@@ -76,9 +76,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return report_interrupt(output_dir, "tools/train_cls.py", argv)
-    if "top1" in result:
+    metrics = result.metrics
+    if "top1" in metrics:
         print(
-            f"validation top-1 {result['top1']:.2%}, top-5 {result['top5']:.2%} "
-            f"on {int(result['num_images'])} images; checkpoints in {output_dir}"
+            f"validation top-1 {metrics['top1']:.2%}, top-5 {metrics['top5']:.2%} "
+            f"on {int(metrics['num_images'])} images; checkpoints in {output_dir}"
         )
     return 0

@@ -98,9 +98,8 @@ def resolve_config(args: argparse.Namespace, weights: Checkpoint | None = None) 
 
 def _import_heavy() -> None:
     """Import torch and the tasks, after the arguments are parsed: --help answers at once."""
-    global claim_run_folder, report_interrupt
+    global claim_run_folder, report_interrupt, Checkpoint, read_checkpoint
     global resolve_device, NonFiniteLossError, HEADS, head_spec, DetConfig, fine_tune_config, train_detector
-    global Checkpoint, read_checkpoint
     from mnapps.checkpoint import Checkpoint, read_checkpoint
     from mnapps.engine.distributed import resolve_device
     from mnapps.engine.loop import NonFiniteLossError
@@ -115,8 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     output_dir = args.output_dir
     try:
         resolve_device(args.device)
-        # --weights is read once: the same record gives the config its model section and the model its tensors.
-        weights = read_checkpoint(args.weights) if args.weights is not None else None
+        weights = read_checkpoint(args.weights) if args.weights is not None else None  # read once: config and weights
         cfg, config_path = resolve_config(args, weights)
         output_dir = args.output_dir or Path("runs") / config_path.stem
         with claim_run_folder(output_dir, resume=args.resume, overwrite=args.overwrite) as claim:
@@ -125,9 +123,9 @@ def main(argv: list[str] | None = None) -> int:
                 output_dir=output_dir,
                 resume=args.resume,
                 weights_backbone=args.weights_backbone,
+                weights=weights,
                 device=args.device,
                 overwrite=claim.overwrite,
-                weights=weights,
             )
     except (ValueError, ConfigError, FileNotFoundError, NonFiniteLossError) as exc:
         print(f"error: {exc}", file=sys.stderr)

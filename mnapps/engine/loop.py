@@ -60,12 +60,16 @@ from mnapps.engine.steps import (
     to_device,
     unwrap,
 )
+from mnapps.engine.result import EpochRecord, EpochStats, FitResult
 from mnapps.engine.run_log import log_epoch
 
 __all__ = [
     "TaskHooks",
     "RunOptions",
     "fit",
+    "FitResult",
+    "EpochRecord",
+    "EpochStats",
     # defined in engine.steps, engine.rng and engine.run_folder; importable from here as before
     "NonFiniteLossError",
     "RunFolderError",
@@ -160,7 +164,7 @@ class _Run:
     best_metric: str | None
     best_mode: str
     params: list[torch.Tensor] = field(default_factory=list)
-    history: list[dict[str, Any]] = field(default_factory=list)
+    history: list[EpochRecord] = field(default_factory=list)
     best: float | None = None
     last_metrics: dict[str, Any] = field(default_factory=dict)
 
@@ -303,7 +307,7 @@ def _resume(run: _Run, resume: str | os.PathLike | bool) -> tuple[int, bool]:
         )
     _check_same_run(checkpoint, run.identity, path)
     _load_training_state(run, checkpoint, state, path)
-    run.history = list(state.history)
+    run.history = [EpochRecord.from_dict(entry) for entry in state.history]
     run.last_metrics = dict(checkpoint.metrics)
     if state.best_metric == run.best_metric and state.best_mode == run.best_mode:
         run.best = state.best
@@ -378,7 +382,7 @@ def _mean_over_ranks(run: _Run, means: dict[str, float]) -> dict[str, float]:
     return {"loss": means.pop("loss"), **means}
 
 
-def _train_one_epoch(run: _Run, loader: Any, loss_fn: LossFn, epoch: int) -> dict[str, float]:
+def _train_one_epoch(run: _Run, loader: Any, loss_fn: LossFn, epoch: int) -> EpochStats:
     """One pass over ``loader`` (0-based ``epoch``); the epoch's mean loss terms, lr, images/s, time."""
     run.train_model.train()
     progress = Progress(run.info.world_size)
@@ -402,12 +406,12 @@ def _train_one_epoch(run: _Run, loader: Any, loss_fn: LossFn, epoch: int) -> dic
             bar.update(1)
     finally:
         bar.close()
-    return {
-        **_mean_over_ranks(run, progress.means()),
-        "lr": step_lr,  # the lr of the epoch's last step
-        "images_per_s": progress.images_per_s(),
-        "time_s": time.perf_counter() - progress.start,
-    }
+    return EpochStats(
+        losses=_mean_over_ranks(run, progress.means()),
+        lr=step_lr,  # the lr of the epoch's last step
+        images_per_s=progress.images_per_s(),
+        time_s=time.perf_counter() - progress.start,
+    )
 
 
 # ------------------------------------------------------------------------------------------
@@ -440,7 +444,7 @@ def _checkpoint(run: _Run, epoch_number: int, rng_states: list[dict[str, Any]], 
         scheduler=run.scheduler.state_dict(),
         scaler=run.scaler.state_dict(),
         rng_per_rank=rng_states,
-        history=run.history,
+        history=[entry.to_dict() for entry in run.history],
         best=run.best,
         best_metric=run.best_metric,
         best_mode=run.best_mode,
@@ -468,13 +472,13 @@ def _save(run: _Run, epoch_number: int, *, improved: bool, pending: bool) -> Non
     checkpoint.save(run.last_path)
 
 
-def _epoch_summary(run: _Run, entry: Mapping[str, Any], improved: bool) -> str:
+def _epoch_summary(run: _Run, entry: EpochRecord, improved: bool) -> str:
     """The one line printed per epoch: mean losses, lr, speed, time, metrics, a new best."""
-    stats, metrics = entry["train"], entry["metrics"]
+    stats, metrics = entry.train, entry.metrics
     summary = (
-        f"epoch {entry['epoch']}/{run.cfg.epochs}: "
-        + format_terms({k: v for k, v in stats.items() if k not in ("lr", "images_per_s", "time_s")})
-        + f" | lr {stats['lr']:.2e} | {stats['images_per_s']:.1f} img/s | {stats['time_s']:.0f} s"
+        f"epoch {entry.epoch}/{run.cfg.epochs}: "
+        + format_terms(stats.losses)
+        + f" | lr {stats.lr:.2e} | {stats.images_per_s:.1f} img/s | {stats.time_s:.0f} s"
     )
     if metrics:
         summary += f" | {format_metrics(metrics)}"
@@ -487,7 +491,7 @@ def _evaluate_epoch(run: _Run, evaluate: EvaluateFn, epoch_number: int) -> bool:
     """Evaluate after ``epoch_number`` (1-based), fill its history entry; True on a new best."""
     metrics = evaluate_on_main(evaluate, run.model, epoch_number, run.info)
     run.last_metrics = metrics
-    run.history[-1]["metrics"] = metrics
+    run.history[-1].metrics = metrics
     if run.best_metric is None or not metrics:
         return False
     if run.best_metric not in metrics:
@@ -524,7 +528,7 @@ def _finish_epoch(run: _Run, evaluate: EvaluateFn | None, epoch_number: int, *, 
 # fit
 
 
-def fit(model: nn.Module, train_loader: Any, cfg: TrainConfig, hooks: TaskHooks, options: RunOptions) -> dict[str, Any]:
+def fit(model: nn.Module, train_loader: Any, cfg: TrainConfig, hooks: TaskHooks, options: RunOptions) -> FitResult:
     """Train ``model`` for ``cfg.epochs`` epochs, evaluating and checkpointing as it goes.
 
     Args:
@@ -537,10 +541,9 @@ def fit(model: nn.Module, train_loader: Any, cfg: TrainConfig, hooks: TaskHooks,
         options: run folder, resume/overwrite, device and checkpoint identity (:class:`RunOptions`).
 
     Returns:
-        ``{"epochs_run": epochs trained by this call, "history": [{"epoch", "train": mean loss
-        terms + lr/images_per_s/time_s, "metrics"}] over the whole run, "best", "best_metric",
-        "last_metrics": the latest evaluation's, "checkpoint": last.pt, "best_checkpoint":
-        best.pt or None}``.
+        A :class:`mnapps.engine.result.FitResult`: the epochs this call trained, the whole
+        run's history (an :class:`EpochRecord` per epoch), the best value, the latest metrics,
+        ``last.pt`` and ``best.pt`` (None when never written).
 
     Raises:
         NonFiniteLossError: a loss term became NaN/inf (nothing saved for that epoch).
@@ -568,21 +571,21 @@ def fit(model: nn.Module, train_loader: Any, cfg: TrainConfig, hooks: TaskHooks,
         set_epoch(train_loader, epoch)
         train_stats = _train_one_epoch(run, train_loader, hooks.loss_fn, epoch)
         # The per-epoch point: the epoch's history entry is made here and _finish_epoch
-        # checkpoints, evaluates (filling entry["metrics"]) and prints the epoch line.
-        run.history.append({"epoch": epoch + 1, "train": train_stats, "metrics": {}})
+        # checkpoints, evaluates (filling its metrics) and prints the epoch line.
+        run.history.append(EpochRecord(epoch + 1, train_stats))
         _finish_epoch(run, hooks.evaluate, epoch + 1)
     return _fit_result(run, epochs_run=max(0, cfg.epochs - start_epoch))
 
 
-def _fit_result(run: _Run, epochs_run: int) -> dict[str, Any]:
+def _fit_result(run: _Run, epochs_run: int) -> FitResult:
     if epochs_run == 0 and run.info.is_main:
         tqdm.write(f"nothing to train: the checkpoint already holds all {run.cfg.epochs} epochs")
-    return {
-        "epochs_run": epochs_run,
-        "history": run.history,
-        "best": run.best,
-        "best_metric": run.best_metric,
-        "last_metrics": run.last_metrics,
-        "checkpoint": str(run.last_path),
-        "best_checkpoint": str(run.best_path) if run.best_path.is_file() else None,
-    }
+    return FitResult(
+        epochs_run=epochs_run,
+        history=list(run.history),
+        best=run.best,
+        best_metric=run.best_metric,
+        last_metrics=dict(run.last_metrics),
+        checkpoint=run.last_path,
+        best_checkpoint=run.best_path if run.best_path.is_file() else None,
+    )

@@ -1,7 +1,7 @@
 """What every training run leaves in its folder as it goes: metrics.csv, TensorBoard, results.png.
 
 Task-agnostic: it reads only :func:`mnapps.engine.loop.fit`'s history, a list of
-``{"epoch", "train": {loss terms..., "lr", "images_per_s", "time_s"}, "metrics": {...}}``.
+:class:`mnapps.engine.result.EpochRecord` (loss terms, lr, speed and time, then the metrics).
 :func:`log_epoch` is called on rank 0 after each epoch with the whole history, and rewrites
 ``metrics.csv`` (one row per epoch: losses, lr, speed, every validation metric) and
 ``results.png`` (one panel per column) from it, so a resumed run's files hold every epoch
@@ -17,12 +17,13 @@ import io
 import math
 import re
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Sequence
 
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 from tqdm import tqdm
 
+from mnapps.engine.result import EpochRecord
 from mnapps.files import atomic_write
 
 __all__ = ["log_epoch", "history_rows", "write_metrics_csv", "plot_results"]
@@ -43,17 +44,17 @@ def _number(value: Any) -> float | None:
     return float(value)
 
 
-def history_rows(history: Sequence[Mapping[str, Any]]) -> tuple[list[str], list[dict[str, float]]]:
+def history_rows(history: Sequence[EpochRecord]) -> tuple[list[str], list[dict[str, float]]]:
     """The CSV's columns and rows: ``epoch``, ``train/<term>``, ``lr``, ``images_per_s``, ``time_s``, ``val/<metric>``."""
     columns: dict[str, None] = {"epoch": None}
     rows = []
     for entry in history:
-        row: dict[str, float] = {"epoch": entry["epoch"]}
-        for key, value in entry.get("train", {}).items():
+        row: dict[str, float] = {"epoch": entry.epoch}
+        for key, value in entry.train.to_dict().items():
             name = key if key in ("lr", "images_per_s", "time_s") else f"train/{key}"
             if (number := _number(value)) is not None:
                 row[name] = number
-        for key, value in (entry.get("metrics") or {}).items():
+        for key, value in entry.metrics.items():
             if (number := _number(value)) is not None:
                 row[f"val/{key}"] = number
         columns.update(dict.fromkeys(row))
@@ -61,7 +62,7 @@ def history_rows(history: Sequence[Mapping[str, Any]]) -> tuple[list[str], list[
     return list(columns), rows
 
 
-def write_metrics_csv(path: Path, history: Sequence[Mapping[str, Any]]) -> Path:
+def write_metrics_csv(path: Path, history: Sequence[EpochRecord]) -> Path:
     """Rewrite ``path`` from the whole history (blank where an epoch has no such value)."""
     columns, rows = history_rows(history)
     text = io.StringIO()
@@ -82,7 +83,7 @@ def _panel(column: str) -> str:
     return column
 
 
-def plot_results(history: Sequence[Mapping[str, Any]], path: Path) -> Path:
+def plot_results(history: Sequence[EpochRecord], path: Path) -> Path:
     """Losses, lr, speed and validation metrics against the epoch, related curves in one panel."""
     columns, rows = history_rows(history)
     panels: dict[str, list[str]] = {}
@@ -113,7 +114,7 @@ def plot_results(history: Sequence[Mapping[str, Any]], path: Path) -> Path:
     return atomic_write(path, lambda handle: handle.write(buffer.getvalue()))
 
 
-def _tensorboard(folder: Path, history: Sequence[Mapping[str, Any]], log: Callable[[str], None]) -> None:
+def _tensorboard(folder: Path, history: Sequence[EpochRecord], log: Callable[[str], None]) -> None:
     if folder not in _writers:
         if importlib.util.find_spec("tensorboard") is None:
             _writers[folder] = None
@@ -135,7 +136,7 @@ def _tensorboard(folder: Path, history: Sequence[Mapping[str, Any]], log: Callab
     writer.flush()
 
 
-def log_epoch(output_dir: str | Path, history: Sequence[Mapping[str, Any]], log: Callable[[str], None] = tqdm.write):
+def log_epoch(output_dir: str | Path, history: Sequence[EpochRecord], log: Callable[[str], None] = tqdm.write):
     """Bring the run folder's metrics.csv, results.png and TensorBoard events up to ``history``."""
     if not history:
         return

@@ -4,14 +4,14 @@ This module owns the classification task: its config schema (:class:`ClsConfig`,
 from ``configs/cls_*.yaml``), building the classifier, the data pipeline (an ImageFolder
 given by the user or, with no data given, the embedded shapes set of
 :mod:`mnapps.data.synthetic_cls`), the loss (cross-entropy, optional label smoothing) and
-the evaluation (top-1 / top-5 accuracy), and inference: :func:`load_classifier` rebuilds the
+the evaluation (top-1 / top-5 accuracy), the task itself (:class:`ClassificationTask`, the
+classification :class:`mnapps.tasks.task.Task`), and inference: :func:`load_classifier` rebuilds the
 model a checkpoint describes and :func:`classify_images` turns photos into named top-k
 predictions, preparing each image the way the TF-slim reference inputs were made (upright RGB,
 PIL bilinear resize of the whole image, scaled to [-1, 1]). The 1000 ImageNet class names ship in
 ``mnapps/resources/imagenet_classes.txt`` (torchvision's list). The loop itself is the shared engine
-(:func:`mnapps.tasks.training.train_task` around :func:`mnapps.engine.loop.fit`); the
-checkpoints it writes are ordinary mnapps
-checkpoints, so any head can start from the trained trunk with
+(:meth:`mnapps.tasks.task.Task.train` around :func:`mnapps.engine.loop.fit`); the
+checkpoints it writes are ordinary mnapps checkpoints, so any head can start from the trained trunk with
 :func:`mnapps.backbones.trunk.load_backbone_weights`.
 """
 
@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor, nn
+from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from mnapps.backbones import MobileNetV1, prepare_trunk
@@ -40,11 +41,12 @@ from mnapps.data.image_io import ImageReadError, load_rgb
 from mnapps.data.imagefolder import ImageFolderDataset, build_cls_transforms, collate_cls
 from mnapps.engine.distributed import DistInfo, build_eval_loader, build_train_loader
 from mnapps.data.synthetic_cls import ensure_shapes_classification
-from mnapps.engine.loop import TaskHooks, to_device
+from mnapps.engine.loop import to_device
+from mnapps.engine.result import FitResult
 from mnapps.graph_kind import GraphKind
 
 from .spec import ExportPlan
-from .training import RunRequest, TaskSteps, launch, train_task
+from .task import RunRequest, Task, TaskRun, WeightsPath
 
 __all__ = [
     "ClsModelConfig",
@@ -52,8 +54,11 @@ __all__ = [
     "ClsConfig",
     "build_classifier",
     "build_cls_datasets",
-    "cls_loss_fn",
+    "classification_loss",
     "evaluate_classifier",
+    "ClassificationTask",
+    "ClassificationRun",
+    "ClassificationResult",
     "train_classifier",
     "Prediction",
     "imagenet_class_names",
@@ -165,37 +170,22 @@ def build_cls_datasets(cfg: ClsConfig) -> tuple[ImageFolderDataset, ImageFolderD
     return train_set, val_set
 
 
-class _SkipCounter:
-    """Counts unreadable images dropped by :func:`collate_cls` (the count rides in each batch,
-    so images dropped inside loader worker processes are counted too)."""
+def classification_loss(
+    model: nn.Module, images: Tensor, labels: Tensor, device: str | torch.device, *, label_smoothing: float = 0.0,
+    channels_last: bool = False,
+) -> dict[str, Tensor]:
+    """``{"loss_cls": cross-entropy}`` of a batch: ``images Tensor[N,3,H,W]`` in [-1,1], ``labels Int64[N]``.
 
-    def __init__(self) -> None:
-        self.count = 0
-
-
-def cls_loss_fn(
-    label_smoothing: float = 0.0, skipped: _SkipCounter | None = None, *, channels_last: bool = False
-):
-    """The engine's ``loss_fn(model, batch, device) -> {"loss_cls": Tensor}`` for classifiers.
-
-    ``batch`` is :func:`collate_cls`'s ``(images Tensor[N,3,H,W] in [-1,1], labels Int64[N],
-    num_skipped)``; images go to ``device`` in channels_last layout when the engine stores
-    the model that way (``train.channels_last``).
+    The images go to ``device`` in channels_last layout when the engine stores the model that
+    way (``train.channels_last``); a batch whose every image was unreadable gives a zero loss.
     """
-
-    def loss_fn(model: nn.Module, batch: tuple[Tensor, Tensor, int], device) -> dict[str, Tensor]:
-        images, labels, num_skipped = batch
-        if skipped is not None:
-            skipped.count += int(num_skipped)
-        if labels.numel() == 0:  # every image of this batch was unreadable
-            param = next(p for p in model.parameters() if p.requires_grad)
-            return {"loss_cls": param.sum() * 0.0}
-        images = to_device(images, device, channels_last=channels_last, non_blocking=True)
-        labels = labels.to(device, non_blocking=True)
-        logits = model(images)
-        return {"loss_cls": F.cross_entropy(logits, labels, label_smoothing=label_smoothing)}
-
-    return loss_fn
+    if labels.numel() == 0:
+        param = next(p for p in model.parameters() if p.requires_grad)
+        return {"loss_cls": param.sum() * 0.0}
+    images = to_device(images, device, channels_last=channels_last, non_blocking=True)
+    labels = labels.to(device, non_blocking=True)
+    logits = model(images)
+    return {"loss_cls": F.cross_entropy(logits, labels, label_smoothing=label_smoothing)}
 
 
 @torch.no_grad()
@@ -242,65 +232,121 @@ def evaluate_classifier(
     }
 
 
-def train_classifier(cfg: ClsConfig, *, device: str | torch.device | None = None, **run: Any) -> dict[str, Any]:
-    """Train a MobileNetV1 classifier with the shared engine; returns the final metrics.
+@dataclass
+class ClassificationRun(TaskRun[ClsConfig]):
+    """The state of one classification training run (see :class:`mnapps.tasks.task.TaskRun`).
 
-    ``run`` holds :class:`mnapps.tasks.training.RunRequest`'s fields: ``output_dir`` receives
-    ``config.yaml`` (the resolved config), ``last.pt`` every epoch and ``best.pt`` at the best
-    validation top-1 (mnapps checkpoints, ``task="classification"``); a folder that already
-    holds checkpoints is refused unless ``resume`` (continue it; True means
-    ``output_dir/last.pt``) or ``overwrite`` (start over) is given.
-
-    Returns:
-        ``{"top1", "top5", "loss", ...}`` of the last evaluation, plus ``"num_skipped_train"``
-        (unreadable training images dropped) and ``"engine"`` (what ``fit`` returned).
+    Attributes:
+        train_set, val_set: the ImageFolders.
+        skipped_train_images: unreadable training images :func:`collate_cls` dropped (the count
+            rides in each batch, so images dropped inside loader worker processes count too).
+        val_loader: the validation loader (set when training starts).
     """
-    return launch(_train_classifier, cfg, device, run)
+
+    train_set: ImageFolderDataset
+    val_set: ImageFolderDataset
+    skipped_train_images: int = 0
+    val_loader: DataLoader | None = None
 
 
-def _prepare_data(cfg: ClsConfig, info: DistInfo) -> tuple[ClsConfig, tuple[ImageFolderDataset, ImageFolderDataset]]:
-    """Both ImageFolders, with what the data decided recorded so the checkpoint alone rebuilds
-    the model and its labels."""
-    train_set, val_set = build_cls_datasets(cfg)
-    if cfg.model.num_classes is not None and cfg.model.num_classes != train_set.num_classes:
-        raise ValueError(
-            f"model.num_classes is {cfg.model.num_classes} but {train_set.root} has "
-            f"{train_set.num_classes} class folders {train_set.class_names[:10]}; "
-            "set model.num_classes to null to take it from the data"
-        )
-    model = replace(cfg.model, num_classes=train_set.num_classes, class_names=tuple(train_set.class_names))
-    return replace(cfg, model=model), (train_set, val_set)
+@dataclass(frozen=True)
+class ClassificationResult:
+    """What :func:`train_classifier` returns.
+
+    Attributes:
+        metrics: the last evaluation's ``top1``, ``top5``, ``loss``, ``num_images`` and
+            ``num_skipped`` (:func:`evaluate_classifier`); empty when none ran.
+        skipped_train_images: unreadable training images dropped.
+        fit: what the engine reports (history, best top-1, checkpoints).
+    """
+
+    metrics: dict[str, float]
+    skipped_train_images: int
+    fit: FitResult
 
 
-def _steps(skipped: _SkipCounter) -> TaskSteps:
-    """The classification steps of the training skeleton."""
+class ClassificationTask(Task[ClsConfig, ClassificationRun, ClassificationResult]):
+    """Classification: a MobileNetV1 classifier on an ImageFolder (or the embedded shapes)."""
 
-    def start(cfg: ClsConfig, model: nn.Module, data: Any, info: DistInfo) -> tuple[Any, TaskHooks]:
-        train_set, val_set = data
-        val_loader = build_eval_loader(
-            val_set, cfg.data.eval_batch_size or cfg.train.batch_size, collate_cls, cfg.train.num_workers
-        )
+    name = "classification"
+    config_cls = ClsConfig
+    best_metric = "top1"
+    scored_by = "tools/train_cls.py (top-1 on its validation folder after every epoch)"
 
-        def evaluate(eval_model: nn.Module, epoch: int) -> dict[str, float]:
-            return evaluate_classifier(
-                eval_model, val_loader, info.device, desc=f"eval epoch {epoch}", channels_last=cfg.train.channels_last
+    def prepare(self, cfg: ClsConfig, request: RunRequest, info: DistInfo) -> ClassificationRun:
+        """Both ImageFolders, with what the data decided recorded so the checkpoint alone rebuilds
+        the model and its labels."""
+        train_set, val_set = build_cls_datasets(cfg)
+        if cfg.model.num_classes is not None and cfg.model.num_classes != train_set.num_classes:
+            raise ValueError(
+                f"model.num_classes is {cfg.model.num_classes} but {train_set.root} has "
+                f"{train_set.num_classes} class folders {train_set.class_names[:10]}; "
+                "set model.num_classes to null to take it from the data"
             )
+        model = replace(cfg.model, num_classes=train_set.num_classes, class_names=tuple(train_set.class_names))
+        return ClassificationRun(replace(cfg, model=model), request, info, train_set, val_set)
 
-        loss_fn = cls_loss_fn(cfg.label_smoothing, skipped, channels_last=cfg.train.channels_last)
-        return build_train_loader(train_set, cfg.train, collate_cls, info), TaskHooks(loss_fn, evaluate, "top1")
+    def build_model(self, run: ClassificationRun, weights: WeightsPath) -> nn.Module:
+        return build_classifier(run.cfg.model, weights_backbone=weights)
 
-    return TaskSteps(
-        task="classification", head=None, prepare=_prepare_data,
-        build=lambda cfg, weights, data: build_classifier(cfg.model, weights_backbone=weights), start=start,
-    )
+    def start(self, run: ClassificationRun, model: nn.Module) -> DataLoader:
+        cfg = run.cfg
+        run.val_loader = build_eval_loader(
+            run.val_set, cfg.data.eval_batch_size or cfg.train.batch_size, collate_cls, cfg.train.num_workers
+        )
+        return build_train_loader(run.train_set, cfg.train, collate_cls, run.info)
+
+    def training_step(self, run: ClassificationRun, model: nn.Module, batch: Any, device: torch.device
+                      ) -> dict[str, Tensor]:
+        images, labels, num_skipped = batch
+        run.skipped_train_images += int(num_skipped)
+        return classification_loss(model, images, labels, device, label_smoothing=run.cfg.label_smoothing,
+                                   channels_last=run.cfg.train.channels_last)
+
+    def evaluate_epoch(self, run: ClassificationRun, model: nn.Module, epoch: int) -> dict[str, float]:
+        return evaluate_classifier(model, run.val_loader, run.device, desc=f"eval epoch {epoch}",
+                                   channels_last=run.cfg.train.channels_last)
+
+    def finish(self, run: ClassificationRun, model: nn.Module, fitted: FitResult, time_s: float
+               ) -> ClassificationResult:
+        if run.skipped_train_images and run.info.is_main:
+            print(f"warning: {run.skipped_train_images} unreadable training image(s) were skipped")
+        return ClassificationResult(dict(fitted.last_metrics), run.skipped_train_images, fitted)
+
+    def load(self, checkpoint: Checkpoint) -> tuple[nn.Module, ClsConfig]:
+        model, cfg, _ = load_classifier(checkpoint)
+        return model, cfg
+
+    def datasets(self, cfg: ClsConfig) -> tuple[ImageFolderDataset, ImageFolderDataset]:
+        return build_cls_datasets(cfg)
+
+    def image_files(self, cfg: ClsConfig, split: str) -> list[Path]:
+        return cls_image_files(cfg, split)
+
+    def export(self, checkpoint: Checkpoint, model: nn.Module, cfg: ClsConfig) -> ExportPlan:
+        return cls_export_plan(checkpoint, model, cfg)
 
 
-def _train_classifier(cfg: ClsConfig, request: RunRequest, *, info: DistInfo) -> dict[str, Any]:
-    skipped = _SkipCounter()
-    engine_result = train_task(cfg, request, info, _steps(skipped)).fit
-    if skipped.count and info.is_main:
-        print(f"warning: {skipped.count} unreadable training image(s) were skipped")
-    return {**engine_result["last_metrics"], "num_skipped_train": skipped.count, "engine": engine_result}
+def train_classifier(
+    cfg: ClsConfig,
+    *,
+    output_dir: str | os.PathLike,
+    resume: str | os.PathLike | bool | None = None,
+    overwrite: bool = False,
+    weights_backbone: str | os.PathLike | None = None,
+    device: str | torch.device | None = None,
+) -> ClassificationResult:
+    """Train a MobileNetV1 classifier with the shared engine.
+
+    ``output_dir`` receives ``config.yaml`` (the resolved config), ``last.pt`` every epoch and
+    ``best.pt`` at the best validation top-1 (mnapps checkpoints, ``task="classification"``); a
+    folder that already holds checkpoints is refused unless ``resume`` (continue it; True means
+    ``output_dir/last.pt``) or ``overwrite`` (start over) is given. ``weights_backbone`` starts
+    the trunk (default ``model.backbone.weights``); ``device`` as in every task (None: CUDA
+    when available).
+    """
+    request = RunRequest(output_dir, resume=resume, overwrite=overwrite, weights_backbone=weights_backbone)
+    return ClassificationTask().train(cfg, request, device=device)
 
 
 # ------------------------------------------------------------------------------------------

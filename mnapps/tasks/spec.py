@@ -1,27 +1,23 @@
-"""What a task tells the rest of mnapps about itself: :class:`TaskSpec`, its :class:`ExportPlan`
-and the evaluation contract (:class:`EvalRequest` in, :class:`Evaluation` out).
+"""The records a task hands the rest of mnapps: its :class:`ExportPlan` and the evaluation
+contract (:class:`EvalRequest` in, :class:`Evaluation` out).
 
-This module owns the records behind :data:`mnapps.tasks.table.TASKS`: each task's config class,
-training entry point, checkpoint loader, dataset factory, export description and evaluator.
-Export (:mod:`mnapps.export.pipeline`) and evaluation (:func:`mnapps.tasks.table.evaluate_checkpoint`)
-read them instead of testing model classes.
+This module owns what :meth:`mnapps.tasks.task.Task.export` and :meth:`~mnapps.tasks.task.Task.evaluate`
+return and take. Export (:mod:`mnapps.export.pipeline`) and evaluation
+(:func:`mnapps.tasks.table.evaluate_checkpoint`) read them instead of testing model classes.
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from mnapps.checkpoint import Checkpoint
-from mnapps.config import TaskConfig
 from mnapps.graph_kind import GraphKind
 
-__all__ = ["TaskSpec", "ExportPlan", "EvalRequest", "Evaluation"]
+__all__ = ["ExportPlan", "EvalRequest", "Evaluation"]
 
 
 @dataclass(frozen=True)
@@ -97,29 +93,3 @@ class Evaluation:
     per_class: dict[str, float]
     summary: str
     extra: dict[str, Any]
-
-
-@dataclass(frozen=True)
-class TaskSpec:
-    """Everything mnapps needs to know about one task (an entry of :data:`mnapps.tasks.table.TASKS`).
-
-    Attributes:
-        config_cls: the task's top-level config dataclass (a :class:`mnapps.config.TaskConfig`).
-        train: ``train(cfg, *, device=None, output_dir, resume=None, overwrite=False, ...)``: the
-            fields of :class:`mnapps.tasks.training.RunRequest` as keywords.
-        load: ``load(checkpoint) -> (model in eval mode, typed config)``.
-        datasets: ``datasets(cfg) -> (train, validation)`` datasets.
-        image_files: ``image_files(cfg, split) -> files`` of the validation (``"parity"``) or
-            training (``"calibration"``) split.
-        export: ``export(checkpoint, model, cfg) -> ExportPlan``.
-        evaluate: ``evaluate(checkpoint, EvalRequest) -> Evaluation`` on the validation data, or
-            None for a task scored by a tool of its own (faces: ``tools/eval_face.py`` on pairs).
-    """
-
-    config_cls: type[TaskConfig]
-    train: Callable[..., Any]
-    load: Callable[[Checkpoint], tuple[nn.Module, Any]]
-    datasets: Callable[[Any], tuple[Any, Any]]
-    image_files: Callable[[Any, str], list[Path]]
-    export: Callable[[Checkpoint, nn.Module, Any], ExportPlan] = field(repr=False)
-    evaluate: Callable[[Checkpoint, EvalRequest], Evaluation] | None = field(default=None, repr=False)

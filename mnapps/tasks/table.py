@@ -1,9 +1,9 @@
 """:data:`TASKS`: the one table of mnapps tasks, beside :data:`mnapps.heads.HEADS`.
 
-Each entry (:class:`mnapps.tasks.spec.TaskSpec`) names the task's config class, training entry
-point, checkpoint loader, dataset factory, export plan and evaluator. A checkpoint's ``task``
-selects its entry, so export and evaluation (:func:`evaluate_checkpoint`), and anything else that
-takes "any checkpoint", dispatch through this table rather than on model classes.
+Each entry is a task's :class:`mnapps.tasks.task.Task` instance (its config class, training,
+checkpoint loader, datasets, export plan and evaluator are its methods). A checkpoint's ``task``
+selects its entry, so export and evaluation (:func:`evaluate_checkpoint`), and anything else
+that takes "any checkpoint", dispatch through this table rather than on model classes.
 """
 
 from __future__ import annotations
@@ -12,45 +12,19 @@ import os
 
 from mnapps.checkpoint import Checkpoint, read_checkpoint
 
-from .classification import (
-    ClsConfig,
-    build_cls_datasets,
-    cls_export_plan,
-    cls_image_files,
-    load_classifier,
-    train_classifier,
-)
-from .detection import (
-    DetConfig,
-    build_det_datasets,
-    det_export_plan,
-    det_image_files,
-    evaluate_detection,
-    load_detector,
-    train_detector,
-)
-from .face import FaceDistillConfig, distill_face, face_datasets, face_export_plan, face_image_files, load_face_task
-from .spec import EvalRequest, Evaluation, ExportPlan, TaskSpec
+from .classification import ClassificationTask
+from .detection import DetectionTask
+from .face import FaceTask
+from .spec import EvalRequest, Evaluation, ExportPlan
+from .task import RunRequest, Task
 
-__all__ = ["TASKS", "task_spec", "evaluate_checkpoint", "TaskSpec", "ExportPlan", "EvalRequest", "Evaluation"]
+__all__ = ["TASKS", "task_spec", "evaluate_checkpoint", "Task", "RunRequest", "ExportPlan", "EvalRequest", "Evaluation"]
 
 
-TASKS: dict[str, TaskSpec] = {
-    "classification": TaskSpec(
-        ClsConfig, train_classifier, lambda c: load_classifier(c)[:2], build_cls_datasets, cls_image_files,
-        cls_export_plan,
-    ),
-    "detection": TaskSpec(
-        DetConfig, train_detector, load_detector, build_det_datasets, det_image_files, det_export_plan,
-        evaluate_detection,
-    ),
-    "face": TaskSpec(
-        FaceDistillConfig, distill_face, load_face_task, face_datasets, face_image_files, face_export_plan
-    ),
-}
+TASKS: dict[str, Task] = {task.name: task for task in (ClassificationTask(), DetectionTask(), FaceTask())}
 
 
-def task_spec(checkpoint: Checkpoint) -> TaskSpec:
+def task_spec(checkpoint: Checkpoint) -> Task:
     """The :data:`TASKS` entry of a checkpoint's task; any other is a ValueError naming the choices."""
     if checkpoint.task not in TASKS:
         raise ValueError(
@@ -62,19 +36,19 @@ def task_spec(checkpoint: Checkpoint) -> TaskSpec:
 
 
 def evaluate_checkpoint(checkpoint: str | os.PathLike | Checkpoint, request: EvalRequest) -> Evaluation:
-    """Score a checkpoint with its task's evaluator (its :data:`TASKS` entry's ``evaluate``).
+    """Score a checkpoint with its task's evaluator (:meth:`mnapps.tasks.task.Task.evaluate`).
 
     Raises:
         FileNotFoundError: no such file.
-        ValueError: not an mnapps task checkpoint, a task without an evaluator, or the
-            evaluator's own errors (each named).
+        ValueError: not an mnapps task checkpoint, a task scored by a tool of its own (named),
+            or the evaluator's own errors (each named).
     """
     record = read_checkpoint(checkpoint)
-    spec = task_spec(record)
-    if spec.evaluate is None:
-        scored = ", ".join(sorted(name for name, entry in TASKS.items() if entry.evaluate is not None))
+    task = task_spec(record)
+    if task.scored_by is not None:
+        scored = ", ".join(sorted(name for name, entry in TASKS.items() if entry.scored_by is None))
         raise ValueError(
             f"{record.origin}: a {record.task} checkpoint; only {scored} checkpoints are scored here "
-            "(face embedders are scored on verification pairs by tools/eval_face.py)"
+            f"({record.task} checkpoints: {task.scored_by})"
         )
-    return spec.evaluate(record, request)
+    return task.evaluate(record, request)

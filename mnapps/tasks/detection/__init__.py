@@ -2,8 +2,9 @@
 
 The package holds one thing per module: :mod:`.config` (:class:`DetConfig`, the model it
 describes, :func:`fine_tune_config`), :mod:`.data` (the COCO-format datasets), :mod:`.train`
-(:func:`train_detector` on the shared training skeleton), :mod:`.model` (:func:`load_detector`,
-:func:`load_detector_weights`), :mod:`.evaluate` (:func:`evaluate_detection`), :mod:`.predict` (:func:`predict_images`, :func:`draw_detections`,
+(:class:`DetectionTask`, detection's :class:`mnapps.tasks.task.Task`, and :func:`train_detector`),
+:mod:`.model` (:func:`load_detector`, :func:`load_detector_weights`), :mod:`.evaluate`
+(:func:`evaluate_detection`), :mod:`.predict` (:func:`predict_images`, :func:`draw_detections`,
 :func:`box_detector`), :mod:`.soft_targets` (a teacher detector's per-anchor outputs as extra
 training targets) and :mod:`.tf_import` (:func:`import_tf_od_api_ssd_checkpoint`). Every
 public name is importable from the package itself.
@@ -21,7 +22,8 @@ from .model import CLASS_PREDICTOR_PREFIXES, det_export_plan, load_detector, loa
 from .predict import box_detector, draw_detections, image_ids_for, predict_images
 from .tf_import import import_tf_od_api_ssd_checkpoint
 from .soft_targets import check_compatible, soft_target_losses, with_soft_targets
-from .train import detection_loss_fn, train_detector
+from .train import (BatchCounter, DetectionResult, DetectionRun, DetectionTask, EpochEvaluation, SoftTargetTeacher,
+                    detection_losses, train_detector)
 
 __all__ = [
     "DetModelConfig",
@@ -33,6 +35,12 @@ __all__ = [
     "DetConfig",
     "build_model",
     "train_detector",
+    "DetectionTask",
+    "DetectionRun",
+    "DetectionResult",
+    "EpochEvaluation",
+    "SoftTargetTeacher",
+    "BatchCounter",
     "build_train_dataset",
     "build_eval_dataset",
     "build_det_datasets",
@@ -40,7 +48,7 @@ __all__ = [
     "load_detector",
     "predict_images",
     "model_input_size",
-    "detection_loss_fn",
+    "detection_losses",
     "draw_detections",
     "image_ids_for",
     "import_tf_od_api_ssd_checkpoint",

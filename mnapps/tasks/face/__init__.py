@@ -9,8 +9,9 @@ do beyond parsing arguments, one thing per module:
   generated faces when no folder is given) and a real teacher's clean person-labelled pool;
 * :mod:`.teacher`: the frozen teacher of a run (:func:`prepare_teacher`) and its cached
   embeddings;
-* :mod:`.train`: :func:`distill_face` on the shared training skeleton (checkpoints,
-  ``--resume``, ``--overwrite``, DDP under ``torchrun``), the few-face recipe's pieces (strong
+* :mod:`.train`: :class:`FaceTask` (the face :class:`mnapps.tasks.task.Task`) and
+  :func:`distill_face` (checkpoints, ``--resume``, ``--overwrite``, DDP under ``torchrun``),
+  the few-face recipe's pieces (strong
   augmentation and random erasing, mixup/cutmix of two faces, the relational loss, the
   ImageNet trunk as the start, crops repeated per epoch) and the reference points and collapse
   guard of every run;
@@ -28,7 +29,7 @@ from .config import FaceDataConfig, FaceDistillConfig, TeacherConfig, load_disti
 from .data.datasets import FaceDistillData, build_distill_data, face_datasets, face_image_files
 from .model import face_export_plan, load_face_embedder, load_face_task, load_trunk_embedder
 from .teacher import prepare_teacher
-from .train import distill_face, pair_agreement
+from .train import FaceResult, FaceRun, FaceTask, distill_face, pair_agreement
 from .verify import VerificationResult, align_pair_images, evaluate_face_verification
 
 __all__ = [
@@ -39,6 +40,9 @@ __all__ = [
     "build_distill_data",
     "prepare_teacher",
     "distill_face",
+    "FaceTask",
+    "FaceRun",
+    "FaceResult",
     "load_distill_config",
     "load_face_embedder",
     "load_trunk_embedder",

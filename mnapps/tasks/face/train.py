@@ -1,7 +1,7 @@
-"""Distilling the face teacher into a MobileNetV1 embedder: :func:`distill_face`.
+"""Distilling the face teacher into a MobileNetV1 embedder: :class:`FaceTask` and :func:`distill_face`.
 
-This module owns the face steps of the shared training skeleton
-(:func:`mnapps.tasks.training.train_task`): the data and the frozen teacher, the student (its
+This module owns the face implementation of :class:`mnapps.tasks.task.Task` (its per-run state
+is one :class:`FaceRun`, its result one :class:`FaceResult`): the data and the frozen teacher, the student (its
 trunk from :func:`mnapps.backbones.prepare_trunk`), the targets (the teacher's cached embeddings
 of the *un-augmented* crops, ``data.cache_teacher``: cheap, but the student then maps a changed
 view to the clean crop's point; or the teacher's embedding of each view it is shown, computed
@@ -22,9 +22,11 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 import time
-from dataclasses import dataclass
+import dataclasses
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -32,8 +34,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from mnapps.checkpoint import Checkpoint
 from mnapps.config import to_dict
 from mnapps.data.cache import default_cache_dir
 from mnapps.tasks.face.data.faces import build_face_transforms, face_collate
@@ -44,17 +48,21 @@ from mnapps.tasks.face.distill.teacher import FacenetTeacher
 from mnapps.tasks.face.distill.views import mix_faces
 from mnapps.tasks.face.distill.warm_start import ridge_embedding_init, views_cache_path
 from mnapps.engine.distributed import DistInfo, build_train_loader
-from mnapps.engine.loop import TaskHooks, to_device
+from mnapps.engine.loop import to_device
+from mnapps.engine.result import FitResult
 from mnapps.tasks.face.evaluation import collapse_warning, embed_faces, embedding_spread, is_collapsed
 from mnapps.files import check_output_path
 from mnapps.heads.face_embedding import FaceEmbedder, build_face_embedder
 
-from ..training import RunRequest, TaskSteps, launch, train_task
+from ..spec import ExportPlan
+from ..task import RunRequest, Task, TaskRun, WeightsPath
 from .config import FaceDistillConfig, check_distill_config
-from .data.datasets import FaceDistillData, build_distill_data, clean_pool
+from .data.datasets import FaceDistillData, build_distill_data, clean_pool, face_datasets, face_image_files
+from .model import face_export_plan, load_face_task
 from .teacher import prepare_teacher, teacher_cache
 
-__all__ = ["distill_face", "pair_agreement"]
+__all__ = ["FaceTask", "FaceRun", "FaceResult", "ReferencePoints", "WarmStartReport", "FinalSpread", "Throughput",
+           "distill_face", "pair_agreement"]
 
 
 def pair_agreement(student: Tensor, teacher: Tensor) -> float:
@@ -82,50 +90,162 @@ def _row_cosines(a: Tensor, b: Tensor) -> Tensor:
     return F.cosine_similarity(a[keep], b[keep], dim=1)
 
 
-def _make_evaluate(data: FaceDistillData, val_targets: Tensor, batch_size: int, device: torch.device):
-    """fit's ``evaluate``: held-out cosine to the teacher, pair agreement and embedding spread."""
-
-    def evaluate(model: nn.Module, epoch: int) -> dict[str, float]:
-        embeddings = embed_faces(model, data.val, batch_size=batch_size, device=device, unreadable="nan")
-        cosine = _row_cosines(embeddings, val_targets)
-        spread = embedding_spread(embeddings)
-        return {"cosine": float(cosine.mean()), "cosine_min": float(cosine.min()),
-                "pair_agreement": pair_agreement(embeddings, val_targets),
-                "spread_cosine": float(spread["mean_pairwise_cosine"]),
-                "effective_rank": float(spread["effective_rank"])}
-
-    return evaluate
-
-
 @dataclass
-class _TeacherClock:
+class TeacherClock:
     """Seconds the online teacher took during training, and the images it embedded."""
 
     seconds: float = 0.0
     images: int = 0
 
 
-def _make_loss_fn(cfg: FaceDistillConfig, teacher: FacenetTeacher, train_targets: np.ndarray | None,
-                  criterion: DistillationLoss, clock: _TeacherClock):
-    """fit's ``loss_fn``: (mixed) views -> student, targets cached or embedded by the teacher now."""
-    data = cfg.data
+@dataclass(frozen=True)
+class WarmStartReport:
+    """The embedding warm start (:func:`ridge_embedding_init`'s figures, then the held-out scores after it)."""
 
-    def loss_fn(model: nn.Module, batch: Any, device: torch.device) -> dict[str, Tensor]:
-        images, indices, _ = batch
-        if images.shape[0] < 2:  # all but one unreadable: BatchNorm cannot train on one sample
-            return {"loss_l2": sum(p.sum() for p in model.parameters() if p.requires_grad) * 0.0}
-        images = mix_faces(images, prob=data.mix_prob, alpha=data.mix_alpha, cutmix_share=data.cutmix_share)
-        images = to_device(images, device, channels_last=cfg.train.channels_last)
-        if train_targets is not None:
-            targets = torch.from_numpy(np.asarray(train_targets[indices.numpy()])).to(device)
-        else:
-            started = time.perf_counter()
-            targets = teacher(images)  # the very view the student sees (function matching)
-            clock.seconds += time.perf_counter() - started
-            clock.images += int(images.shape[0])
-        return criterion(model(images).float(), targets.float())
+    views: float
+    ridge: float
+    fit_cosine: float
+    cached: float  # 1.0: the views came from the cache
+    time_s: float
+    cosine: float
+    pair_agreement: float
 
-    return loss_fn
+
+@dataclass(frozen=True)
+class ReferencePoints:
+    """What the student must beat, measured on rank 0 before training.
+
+    Attributes:
+        start_cosine, start_pair_agreement: the untrained student's held-out scores (NaN when
+            resuming).
+        constant_baseline_cosine: the best *constant* prediction's held-out cosine.
+        teacher_val_spread_cosine: the mean pairwise cosine of the teacher's held-out embeddings.
+        warm_start: the embedding warm start, when one ran.
+    """
+
+    start_cosine: float
+    start_pair_agreement: float
+    constant_baseline_cosine: float
+    teacher_val_spread_cosine: float
+    warm_start: WarmStartReport | None = None
+
+
+@dataclass
+class FaceRun(TaskRun[FaceDistillConfig]):
+    """The state of one distillation run (see :class:`mnapps.tasks.task.TaskRun`).
+
+    Attributes:
+        data: the training and held-out crops.
+        teacher: the frozen teacher.
+        val_targets: the teacher's held-out embeddings (set when training starts).
+        train_targets: its cached embeddings of the clean training crops (None: computed online).
+        criterion: the distillation loss (set when training starts).
+        clock: the online teacher's time.
+        reference: the reference points (rank 0; set when training starts).
+    """
+
+    data: FaceDistillData
+    teacher: FacenetTeacher
+    val_targets: Tensor | None = None
+    train_targets: np.ndarray | None = None
+    criterion: DistillationLoss | None = None
+    clock: TeacherClock = field(default_factory=TeacherClock)
+    reference: ReferencePoints | None = None
+
+
+@dataclass(frozen=True)
+class FinalSpread:
+    """The spread of the final student's held-out embeddings (:func:`embedding_spread`'s figures)."""
+
+    count: int
+    mean_pairwise_cosine: float
+    effective_rank: float
+    collapsed: bool
+
+
+@dataclass(frozen=True)
+class Throughput:
+    """Images/s of a training step, and the online teacher's share of it."""
+
+    targets: str  # "cached" or "online teacher"
+    images_per_s: float
+    teacher_share: float
+    teacher_images_per_s: float
+
+
+@dataclass(frozen=True)
+class FaceResult:
+    """What :func:`distill_face` returns (and ``distill_summary.json`` holds, :meth:`to_json`).
+
+    Attributes:
+        train_images, views_per_epoch, val_images: the data's sizes.
+        teacher: the teacher's name.
+        reference: the reference points (None on ranks other than 0).
+        final_cosine, best_cosine, final_pair_agreement: held-out scores of the last and best
+            evaluation.
+        final_spread: the final embeddings' spread; ``collapsed`` says they collapsed.
+        throughput: images/s of a training step and the teacher's share.
+        fit: what the engine reports (history, checkpoints).
+    """
+
+    train_images: int
+    views_per_epoch: int
+    val_images: int
+    teacher: str
+    reference: ReferencePoints | None
+    final_cosine: float
+    best_cosine: float | None
+    final_pair_agreement: float
+    final_spread: FinalSpread
+    throughput: Throughput
+    fit: FitResult
+
+    @property
+    def collapsed(self) -> bool:
+        return self.final_spread.collapsed
+
+    def to_json(self) -> dict[str, Any]:
+        """The layout of ``distill_summary.json``: sizes, teacher, reference points, final figures."""
+        reference = asdict(self.reference) if self.reference is not None else {}
+        if reference.get("warm_start") is None:
+            reference.pop("warm_start", None)
+        best = self.fit.best_checkpoint
+        return {"train_images": self.train_images, "views_per_epoch": self.views_per_epoch,
+                "val_images": self.val_images, "teacher": self.teacher, **reference,
+                "final_cosine": self.final_cosine, "best_cosine": self.best_cosine,
+                "final_pair_agreement": self.final_pair_agreement, "final_spread": asdict(self.final_spread),
+                "collapsed": self.collapsed, "throughput": asdict(self.throughput),
+                "checkpoint": str(self.fit.checkpoint), "best_checkpoint": None if best is None else str(best)}
+
+
+def held_out_scores(model: nn.Module, run: FaceRun) -> dict[str, float]:
+    """Held-out cosine to the teacher, pair agreement and embedding spread of ``model``."""
+    embeddings = embed_faces(model, run.data.val, batch_size=run.cfg.data.eval_batch_size, device=run.device,
+                             unreadable="nan")
+    cosine = _row_cosines(embeddings, run.val_targets)
+    spread = embedding_spread(embeddings)
+    return {"cosine": float(cosine.mean()), "cosine_min": float(cosine.min()),
+            "pair_agreement": pair_agreement(embeddings, run.val_targets),
+            "spread_cosine": float(spread["mean_pairwise_cosine"]),
+            "effective_rank": float(spread["effective_rank"])}
+
+
+def _distillation_losses(run: FaceRun, model: nn.Module, batch: Any, device: torch.device) -> dict[str, Tensor]:
+    """(Mixed) views -> student, the targets cached or embedded by the teacher now."""
+    data = run.cfg.data
+    images, indices, _ = batch
+    if images.shape[0] < 2:  # all but one unreadable: BatchNorm cannot train on one sample
+        return {"loss_l2": sum(p.sum() for p in model.parameters() if p.requires_grad) * 0.0}
+    images = mix_faces(images, prob=data.mix_prob, alpha=data.mix_alpha, cutmix_share=data.cutmix_share)
+    images = to_device(images, device, channels_last=run.cfg.train.channels_last)
+    if run.train_targets is not None:
+        targets = torch.from_numpy(np.asarray(run.train_targets[indices.numpy()])).to(device)
+    else:
+        started = time.perf_counter()
+        targets = run.teacher(images)  # the very view the student sees (function matching)
+        run.clock.seconds += time.perf_counter() - started
+        run.clock.images += int(images.shape[0])
+    return run.criterion(model(images).float(), targets.float())
 
 
 def _warm_start(cfg: FaceDistillConfig, data: FaceDistillData, student: FaceEmbedder, teacher: FacenetTeacher,
@@ -158,138 +278,170 @@ def _warm_start(cfg: FaceDistillConfig, data: FaceDistillData, student: FaceEmbe
                                     ridge=cfg.warm_start.ridge, device=device, cache=cache, progress=True)
 
 
-def _reference_points(data: FaceDistillData, teacher: FacenetTeacher, student: nn.Module, val_targets: Tensor,
-                      train_targets: np.ndarray | None, evaluate, batch_size: int, device: torch.device,
-                      resume: Any) -> dict[str, float]:
+def _reference_points(run: FaceRun, student: nn.Module) -> ReferencePoints:
     """The untrained student's held-out scores and the best constant prediction's cosine."""
-    start = evaluate(student, 0) if not resume else {"cosine": math.nan, "pair_agreement": math.nan}
-    if train_targets is not None:
-        reference = torch.from_numpy(np.array(train_targets))
+    nan = {"cosine": math.nan, "pair_agreement": math.nan}
+    start = held_out_scores(student, run) if not run.request.resume else nan
+    if run.train_targets is not None:
+        reference = torch.from_numpy(np.array(run.train_targets))
     else:
-        reference = embed_faces(teacher, data.train_plain, batch_size=batch_size, device=device, unreadable="nan")
+        reference = embed_faces(run.teacher, run.data.train_plain, batch_size=run.cfg.data.eval_batch_size,
+                                device=run.device, unreadable="nan")
     reference = reference[~torch.isnan(reference).any(1)]
-    constant = F.normalize(reference.mean(0, keepdim=True), dim=1).expand_as(val_targets)
-    return {"start_cosine": start["cosine"], "start_pair_agreement": start["pair_agreement"],
-            "constant_baseline_cosine": float(_row_cosines(constant, val_targets).mean()),
-            "teacher_val_spread_cosine": float(embedding_spread(val_targets)["mean_pairwise_cosine"])}
+    constant = F.normalize(reference.mean(0, keepdim=True), dim=1).expand_as(run.val_targets)
+    return ReferencePoints(
+        start_cosine=start["cosine"], start_pair_agreement=start["pair_agreement"],
+        constant_baseline_cosine=float(_row_cosines(constant, run.val_targets).mean()),
+        teacher_val_spread_cosine=float(embedding_spread(run.val_targets)["mean_pairwise_cosine"]),
+    )
 
 
-def _before_training(cfg: FaceDistillConfig, data: FaceDistillData, teacher: FacenetTeacher, student: FaceEmbedder,
-                     val_targets: Tensor, train_targets: np.ndarray | None, evaluate, device: torch.device,
-                     resume: Any) -> dict[str, Any]:
+def _before_training(run: FaceRun, student: FaceEmbedder) -> ReferencePoints:
     """Rank 0: reference points, the embedding warm start, and the line that says both."""
-    points = _reference_points(data, teacher, student, val_targets, train_targets, evaluate,
-                               cfg.data.eval_batch_size, device, resume)
-    line = (f"distilling {teacher.name} into MobileNetV1-{cfg.model.backbone.width_mult}/{cfg.model.input_size}: "
+    cfg, data = run.cfg, run.data
+    points = _reference_points(run, student)
+    line = (f"distilling {run.teacher.name} into MobileNetV1-{cfg.model.backbone.width_mult}/{cfg.model.input_size}: "
             f"{len(data.train_plain)} training crops ({len(data.train)} views per epoch) / {len(data.val)} held out; "
-            f"held-out cosine before training {points['start_cosine']:.4f}, best constant prediction "
-            f"{points['constant_baseline_cosine']:.4f}")
-    if cfg.warm_start.views > 0 and not resume:
+            f"held-out cosine before training {points.start_cosine:.4f}, best constant prediction "
+            f"{points.constant_baseline_cosine:.4f}")
+    if cfg.warm_start.views > 0 and not run.request.resume:
         # Rank 0 only: DDP hands its parameters and buffers to the other ranks when fit wraps the model.
         started = time.perf_counter()
-        warm = _warm_start(cfg, data, student, teacher, device)
-        after = evaluate(student, 0)
-        points["warm_start"] = {**warm, "time_s": time.perf_counter() - started, "cosine": after["cosine"],
-                                "pair_agreement": after["pair_agreement"]}
-        line += (f"; after the embedding warm start on {int(warm['views'])} views "
-                 f"({points['warm_start']['time_s']:.0f} s{', views read from the cache' if warm['cached'] else ''}): "
-                 f"cosine {after['cosine']:.4f}, "
-                 f"pair agreement {after['pair_agreement']:.4f}")
+        warm = _warm_start(cfg, data, student, run.teacher, run.device)
+        after = held_out_scores(student, run)
+        report = WarmStartReport(**warm, time_s=time.perf_counter() - started, cosine=after["cosine"],
+                                 pair_agreement=after["pair_agreement"])
+        points = dataclasses.replace(points, warm_start=report)
+        line += (f"; after the embedding warm start on {int(report.views)} views "
+                 f"({report.time_s:.0f} s{', views read from the cache' if report.cached else ''}): "
+                 f"cosine {report.cosine:.4f}, "
+                 f"pair agreement {report.pair_agreement:.4f}")
     tqdm.write(line)
     return points
 
 
-def distill_face(cfg: FaceDistillConfig, *, device: str | torch.device | None = None, **run: Any) -> dict[str, Any]:
+class FaceTask(Task[FaceDistillConfig, FaceRun, FaceResult]):
+    """Face: a FaceNet teacher distilled into a MobileNetV1 face embedder."""
+
+    name = "face"
+    config_cls = FaceDistillConfig
+    best_metric = "cosine"
+    scored_by = "tools/eval_face.py (face embedders are scored on verification pairs)"
+
+    def head(self, cfg: FaceDistillConfig) -> str:
+        return "face_embedding"
+
+    def prepare(self, cfg: FaceDistillConfig, request: RunRequest, info: DistInfo) -> FaceRun:
+        check_distill_config(cfg)
+        check_output_path(Path(request.output_dir),
+                          [*cfg.data.roots, *([cfg.data.val_root] if cfg.data.val_root else [])], what="output folder")
+        data = build_distill_data(cfg.data, pool=clean_pool(cfg, info.device, info.is_main))
+        teacher = prepare_teacher(cfg.teacher, data, device=info.device, batch_size=cfg.data.eval_batch_size)
+        return FaceRun(cfg, request, info, data, teacher)
+
+    def build_model(self, run: FaceRun, weights: WeightsPath) -> nn.Module:
+        return build_face_embedder(run.cfg.model, weights_backbone=weights)
+
+    def start(self, run: FaceRun, model: nn.Module) -> DataLoader:
+        """The teacher's targets (cached on rank 0), rank 0's reference points and warm start, the loader."""
+        cfg, info, data = run.cfg, run.info, run.data
+        batch_size, device = cfg.data.eval_batch_size, run.device
+        cache_dir = Path(cfg.data.cache_dir) if cfg.data.cache_dir else run.output_dir
+        run.val_targets = torch.from_numpy(np.array(teacher_cache(run.teacher, data.val, cache_dir / "teacher_val.npy",
+                                                                   batch_size, device, info)))
+        if cfg.data.cache_teacher:
+            run.train_targets = teacher_cache(run.teacher, data.train_plain, cache_dir / "teacher_train.npy",
+                                              batch_size, device, info)
+        if info.is_main:
+            write_training_set(run.output_dir / "train_crops.txt", data.train_plain)
+            run.reference = _before_training(run, model)
+        loader = build_train_loader(data.train, cfg.train, collate_fn=face_collate, distributed=info)
+        run.criterion = DistillationLoss(cfg.loss)
+        return loader
+
+    def training_step(self, run: FaceRun, model: nn.Module, batch: Any, device: torch.device) -> dict[str, Tensor]:
+        return _distillation_losses(run, model, batch, device)
+
+    def evaluate_epoch(self, run: FaceRun, model: nn.Module, epoch: int) -> dict[str, float]:
+        return held_out_scores(model, run)
+
+    def batch_images(self, batch: Any) -> int:
+        return int(batch[0].shape[0])
+
+    def finish(self, run: FaceRun, model: nn.Module, fitted: FitResult, time_s: float) -> FaceResult:
+        result = _face_result(run, fitted)
+        if run.info.is_main:
+            (run.output_dir / "distill_summary.json").write_text(json.dumps(result.to_json(), indent=2))
+            warning = collapse_warning("student", asdict(result.final_spread)) if result.collapsed else None
+            if warning:
+                print(warning, file=sys.stderr)
+        return result
+
+    def load(self, checkpoint: Checkpoint) -> tuple[nn.Module, FaceDistillConfig]:
+        return load_face_task(checkpoint)
+
+    def datasets(self, cfg: FaceDistillConfig) -> tuple[Any, Any]:
+        return face_datasets(cfg)
+
+    def image_files(self, cfg: FaceDistillConfig, split: str) -> list[Path]:
+        return face_image_files(cfg, split)
+
+    def export(self, checkpoint: Checkpoint, model: nn.Module, cfg: FaceDistillConfig) -> ExportPlan:
+        return face_export_plan(checkpoint, model, cfg)
+
+
+def distill_face(
+    cfg: FaceDistillConfig,
+    *,
+    output_dir: str | os.PathLike,
+    resume: str | os.PathLike | bool | None = None,
+    overwrite: bool = False,
+    weights_backbone: str | os.PathLike | None = None,
+    device: str | torch.device | None = None,
+) -> FaceResult:
     """Distil the teacher of ``cfg`` into a MobileNetV1 face embedder.
 
     Args:
         cfg: the experiment.
+        output_dir: receives ``config.yaml``, ``last.pt``/``best.pt`` (task ``"face"``), the
+            teacher caches and ``distill_summary.json``.
+        resume: continue from this checkpoint, or True for ``output_dir/last.pt``.
+        overwrite: start over in a folder holding checkpoints.
+        weights_backbone: starts the student's trunk (default ``model.backbone.weights``).
         device: ``"cuda"``/``"cuda:N"``/``"cpu"``/None (CUDA when available); under
             ``torchrun`` each process takes its own GPU.
-        run: the run, as :class:`mnapps.tasks.training.RunRequest`'s fields: ``output_dir``
-            receives ``config.yaml``, ``last.pt``/``best.pt`` (task ``"face"``), the teacher
-            caches and ``distill_summary.json``; ``resume``, ``overwrite``; ``weights_backbone``
-            starts the student's trunk.
 
     Returns:
-        A summary: ``start_cosine`` (untrained student), ``constant_baseline_cosine``,
-        ``final_cosine``, ``best_cosine``, ``final_pair_agreement``, ``final_spread`` and
-        ``collapsed`` on the held-out crops, ``throughput`` (images/s of a training step and
-        the teacher's share), sizes, and ``fit``'s result under ``"fit"``.
+        The run's :class:`FaceResult`: the reference points (untrained student, best constant
+        prediction), the final and best held-out cosine, pair agreement, spread and collapse
+        verdict, throughput (images/s of a training step and the teacher's share), sizes, and
+        the engine's result.
 
     Raises:
         ValueError: a bad config, no images, or a run folder holding another run's checkpoints
-            (:func:`mnapps.engine.loop.check_run_folder`).
+            (:func:`mnapps.engine.run_folder.check_run_folder`).
     """
-    return launch(_distill_face, cfg, device, run)
+    request = RunRequest(output_dir, resume=resume, overwrite=overwrite, weights_backbone=weights_backbone)
+    return FaceTask().train(cfg, request, device=device)
 
 
-def _distill_steps(request: RunRequest, state: dict[str, Any]) -> TaskSteps:
-    """The face steps of the training skeleton; ``state`` collects what the summary needs."""
-    output_dir = Path(request.output_dir)
-
-    def prepare(cfg: FaceDistillConfig, info: DistInfo) -> tuple[FaceDistillConfig, FaceDistillData]:
-        check_distill_config(cfg)
-        check_output_path(output_dir, [*cfg.data.roots, *([cfg.data.val_root] if cfg.data.val_root else [])],
-                          what="output folder")
-        data = build_distill_data(cfg.data, pool=clean_pool(cfg, info.device, info.is_main))
-        state["teacher"] = prepare_teacher(cfg.teacher, data, device=info.device, batch_size=cfg.data.eval_batch_size)
-        return cfg, data
-
-    def start(cfg: FaceDistillConfig, student: nn.Module, data: FaceDistillData, info: DistInfo):
-        teacher, device, batch_size = state["teacher"], info.device, cfg.data.eval_batch_size
-        cache_dir = Path(cfg.data.cache_dir) if cfg.data.cache_dir else output_dir
-        val_targets = torch.from_numpy(np.array(teacher_cache(teacher, data.val, cache_dir / "teacher_val.npy",
-                                                               batch_size, device, info)))
-        train_targets = (teacher_cache(teacher, data.train_plain, cache_dir / "teacher_train.npy", batch_size, device,
-                                        info) if cfg.data.cache_teacher else None)
-        evaluate = _make_evaluate(data, val_targets, batch_size, device)
-        state["summary"] = {"train_images": len(data.train_plain), "views_per_epoch": len(data.train),
-                            "val_images": len(data.val), "teacher": teacher.name}
-        if info.is_main:
-            write_training_set(output_dir / "train_crops.txt", data.train_plain)
-            state["summary"].update(_before_training(cfg, data, teacher, student, val_targets, train_targets, evaluate,
-                                                     device, request.resume))
-        state["clock"], state["cached"] = _TeacherClock(), train_targets is not None
-        loader = build_train_loader(data.train, cfg.train, collate_fn=face_collate, distributed=info)
-        loss_fn = _make_loss_fn(cfg, teacher, train_targets, DistillationLoss(cfg.loss), state["clock"])
-        return loader, TaskHooks(loss_fn, evaluate, "cosine", batch_size_fn=lambda batch: int(batch[0].shape[0]))
-
-    return TaskSteps(task="face", head="face_embedding", prepare=prepare,
-                     build=lambda cfg, weights, data: build_face_embedder(cfg.model, weights_backbone=weights),
-                     start=start)
-
-
-def _distill_face(cfg: FaceDistillConfig, request: RunRequest, *, info: DistInfo) -> dict[str, Any]:
-    state: dict[str, Any] = {}
-    trained = train_task(cfg, request, info, _distill_steps(request, state))
-    result, output_dir, summary = trained.fit, Path(request.output_dir), state["summary"]
-    summary.update(_final_summary(result, state["clock"], state["cached"], len(trained.data.val)))
-    if info.is_main:
-        (output_dir / "distill_summary.json").write_text(json.dumps(summary, indent=2))
-        warning = collapse_warning("student", summary["final_spread"]) if summary["collapsed"] else None
-        if warning:
-            print(warning, file=sys.stderr)
-    summary["fit"] = result
-    return summary
-
-
-def _final_summary(result: dict[str, Any], clock: _TeacherClock, cached: bool, val_images: int) -> dict[str, Any]:
+def _face_result(run: FaceRun, fitted: FitResult) -> FaceResult:
     """Held-out figures of the last evaluation, collapse verdict and step throughput."""
-    last = result["last_metrics"]
-    spread = {"count": val_images, "mean_pairwise_cosine": last.get("spread_cosine", math.nan),
-              "effective_rank": last.get("effective_rank", math.nan)}
-    spread["collapsed"] = is_collapsed(spread["mean_pairwise_cosine"], spread["effective_rank"])
-    epochs = [h["train"] for h in result["history"][-result["epochs_run"]:]] if result["epochs_run"] else []
-    train_seconds = sum(e.get("time_s", 0.0) for e in epochs)
-    images = sum(e.get("images_per_s", 0.0) * e.get("time_s", 0.0) for e in epochs)
-    throughput = {
-        "targets": "cached" if cached else "online teacher",
-        "images_per_s": images / train_seconds if train_seconds > 0 else math.nan,
-        "teacher_share": 0.0 if cached else (clock.seconds / train_seconds if train_seconds > 0 else math.nan),
-        "teacher_images_per_s": clock.images / clock.seconds if clock.seconds > 0 else math.nan,
-    }
-    return {"final_cosine": last.get("cosine", math.nan), "best_cosine": result["best"],
-            "final_pair_agreement": last.get("pair_agreement", math.nan), "final_spread": spread,
-            "collapsed": spread["collapsed"], "throughput": throughput, "checkpoint": result["checkpoint"],
-            "best_checkpoint": result["best_checkpoint"]}
+    last, clock, cached = fitted.last_metrics, run.clock, run.train_targets is not None
+    mean_cosine, rank = last.get("spread_cosine", math.nan), last.get("effective_rank", math.nan)
+    spread = FinalSpread(len(run.data.val), mean_cosine, rank, is_collapsed(mean_cosine, rank))
+    epochs = [record.train for record in fitted.epochs_trained_here]
+    train_seconds = sum(e.time_s for e in epochs)
+    images = sum(e.images_per_s * e.time_s for e in epochs)
+    throughput = Throughput(
+        targets="cached" if cached else "online teacher",
+        images_per_s=images / train_seconds if train_seconds > 0 else math.nan,
+        teacher_share=0.0 if cached else (clock.seconds / train_seconds if train_seconds > 0 else math.nan),
+        teacher_images_per_s=clock.images / clock.seconds if clock.seconds > 0 else math.nan,
+    )
+    return FaceResult(
+        train_images=len(run.data.train_plain), views_per_epoch=len(run.data.train), val_images=len(run.data.val),
+        teacher=run.teacher.name, reference=run.reference, final_cosine=last.get("cosine", math.nan),
+        best_cosine=fitted.best, final_pair_agreement=last.get("pair_agreement", math.nan), final_spread=spread,
+        throughput=throughput, fit=fitted,
+    )
