@@ -102,20 +102,18 @@ def _report(summary: dict) -> str:
     )
 
 
-def _import_heavy() -> None:
-    """Import torch and the tasks, after the arguments are parsed: --help answers at once."""
-    global PRETRAINED_TEACHERS, TeacherWeightsError, resolve_device, NonFiniteLossError, distill_face, load_distill_config
-    global claim_run_folder, report_interrupt
-    from mnapps.tasks.face.distill.teacher import PRETRAINED_TEACHERS, TeacherWeightsError
+def main(argv: list[str] | None = None) -> int:
+    return run(parse_args(argv), argv)
+
+
+def run(args: argparse.Namespace, argv: list[str] | None = None) -> int:
+    """Do what the parsed arguments ask; torch and the tasks are imported here, so --help never loads them."""
     from mnapps.engine.distributed import resolve_device
     from mnapps.engine.loop import NonFiniteLossError
     from mnapps.engine.run_lock import claim_run_folder, report_interrupt
     from mnapps.tasks.face import distill_face, load_distill_config
+    from mnapps.tasks.face.distill.teacher import TeacherWeightsError
 
-
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    _import_heavy()
     config_path = args.config if args.config is not None else DEFAULT_CONFIG
     try:
         resolve_device(args.device)

@@ -44,19 +44,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def _import_heavy() -> None:
-    """Import torch and the tasks, after the arguments are parsed: --help answers at once."""
-    global claim_run_folder, report_interrupt
-    global resolve_device, NonFiniteLossError, ClsConfig, train_classifier
+def main(argv: list[str] | None = None) -> int:
+    return run(parse_args(argv), argv)
+
+
+def run(args: argparse.Namespace, argv: list[str] | None = None) -> int:
+    """Do what the parsed arguments ask; torch and the tasks are imported here, so --help never loads them."""
     from mnapps.engine.distributed import resolve_device
     from mnapps.engine.loop import NonFiniteLossError
     from mnapps.engine.run_lock import claim_run_folder, report_interrupt
     from mnapps.tasks.classification import ClsConfig, train_classifier
 
-
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    _import_heavy()
     overrides = list(args.set)
     for flag, key in ((args.train_dir, "data.train_dir"), (args.val_dir, "data.val_dir"),
                       (args.epochs, "train.epochs"), (args.batch_size, "train.batch_size")):

@@ -19,10 +19,14 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from mnapps.cli.choices import HEAD_NAMES
 from mnapps.config import CONFIG_DIR, ConfigError, load_config
 from mnapps.weights import weights_arg
+
+if TYPE_CHECKING:  # annotations only: run() imports torch and the tasks after the arguments are parsed
+    from mnapps.tasks.detection import DetConfig
 
 EXAMPLES = """examples:
   python tools/train_det.py --head ssd                 # embedded shapes dataset, a few minutes on a CPU
@@ -72,6 +76,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def resolve_config(args: argparse.Namespace) -> tuple[DetConfig, Path | None]:
     """Load the config the arguments ask for; raises ValueError/ConfigError with a clear message."""
+    from mnapps.heads import head_spec
+    from mnapps.tasks.detection import DetConfig, fine_tune_config
+
     spec = head_spec(args.head or "ssd")
     config_path = args.config if args.config is not None else CONFIG_DIR / spec.default_config
     overrides = []
@@ -93,20 +100,17 @@ def resolve_config(args: argparse.Namespace) -> tuple[DetConfig, Path | None]:
     return load_config(config_path, DetConfig, overrides), config_path
 
 
-def _import_heavy() -> None:
-    """Import torch and the tasks, after the arguments are parsed: --help answers at once."""
-    global claim_run_folder, report_interrupt
-    global resolve_device, NonFiniteLossError, HEADS, head_spec, DetConfig, fine_tune_config, train_detector
+def main(argv: list[str] | None = None) -> int:
+    return run(parse_args(argv), argv)
+
+
+def run(args: argparse.Namespace, argv: list[str] | None = None) -> int:
+    """Do what the parsed arguments ask; torch and the tasks are imported here, so --help never loads them."""
     from mnapps.engine.distributed import resolve_device
     from mnapps.engine.loop import NonFiniteLossError
     from mnapps.engine.run_lock import claim_run_folder, report_interrupt
-    from mnapps.heads import HEADS, head_spec
-    from mnapps.tasks.detection import DetConfig, fine_tune_config, train_detector
+    from mnapps.tasks.detection import train_detector
 
-
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    _import_heavy()
     output_dir = args.output_dir
     try:
         resolve_device(args.device)
