@@ -22,7 +22,7 @@ import sys
 from pathlib import Path
 
 from mnapps.cli.choices import PRETRAINED_TEACHER_NAMES
-from mnapps.config import CONFIG_DIR, ConfigError
+from mnapps.config import CONFIG_DIR, ConfigError, config_arg
 
 DEFAULT_CONFIG = CONFIG_DIR / "face_mnv1_a050_r160_synthetic.yaml"
 
@@ -41,8 +41,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__.splitlines()[0], epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--config", type=Path, default=None,
-                        help=f"YAML experiment (default: configs/{DEFAULT_CONFIG.name})")
+    parser.add_argument("--config", type=config_arg, default=None,
+                        help=f"YAML experiment, a file or a shipped config's name (default: {DEFAULT_CONFIG.stem})")
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="override a config value, e.g. --set train.lr=0.001 (repeatable)")
     parser.add_argument("--data", nargs="+", default=None, metavar="DIR", help="folders of aligned face crops")

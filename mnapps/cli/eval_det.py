@@ -27,7 +27,7 @@ import stat
 import sys
 from pathlib import Path
 
-
+from mnapps.config import config_arg
 from mnapps.files import check_output_path, check_writable_folder, refuse_existing_outputs
 from mnapps.weights import weights_arg
 
@@ -59,7 +59,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     model = parser.add_argument_group("checkpoint mode")
     model.add_argument(
-        "--config", type=Path, metavar="F", help="YAML config to use instead of the one stored in the checkpoint"
+        "--config", type=config_arg, metavar="F",
+        help="YAML config (a file or a shipped config's name) to use instead of the one stored in the checkpoint"
     )
     model.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda if available, else cpu)")
     model.add_argument("--batch-size", type=int, help="images per forward pass (default: data.eval_batch_size)")

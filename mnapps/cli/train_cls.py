@@ -13,7 +13,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from mnapps.config import CONFIG_DIR, ConfigError, load_config
+from mnapps.config import CONFIG_DIR, ConfigError, config_arg, load_config
 
 DEFAULT_CONFIG = CONFIG_DIR / "cls_mnv1_a050_r64_shapes.yaml"
 
@@ -30,7 +30,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             "  python tools/train_cls.py --set train.lr=0.02 --set model.backbone.width_mult=0.25"
         ),
     )
-    parser.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help=f"YAML config (default {DEFAULT_CONFIG.name})")
+    parser.add_argument("--config", type=config_arg, default=DEFAULT_CONFIG,
+                        help=f"YAML config: a file, or a shipped config's name (default {DEFAULT_CONFIG.stem})")
     parser.add_argument("--train-dir", help="training ImageFolder (class folders); default: the config's, else the embedded shapes set")
     parser.add_argument("--val-dir", help="validation ImageFolder with the same class folders")
     parser.add_argument("--epochs", type=int, help="override train.epochs")

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from mnapps.cli.choices import HEAD_NAMES
-from mnapps.config import CONFIG_DIR, ConfigError, load_config
+from mnapps.config import CONFIG_DIR, ConfigError, config_arg, load_config
 from mnapps.weights import weights_arg
 
 if TYPE_CHECKING:  # annotations only: run() imports torch and the tasks after the arguments are parsed
@@ -49,7 +49,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--head", help=f"detector head, one of {list(HEAD_NAMES)} (default: the config's, else ssd)"
     )
-    parser.add_argument("--config", type=Path, help="YAML config (default: the head's config for the embedded dataset)")
+    parser.add_argument("--config", type=config_arg,
+                        help="YAML config: a file, or a shipped config's name such as ssd_mnv1_a100_r300_coco "
+                        "(default: the head's config for the embedded dataset)")
     parser.add_argument("--train-ann", metavar="F", help="COCO-format training annotation JSON")
     parser.add_argument("--train-images", metavar="D", help="folder of the training images")
     parser.add_argument("--val-ann", metavar="F", help="COCO-format validation annotation JSON")
