@@ -107,7 +107,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run(args: argparse.Namespace, argv: list[str] | None = None) -> int:
-    """Do what the parsed arguments ask; torch and the tasks are imported here, so --help never loads them."""
+    """Do what the parsed arguments ask; torch and the tasks are imported here, so --help never loads them.
+
+    ``argv``, the command line as given, is repeated in the resume hint printed after Ctrl-C.
+    """
     from mnapps.engine.distributed import resolve_device
     from mnapps.engine.loop import NonFiniteLossError
     from mnapps.engine.run_lock import claim_run_folder, report_interrupt
