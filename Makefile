@@ -1,6 +1,7 @@
-# Everything runs in a local virtual environment (.venv) built from constraints.txt.
+# The README's two commands. Everything runs in a local virtual environment (.venv) built from
+# constraints.txt, so a fresh clone on a fresh machine needs only Python 3.10+ and make.
 #   make demo   install, then train the SSD on the embedded dataset and print COCO metrics
-#   make test   install, then run the test suite
+#   make test   install, then run the test suite (CI runs exactly this: .ci/run)
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -17,7 +18,7 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $(STAMP)
 
 demo: install
-	$(PY) tools/train_det.py --head ssd
+	$(VENV)/bin/mnapps train-det --head ssd
 
 test: install
 	$(PY) -m pytest -q

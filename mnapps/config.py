@@ -11,6 +11,11 @@ task's own top-level schema (detection, classification, face distillation) is a 
 3. apply ``--set section.key=value`` overrides (values parsed with ``ast.literal_eval``),
 4. ``save_config`` writes the resolved config next to the checkpoints.
 
+The configs that ship with mnapps (``CONFIG_DIR``) are the checkout's top-level ``configs/`` in
+a source tree or an editable install, and ``mnapps/configs/`` inside an installed wheel (the
+build copies them there); ``--config`` takes a file or, through :func:`config_arg`, the bare
+name of a shipped config (``ssd_mnv1_a050_r192_shapes``, with or without ``.yaml``).
+
 Errors name where the bad value came from: the config file (its path) or the ``--set`` item;
 a misspelt key gets the closest valid keys suggested (``difflib``). Numbers follow what users
 write rather than what YAML 1.1 parses: ``lr: 1e-3`` (a string to PyYAML, which wants ``1.0e-3``)
@@ -20,6 +25,7 @@ instead of failing at the first training step.
 
 from __future__ import annotations
 
+import argparse
 import ast
 import dataclasses
 import difflib
@@ -36,11 +42,22 @@ import yaml
 
 T = TypeVar("T")
 
-#: Where the YAML configs of a source checkout live (the tools' defaults).
-CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+
+
+def _shipped_config_dir() -> Path:
+    # A wheel carries the configs inside the package; a checkout keeps them at its top level.
+    package = Path(__file__).resolve().parent
+    return package / "configs" if (package / "configs").is_dir() else package.parent / "configs"
+
+
+#: The YAML configs that ship with mnapps (the tools' defaults): see the module docstring.
+CONFIG_DIR = _shipped_config_dir()
 
 __all__ = [
     "CONFIG_DIR",
+    "shipped_config_names",
+    "resolve_config_path",
+    "config_arg",
     "OMIT_IF_NONE",
     "BackboneConfig",
     "TrainConfig",
@@ -283,6 +300,36 @@ def apply_overrides(data: dict[str, Any], overrides: Iterable[str] | None) -> di
 
 def _deepcopy_dict(data: dict[str, Any]) -> dict[str, Any]:
     return {k: _deepcopy_dict(v) if isinstance(v, dict) else v for k, v in data.items()}
+
+
+def shipped_config_names() -> list[str]:
+    """The names ``--config`` accepts without a path: the stems of ``CONFIG_DIR/*.yaml``."""
+    return sorted(path.stem for path in CONFIG_DIR.glob("*.yaml"))
+
+
+def resolve_config_path(value: str | os.PathLike) -> Path:
+    """An existing config file as given, else the shipped config of that bare name (``.yaml`` optional).
+
+    Raises:
+        ConfigError: for neither, listing the shipped names.
+    """
+    path = Path(value)
+    if path.is_file():
+        return path
+    if path.name == str(value):  # a bare name, no folder: look among the shipped configs
+        shipped = CONFIG_DIR / (path.name if path.suffix in (".yaml", ".yml") else f"{path.name}.yaml")
+        if shipped.is_file():
+            return shipped
+    raise ConfigError(f"config {str(value)!r} is neither a file nor a shipped config; give a YAML file or one of: "
+                      f"{', '.join(shipped_config_names())}")
+
+
+def config_arg(value: str) -> Path:
+    """``argparse`` ``type=`` of every ``--config`` option: a YAML file, or a shipped config by name."""
+    try:
+        return resolve_config_path(value)
+    except ConfigError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def read_yaml(path: str | os.PathLike) -> dict[str, Any]:

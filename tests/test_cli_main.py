@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import re
 import subprocess
 import sys
 import time
@@ -16,14 +18,48 @@ ROOT = Path(__file__).resolve().parents[1]
 NOT_TOOLS = {"__init__", "main", "weight_importers"}
 
 
-def test_every_tool_is_a_verb_and_an_entry_point():
+def test_one_door_per_verb_the_mnapps_command_and_its_script():
     modules = {p.stem for p in (ROOT / "mnapps" / "cli").glob("*.py")} - NOT_TOOLS
     assert {module for module, _ in VERBS.values()} == modules
     pyproject = (ROOT / "pyproject.toml").read_text()
-    assert 'mnapps = "mnapps.cli.main:main"' in pyproject
-    for verb, (module, _) in VERBS.items():
-        assert f'mnapps-{verb} = "mnapps.cli.{module}:main"' in pyproject
+    scripts = pyproject.split("[project.scripts]\n", 1)[1].split("\n\n", 1)[0]
+    assert scripts.splitlines() == ['mnapps = "mnapps.cli.main:main"']
+    for module, _ in VERBS.values():
         assert (ROOT / "tools" / f"{module}.py").is_file()
+
+
+def test_no_text_names_a_command_of_its_own_per_verb():
+    texts = [ROOT / "README.md", ROOT / "pyproject.toml", ROOT / "Makefile", *sorted((ROOT / "docs").glob("*.md")),
+             *sorted((ROOT / "mnapps" / "cli").glob("*.py")), *sorted((ROOT / "tools").rglob("*.py")),
+             *sorted((ROOT / "tests").glob("*.py"))]  # fmt: skip
+    verbs = "|".join(re.escape(verb) for verb in VERBS) + "|benchmark|bench-data|face-pipeline-bench|model-stats"
+    command = re.compile(rf"\bmnapps-({verbs})\b")
+    found = [f"{path.relative_to(ROOT)}: {match.group(0)}" for path in texts
+             for match in command.finditer(path.read_text())]
+    assert not found
+
+
+def test_version(capsys):
+    assert main(["--version"]) == 0
+    version = capsys.readouterr().out.strip()
+    assert re.fullmatch(r"mnapps \d+\.\d+\.\d+", version)
+    # The number pip records comes from the same place (pyproject.toml reads mnapps.__version__).
+    assert 'version = { attr = "mnapps.__version__" }' in (ROOT / "pyproject.toml").read_text()
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["weights", "list"]])
+def test_a_reader_that_stops_early_gets_no_traceback(argv):
+    # The pipe's reading end is closed before mnapps starts, as after `mnapps --help | head -0`.
+    read, write = os.pipe()
+    os.close(read)
+    try:
+        result = subprocess.run([sys.executable, "-c", f"import sys; from mnapps.cli.main import main; "
+                                 f"sys.exit(main({argv!r}))"], stdout=write, stderr=subprocess.PIPE, text=True,
+                                cwd=ROOT, timeout=60)  # fmt: skip
+    finally:
+        os.close(write)
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr and "BrokenPipeError" not in result.stderr, result.stderr
 
 
 def test_help_lists_the_verbs(capsys):
@@ -45,8 +81,7 @@ def test_the_verb_usage_line_names_mnapps(capsys):
 
 
 def test_help_of_every_verb_imports_no_torch():
-    # bench-data is a developer benchmark whose defaults come from torch (its thread count).
-    verbs = [verb for verb in VERBS if verb != "bench-data"]
+    verbs = list(VERBS)
     code = (
         "import sys\n"
         "from mnapps.cli.main import main\n"

@@ -7,7 +7,17 @@ from pathlib import Path
 import pytest
 
 from mnapps.tasks.classification import ClsConfig
-from mnapps.config import BackboneConfig, ConfigError, TrainConfig, apply_overrides, from_dict, load_config, save_config
+from mnapps.config import (
+    CONFIG_DIR,
+    BackboneConfig,
+    ConfigError,
+    TrainConfig,
+    apply_overrides,
+    from_dict,
+    load_config,
+    resolve_config_path,
+    save_config,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -90,6 +100,34 @@ def test_missing_and_malformed_files(tmp_path):
         load_config(_write(tmp_path, "- a\n- b\n"), ClsConfig)
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_config(_write(tmp_path, "train: {lr: [\n"), ClsConfig)
+
+
+def test_a_checkout_finds_its_shipped_configs_at_the_top_level():
+    # No mnapps/configs in a checkout: the build copies configs/ there only inside the wheel.
+    assert CONFIG_DIR == ROOT / "configs"
+
+
+def test_config_by_file_or_by_shipped_name(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # nowhere near configs/: a name must not depend on the working folder
+    shipped = ROOT / "configs" / "ssd_mnv1_a050_r192_shapes.yaml"
+    assert resolve_config_path("ssd_mnv1_a050_r192_shapes") == shipped
+    assert resolve_config_path("ssd_mnv1_a050_r192_shapes.yaml") == shipped
+    own = _write(tmp_path, "train:\n  lr: 0.1\n")
+    assert resolve_config_path(own) == own
+    # A file of the working folder wins over a shipped config of the same name.
+    (tmp_path / "cls_mnv1_a050_r64_shapes.yaml").write_text("train:\n  lr: 0.2\n")
+    assert resolve_config_path("cls_mnv1_a050_r64_shapes.yaml") == Path("cls_mnv1_a050_r64_shapes.yaml")
+
+
+@pytest.mark.parametrize("value", ["ssd_mnv1_a050_r192_shape", "elsewhere/ssd_mnv1_a050_r192_shapes.yaml"])
+def test_an_unknown_config_lists_the_shipped_names(tmp_path, monkeypatch, value):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError) as info:
+        resolve_config_path(value)
+    message = str(info.value)
+    assert repr(value) in message
+    shipped = sorted(p.stem for p in (ROOT / "configs").glob("*.yaml"))
+    assert len(shipped) > 10 and all(name in message for name in shipped)
 
 
 def test_save_and_reload_round_trip(tmp_path):

@@ -31,6 +31,6 @@ def test_no_internal_issue_numbers():
 
 
 def test_the_license_is_the_apache_text_pyproject_names():
-    assert 'license = { text = "Apache-2.0" }' in (ROOT / "pyproject.toml").read_text()
+    assert 'license = "Apache-2.0"' in (ROOT / "pyproject.toml").read_text()  # an SPDX expression
     text = (ROOT / "LICENSE").read_text()
     assert "Apache License" in text and "Version 2.0, January 2004" in text and "END OF TERMS AND CONDITIONS" in text

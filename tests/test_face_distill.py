@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from mnapps.backbones.mobilenet_v1 import BLOCK_SETTINGS
-from mnapps.config import BackboneConfig, ConfigError, TrainConfig
+from mnapps.config import BackboneConfig, ConfigError, TrainConfig, save_config
 from mnapps.tasks.face.distill.losses import DistillationLoss, DistillLossConfig, cosine_loss, relational_loss, squared_l2_loss
 from mnapps.tasks.face.distill.teacher import (
     FacenetTeacher,
@@ -541,7 +541,6 @@ def test_collapse_guard_catches_generated_faces_with_the_real_teacher(shared_dat
 def test_distill_face_tool_errors_are_one_line_and_benchmark_prints(tmp_path, capsys):
     from mnapps.checkpoint import save_checkpoint
     from mnapps.cli.distill_face import main
-    from mnapps.config import save_config
 
     _flat_images(tmp_path / "train", 8, seed=0, size=64)
     _flat_images(tmp_path / "val", 4, seed=1, size=64)

@@ -1,10 +1,10 @@
 """The package layout is the architecture: floors, one-way imports, no cycles, short functions.
 
-Each module of ``mnapps`` sits on a floor (README "Layout"); it may import modules of its own
-floor or below, never above. The whole import graph (imports at module level and inside
-functions alike) must be free of cycles, and no function imports an ``mnapps`` module inside
-its body (the usual way to hide a cycle). These are checked on the source with ``ast``, so a
-new module is covered as soon as it exists.
+Each module of ``mnapps`` sits on a floor (docs/development.md, "The house"); it may import
+modules of its own floor or below, never above. The whole import graph (imports at module level
+and inside functions alike) must be free of cycles, and no function imports an ``mnapps`` module
+inside its body (the usual way to hide a cycle). These are checked on the source with ``ast``, so
+a new module is covered as soon as it exists.
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""`mnapps-align-faces`: see mnapps/cli/align_faces.py (or run with --help)."""
+"""`mnapps align-faces` from a source checkout: see mnapps/cli/align_faces.py (or run with --help)."""
 
 import sys
 

@@ -10,10 +10,9 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 from lab.face_throughput import benchmark_distill_step
-from mnapps.config import ConfigError
+from mnapps.config import ConfigError, config_arg
 from mnapps.tasks.face import load_distill_config
 
 EXAMPLES = """example:
@@ -35,7 +34,8 @@ def report(result: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], epilog=EXAMPLES,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", type=Path, required=True, help="a configs/face_*.yaml experiment")
+    parser.add_argument("--config", type=config_arg, required=True,
+                        help="a face experiment: a YAML file, or a shipped config's name (face_*)")
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="override a config value (repeatable)")
     parser.add_argument("--steps", type=int, default=5, help="timed steps each way (default 5)")

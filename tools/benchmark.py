@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""`mnapps-benchmark`: see tools/lab/benchmark_cli.py (or run with --help)."""
+"""A lab script, not a verb of `mnapps`: see tools/lab/benchmark_cli.py (or run it with --help)."""
 
 import sys
 

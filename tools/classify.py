@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""`mnapps-classify`: see mnapps/cli/classify.py (or run with --help)."""
+"""`mnapps classify` from a source checkout: see mnapps/cli/classify.py (or run with --help)."""
 
 import sys
 

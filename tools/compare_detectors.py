@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""`mnapps-compare-detectors`: see mnapps/cli/compare_detectors.py (or run with --help)."""
+"""`mnapps compare-detectors` from a source checkout: see mnapps/cli/compare_detectors.py (or run with --help)."""
 
 import sys
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""`mnapps-distill-face`: see mnapps/cli/distill_face.py (or run with --help)."""
+"""`mnapps distill-face` from a source checkout: see mnapps/cli/distill_face.py (or run with --help)."""
 
 import sys
 

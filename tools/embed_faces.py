@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""`mnapps-embed-faces`: see mnapps/cli/embed_faces.py (or run with --help)."""
+"""`mnapps embed-faces` from a source checkout: see mnapps/cli/embed_faces.py (or run with --help)."""
 
 import sys
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""`mnapps-eval-det`: see mnapps/cli/eval_det.py (or run with --help)."""
+"""`mnapps eval-det` from a source checkout: see mnapps/cli/eval_det.py (or run with --help)."""
 
 import sys
 

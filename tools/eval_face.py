@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""`mnapps-eval-face`: see mnapps/cli/eval_face.py (or run with --help)."""
+"""`mnapps eval-face` from a source checkout: see mnapps/cli/eval_face.py (or run with --help)."""
 
 import sys
 

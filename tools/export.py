@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""`mnapps-export`: see mnapps/cli/export.py (or run with --help)."""
+"""`mnapps export` from a source checkout: see mnapps/cli/export.py (or run with --help)."""
 
 import sys
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""`mnapps-face-pipeline-bench`: see tools/lab/face_pipeline_bench_cli.py (or run with --help)."""
+"""A lab script, not a verb of `mnapps`: see tools/lab/face_pipeline_bench_cli.py (or run it with --help)."""
 
 import sys
 

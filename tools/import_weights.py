@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""`mnapps-import-weights`: see mnapps/cli/import_weights.py (or run with --help)."""
+"""`mnapps import-weights` from a source checkout: see mnapps/cli/import_weights.py (or run with --help)."""
 
 import sys
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""`mnapps-infer-det`: see mnapps/cli/infer_det.py (or run with --help)."""
+"""`mnapps infer-det` from a source checkout: see mnapps/cli/infer_det.py (or run with --help)."""
 
 import sys
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""`mnapps-make-student`: see mnapps/cli/make_student.py (or run with --help)."""
+"""`mnapps make-student` from a source checkout: see mnapps/cli/make_student.py (or run with --help)."""
 
 import sys
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""`mnapps-model-stats`: see tools/lab/model_stats_cli.py (or run with --help)."""
+"""A lab script, not a verb of `mnapps`: see tools/lab/model_stats_cli.py (or run it with --help)."""
 
 import sys
 

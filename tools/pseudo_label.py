@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""`mnapps-pseudo-label`: see mnapps/cli/pseudo_label.py (or run with --help)."""
+"""`mnapps pseudo-label` from a source checkout: see mnapps/cli/pseudo_label.py (or run with --help)."""
 
 import sys
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""`mnapps-train-cls`: see mnapps/cli/train_cls.py (or run with --help)."""
+"""`mnapps train-cls` from a source checkout: see mnapps/cli/train_cls.py (or run with --help)."""
 
 import sys
 

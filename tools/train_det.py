@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""`mnapps-train-det`: see mnapps/cli/train_det.py (or run with --help)."""
+"""`mnapps train-det` from a source checkout: see mnapps/cli/train_det.py (or run with --help)."""
 
 import sys
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""`mnapps-weights`: see mnapps/cli/weights.py (or run with --help)."""
+"""`mnapps weights` from a source checkout: see mnapps/cli/weights.py (or run with --help)."""
 
 import sys
 

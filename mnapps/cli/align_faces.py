@@ -19,9 +19,14 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from mnapps.choices import CROP_GEOMETRY_NAMES, DEFAULT_MIN_FACE_SCORE, MTCNN_CROP
 from mnapps.weights import weights_arg
+
+if TYPE_CHECKING:  # annotations only: run() imports torch and the tasks after the arguments are parsed
+    from mnapps.data.box_crops import BoxFaceAligner
+    from mnapps.tasks.face.data.align import FaceAligner
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -67,6 +72,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def build_aligner(args: argparse.Namespace, device) -> FaceAligner | BoxFaceAligner:
     """The aligner the arguments ask for (MTCNN, or the SSD of --detector-weights)."""
+    from mnapps.data.box_crops import CROP_GEOMETRIES, BoxFaceAligner
+    from mnapps.tasks.detection import box_detector, load_detector
+    from mnapps.tasks.face.data.align import FaceAligner
+
     if args.detector == "mtcnn":
         return FaceAligner(args.image_size, margin=args.margin, min_face_size=args.min_face_size,
                            select=args.select, resize_shorter=args.resize_shorter, device=device or "cpu")
@@ -83,20 +92,16 @@ def build_aligner(args: argparse.Namespace, device) -> FaceAligner | BoxFaceAlig
                           select=args.select)
 
 
-def _import_heavy() -> None:
-    """Import torch and the tasks, after the arguments are parsed: --help answers at once."""
-    global NO_FACE_REPORT, FaceAligner, align_folder, CROP_GEOMETRIES, BoxFaceAligner, resolve_device, box_detector, load_detector
-    global FaceCheck, FaceCheckingAligner
-    from mnapps.tasks.face.data.align import NO_FACE_REPORT, FaceAligner, align_folder
-    from mnapps.data.box_crops import CROP_GEOMETRIES, BoxFaceAligner
-    from mnapps.tasks.face.data.face_check import FaceCheck, FaceCheckingAligner
-    from mnapps.engine.distributed import resolve_device
-    from mnapps.tasks.detection import box_detector, load_detector
-
-
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    _import_heavy()
+    return run(parse_args(argv))
+
+
+def run(args: argparse.Namespace) -> int:
+    """Do what the parsed arguments ask; torch and the tasks are imported here, so --help never loads them."""
+    from mnapps.engine.distributed import resolve_device
+    from mnapps.tasks.face.data.align import NO_FACE_REPORT, align_folder
+    from mnapps.tasks.face.data.face_check import FaceCheck, FaceCheckingAligner
+
     try:
         device = resolve_device(args.device)
         if args.dst.exists() and not args.dst.is_dir():

@@ -38,16 +38,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def _import_heavy() -> None:
-    """Import torch and the tasks, after the arguments are parsed: --help answers at once."""
-    global resolve_device, classify_files, default_imagenet_checkpoint, load_classifier
+def main(argv: list[str] | None = None) -> int:
+    return run(parse_args(argv))
+
+
+def run(args: argparse.Namespace) -> int:
+    """Do what the parsed arguments ask; torch and the tasks are imported here, so --help never loads them."""
     from mnapps.engine.distributed import resolve_device
     from mnapps.tasks.classification import classify_files, default_imagenet_checkpoint, load_classifier
 
-
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    _import_heavy()
     checkpoint = args.checkpoint or default_imagenet_checkpoint()
     if not checkpoint.is_file():
         how = (

@@ -123,16 +123,15 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
     plt.close(fig)
 
 
-def _import_heavy() -> None:
-    """Import torch and the tasks, after the arguments are parsed: --help answers at once."""
-    global BACKENDS, compare_detectors, read_photo_list
+def main(argv: list[str] | None = None) -> int:
+    return run(parse_args(argv))
+
+
+def run(args: argparse.Namespace) -> int:
+    """Do what the parsed arguments ask; torch and the tasks are imported here, so --help never loads them."""
     from mnapps.export.det_compare import BACKENDS, compare_detectors
     from mnapps.tasks.detection.pseudo_labels import read_photo_list
 
-
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    _import_heavy()
     try:
         for out in (args.json, args.plot):
             if out is not None and out.exists() and not args.overwrite:

@@ -22,7 +22,7 @@ import sys
 from pathlib import Path
 
 from mnapps.choices import PRETRAINED_TEACHER_NAMES
-from mnapps.config import CONFIG_DIR, ConfigError
+from mnapps.config import CONFIG_DIR, ConfigError, config_arg
 
 DEFAULT_CONFIG = CONFIG_DIR / "face_mnv1_a050_r160_synthetic.yaml"
 
@@ -41,8 +41,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__.splitlines()[0], epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--config", type=Path, default=None,
-                        help=f"YAML experiment (default: configs/{DEFAULT_CONFIG.name})")
+    parser.add_argument("--config", type=config_arg, default=None,
+                        help=f"YAML experiment, a file or a shipped config's name (default: {DEFAULT_CONFIG.stem})")
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="override a config value, e.g. --set train.lr=0.001 (repeatable)")
     parser.add_argument("--data", nargs="+", default=None, metavar="DIR", help="folders of aligned face crops")
@@ -104,20 +104,21 @@ def _report(result: FaceResult) -> str:
     )
 
 
-def _import_heavy() -> None:
-    """Import torch and the tasks, after the arguments are parsed: --help answers at once."""
-    global PRETRAINED_TEACHERS, TeacherWeightsError, resolve_device, NonFiniteLossError, distill_face, load_distill_config
-    global claim_run_folder, report_interrupt
-    from mnapps.tasks.face.distill.teacher import PRETRAINED_TEACHERS, TeacherWeightsError
+def main(argv: list[str] | None = None) -> int:
+    return run(parse_args(argv), argv)
+
+
+def run(args: argparse.Namespace, argv: list[str] | None = None) -> int:
+    """Do what the parsed arguments ask; torch and the tasks are imported here, so --help never loads them.
+
+    ``argv``, the command line as given, is repeated in the resume hint printed after Ctrl-C.
+    """
     from mnapps.engine.distributed import resolve_device
     from mnapps.engine.loop import NonFiniteLossError
     from mnapps.engine.run_lock import claim_run_folder, report_interrupt
     from mnapps.tasks.face import distill_face, load_distill_config
+    from mnapps.tasks.face.distill.teacher import TeacherWeightsError
 
-
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    _import_heavy()
     config_path = args.config if args.config is not None else DEFAULT_CONFIG
     try:
         resolve_device(args.device)

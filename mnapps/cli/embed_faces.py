@@ -61,19 +61,19 @@ def _save(path: Path, data: dict[str, np.ndarray] | np.ndarray) -> None:
     atomic_write(path, lambda handle: handle.write(buffer.getvalue()))
 
 
-def _import_heavy() -> None:
-    """Import torch and the tasks, after the arguments are parsed: --help answers at once."""
-    global torch, PRETRAINED_TEACHERS, TeacherWeightsError, build_teacher, resolve_device, embed_faces, load_face_embedder
-    import torch
-    from mnapps.tasks.face.distill.teacher import PRETRAINED_TEACHERS, TeacherWeightsError, build_teacher
-    from mnapps.engine.distributed import resolve_device
-    from mnapps.tasks.face.evaluation import embed_faces
-    from mnapps.tasks.face import load_face_embedder
-
-
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    _import_heavy()
+    return run(parse_args(argv))
+
+
+def run(args: argparse.Namespace) -> int:
+    """Do what the parsed arguments ask; torch and the tasks are imported here, so --help never loads them."""
+    import torch
+
+    from mnapps.engine.distributed import resolve_device
+    from mnapps.tasks.face import load_face_embedder
+    from mnapps.tasks.face.distill.teacher import TeacherWeightsError, build_teacher
+    from mnapps.tasks.face.evaluation import embed_faces
+
     try:
         _check_out(args)
         device = resolve_device(args.device) or torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -27,7 +27,7 @@ import stat
 import sys
 from pathlib import Path
 
-
+from mnapps.config import config_arg
 from mnapps.files import check_output_path, check_writable_folder, refuse_existing_outputs
 from mnapps.weights import weights_arg
 
@@ -59,7 +59,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     model = parser.add_argument_group("checkpoint mode")
     model.add_argument(
-        "--config", type=Path, metavar="F", help="YAML config to use instead of the one stored in the checkpoint"
+        "--config", type=config_arg, metavar="F",
+        help="YAML config (a file or a shipped config's name) to use instead of the one stored in the checkpoint"
     )
     model.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda if available, else cpu)")
     model.add_argument("--batch-size", type=int, help="images per forward pass (default: data.eval_batch_size)")
@@ -101,6 +102,10 @@ def _writable(folder: Path) -> bool:
 
 
 def _evaluate_checkpoint(args: argparse.Namespace, report_dir: Path):
+    import torch
+    from mnapps.engine.distributed import resolve_device
+    from mnapps.tasks.table import EvalRequest, evaluate_checkpoint
+
     device = resolve_device(args.device) or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     request = EvalRequest(device, config=args.config, val_ann=args.val_ann, val_images=args.val_images,
                           batch_size=args.batch_size, workers=args.workers, max_images=args.max_images,
@@ -123,18 +128,14 @@ def _metrics_path(args: argparse.Namespace, source: Path) -> Path:
     return path
 
 
-def _import_heavy() -> None:
-    """Import torch and the tasks, after the arguments are parsed: --help answers at once."""
-    global torch, resolve_device, evaluate_results, format_per_class_table, write_metrics_json, EvalRequest, evaluate_checkpoint
-    import torch
-    from mnapps.engine.distributed import resolve_device
-    from mnapps.eval.coco import evaluate_results, format_per_class_table, write_metrics_json
-    from mnapps.tasks.table import EvalRequest, evaluate_checkpoint
-
-
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    _import_heavy()
+    return run(parse_args(argv))
+
+
+def run(args: argparse.Namespace) -> int:
+    """Do what the parsed arguments ask; torch and the tasks are imported here, so --help never loads them."""
+    from mnapps.eval.coco import evaluate_results, format_per_class_table, write_metrics_json
+
     try:
         # Where the metrics go is settled before the evaluation, so a refusal costs nothing.
         path = _metrics_path(args, args.results if args.results is not None else args.checkpoint)

@@ -23,11 +23,14 @@ import json
 import sys
 import warnings
 from pathlib import Path
-
+from typing import TYPE_CHECKING
 
 from mnapps.choices import PRETRAINED_TEACHER_NAMES, SAME_PERSON_DISTANCE
 from mnapps.files import atomic_write, check_output_path
 from mnapps.weights import weights_arg
+
+if TYPE_CHECKING:  # annotations only: run() imports torch and the tasks after the arguments are parsed
+    import torch
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -88,6 +91,9 @@ def _check_arguments(args: argparse.Namespace) -> None:
 
 
 def _models(args: argparse.Namespace, device: torch.device) -> dict[str, torch.nn.Module]:
+    from mnapps.tasks.face import load_face_embedder, load_trunk_embedder
+    from mnapps.tasks.face.distill.teacher import build_teacher
+
     models: dict[str, torch.nn.Module] = {}
     has_teacher = args.teacher_weights is not None or args.teacher is not None
     if args.checkpoint is not None:
@@ -101,6 +107,9 @@ def _models(args: argparse.Namespace, device: torch.device) -> dict[str, torch.n
 
 def _mark_seen(args: argparse.Namespace, pairs, result, device: torch.device):
     """Which pairs involve a person of the training crops (the teacher says who is who)."""
+    from mnapps.tasks.face.distill.protocol import mark_seen
+    from mnapps.tasks.face.distill.teacher import build_teacher
+
     teacher = build_teacher(args.teacher, weights=args.teacher_weights, device=device)
     return mark_seen(pairs, result.files, result.index_pairs, args.train_data, teacher,
                      image_embeddings=result.embeddings.get("teacher"), threshold=args.same_threshold,
@@ -109,6 +118,9 @@ def _mark_seen(args: argparse.Namespace, pairs, result, device: torch.device):
 
 def _seen_unseen(args: argparse.Namespace, pairs, result, seen) -> dict:
     """Print the seen/unseen counts and a table per part; return them for metrics.json."""
+    from mnapps.tasks.face.distill.protocol import score_subsets
+    from mnapps.tasks.face.evaluation import format_verification_table
+
     print(seen)
     parts = score_subsets(result.distances, pairs.issame, seen, n_folds=pairs.n_folds, fars=args.far,
                           threshold=args.threshold)
@@ -116,21 +128,21 @@ def _seen_unseen(args: argparse.Namespace, pairs, result, seen) -> dict:
         print(f"-- pairs of people {'NOT ' if part == 'unseen' else ''}seen in training ({part}):")
         print(format_verification_table(results))
     return {"seen_in_training": seen.summary(), "by_seen": parts}
-def _import_heavy() -> None:
-    """Import torch and the tasks, after the arguments are parsed: --help answers at once."""
-    global torch, PRETRAINED_TEACHERS, TeacherWeightsError, build_teacher, resolve_device, collapse_warning, format_verification_table, plot_roc, read_pairs, align_pair_images, evaluate_face_verification, load_face_embedder, load_trunk_embedder
-    global mark_seen, score_subsets
-    import torch
-    from mnapps.tasks.face.distill.protocol import mark_seen, score_subsets
-    from mnapps.tasks.face.distill.teacher import PRETRAINED_TEACHERS, TeacherWeightsError, build_teacher
-    from mnapps.engine.distributed import resolve_device
-    from mnapps.tasks.face.evaluation import collapse_warning, format_verification_table, plot_roc, read_pairs
-    from mnapps.tasks.face import align_pair_images, evaluate_face_verification, load_face_embedder, load_trunk_embedder
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    _import_heavy()
+    return run(parse_args(argv))
+
+
+def run(args: argparse.Namespace) -> int:
+    """Do what the parsed arguments ask; torch and the tasks are imported here, so --help never loads them."""
+    import torch
+
+    from mnapps.engine.distributed import resolve_device
+    from mnapps.tasks.face import align_pair_images, evaluate_face_verification
+    from mnapps.tasks.face.distill.teacher import TeacherWeightsError
+    from mnapps.tasks.face.evaluation import collapse_warning, format_verification_table, plot_roc, read_pairs
+
     try:
         _check_arguments(args)
         device = resolve_device(args.device) or torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -83,16 +83,15 @@ def _check_outputs(args: argparse.Namespace, out: Path) -> None:
         check_output_path(path, inputs, what=f"{flag} file")
 
 
-def _import_heavy() -> None:
-    """Import torch and the tasks, after the arguments are parsed: --help answers at once."""
-    global ParityError, evaluate_export, export_checkpoint, load_export_spec
+def main(argv: list[str] | None = None) -> int:
+    return run(parse_args(argv))
+
+
+def run(args: argparse.Namespace) -> int:
+    """Do what the parsed arguments ask; torch and the tasks are imported here, so --help never loads them."""
     from mnapps.export.onnx import ParityError
     from mnapps.export.pipeline import evaluate_export, export_checkpoint, load_export_spec
 
-
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    _import_heavy()
     out = args.out or args.checkpoint.with_suffix(".onnx")
     try:
         _check_outputs(args, out)

@@ -124,6 +124,8 @@ def _default_output(args: argparse.Namespace) -> Path:
 
 
 def _import_ssd(args: argparse.Namespace, output: Path) -> str:
+    from mnapps.tasks.detection import import_tf_od_api_ssd_checkpoint
+
     names = None if args.class_names is None else args.class_names.split(",")
     path, info = import_tf_od_api_ssd_checkpoint(
         args.source, output, size=args.size,
@@ -142,6 +144,8 @@ def _import_ssd(args: argparse.Namespace, output: Path) -> str:
 
 
 def _import_classifier(args: argparse.Namespace, output: Path) -> str:
+    from mnapps.tasks.classification import import_tf_slim_checkpoint
+
     path, info = import_tf_slim_checkpoint(
         args.source, output, keep_background=args.keep_background, resolution=args.resolution or 224
     )
@@ -152,16 +156,12 @@ def _import_classifier(args: argparse.Namespace, output: Path) -> str:
     return text
 
 
-def _import_heavy() -> None:
-    """Import torch and the tasks, after the arguments are parsed: --help answers at once."""
-    global import_tf_slim_checkpoint, import_tf_od_api_ssd_checkpoint
-    from mnapps.tasks.classification import import_tf_slim_checkpoint
-    from mnapps.tasks.detection import import_tf_od_api_ssd_checkpoint
-
-
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    _import_heavy()
+    return run(parse_args(argv))
+
+
+def run(args: argparse.Namespace) -> int:
+    """Do what the parsed arguments ask; the importers (torch) load only in the _import_* helpers."""
     output = args.output or _default_output(args)
     try:
         if output.is_dir():

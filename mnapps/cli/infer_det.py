@@ -83,6 +83,8 @@ def _check_outputs(args: argparse.Namespace, paths: list[Path]) -> None:
 
 
 def _predict(args: argparse.Namespace, model, paths: list[Path], device) -> list[dict]:
+    from mnapps.tasks.detection import predict_images
+
     # Unreadable images are reported here as one line each and counted, not as Python warnings.
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", RuntimeWarning)
@@ -93,6 +95,8 @@ def _predict(args: argparse.Namespace, model, paths: list[Path], device) -> list
 
 
 def _draw(args: argparse.Namespace, predictions: list[dict], names: list[str]) -> None:
+    from mnapps.tasks.detection import draw_detections
+
     args.out.mkdir(parents=True, exist_ok=True)
     for pred in predictions:
         keep = pred["scores"] >= args.score_threshold
@@ -106,17 +110,16 @@ def _draw(args: argparse.Namespace, predictions: list[dict], names: list[str]) -
         print(f"{pred['path'].name}: {int(keep.sum())} detection(s) >= {args.score_threshold:g}{': ' + found if found else ''}")
 
 
-def _import_heavy() -> None:
-    """Import torch and the tasks, after the arguments are parsed: --help answers at once."""
-    global resolve_device, predictions_to_coco_results, draw_detections, image_ids_for, load_detector, predict_images
+def main(argv: list[str] | None = None) -> int:
+    return run(parse_args(argv))
+
+
+def run(args: argparse.Namespace) -> int:
+    """Do what the parsed arguments ask; torch and the tasks are imported here, so --help never loads them."""
     from mnapps.engine.distributed import resolve_device
     from mnapps.eval.coco import predictions_to_coco_results
-    from mnapps.tasks.detection import draw_detections, image_ids_for, load_detector, predict_images
+    from mnapps.tasks.detection import image_ids_for, load_detector
 
-
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    _import_heavy()
     try:
         device = resolve_device(args.device)
         paths = list_images(args.source, recursive=False)

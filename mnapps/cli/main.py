@@ -1,14 +1,19 @@
-"""`mnapps <verb> ...`: one command in front of every tool (mnapps --help lists the verbs).
+"""`mnapps <verb> ...`: the one command in front of every tool (mnapps --help lists the verbs).
 
-Each verb runs the same main() as its `mnapps-<verb>` entry point and `tools/<verb>.py`; the
-table below is the only list, and a verb's module is imported only when it runs, so
-`mnapps --help` and `mnapps <verb> --help` answer at once.
+Each verb runs the main() of its module in mnapps.cli, the same one `python tools/<verb>.py` runs
+from a source checkout; there is no other console command. The table below is the only list,
+and a verb's module is imported only when it runs, so `mnapps --help` and `mnapps <verb> --help`
+answer at once. Output piped into a reader that stops early (`mnapps --help | head -1`) ends
+quietly, as with other command-line tools, instead of with a BrokenPipeError traceback.
 """
 
 from __future__ import annotations
 
 import importlib
+import os
 import sys
+
+from mnapps import __version__
 
 # verb -> (module in mnapps.cli, one line for `mnapps --help`), in the order a user meets them.
 VERBS: dict[str, tuple[str, str]] = {
@@ -40,16 +45,32 @@ def usage() -> str:
         "verbs:",
         *(f"  {verb:<{width}}  {summary}" for verb, (_, summary) in VERBS.items()),
         "",
-        "Every verb is also a command of its own (mnapps-train-det, ...) and a script (tools/train_det.py).",
+        "mnapps --version prints the version. From a source checkout, python tools/<verb>.py runs the same verb",
+        "(python tools/train_det.py --head ssd).",
     ]
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        try:
+            return run_verb(list(sys.argv[1:] if argv is None else argv))
+        finally:
+            sys.stdout.flush()  # a reader that has gone away shows up here (also after a verb's --help exit)
+    except BrokenPipeError:
+        # Python would flush stdout again at exit and print the same error: point it at devnull.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+
+
+def run_verb(argv: list[str]) -> int:
+    """Print the usage or the version, or run the verb ``argv[0]`` with the rest of the arguments."""
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(usage())
         return 0 if argv else 2
+    if argv[0] in ("-V", "--version"):
+        print(f"mnapps {__version__}")
+        return 0
     verb, rest = argv[0], argv[1:]
     if verb not in VERBS:
         close = [v for v in VERBS if v.startswith(verb[:3])] or list(VERBS)[:4]

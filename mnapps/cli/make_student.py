@@ -46,16 +46,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def _import_heavy() -> None:
-    """Import torch and the tasks, after the arguments are parsed: --help answers at once."""
-    global student_checkpoint, select_photos
+def main(argv: list[str] | None = None) -> int:
+    return run(parse_args(argv))
+
+
+def run(args: argparse.Namespace) -> int:
+    """Do what the parsed arguments ask; torch and the tasks are imported here, so --help never loads them."""
     from mnapps.tasks.detection.students import student_checkpoint
     from mnapps.tasks.detection.pseudo_labels import select_photos
 
-
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    _import_heavy()
     try:
         photos = select_photos(args.photos, args.list)
         path, report = student_checkpoint(

@@ -49,16 +49,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def _import_heavy() -> None:
-    """Import torch and the tasks, after the arguments are parsed: --help answers at once."""
-    global resolve_device, select_photos, write_pseudo_labels
+def main(argv: list[str] | None = None) -> int:
+    return run(parse_args(argv))
+
+
+def run(args: argparse.Namespace) -> int:
+    """Do what the parsed arguments ask; torch and the tasks are imported here, so --help never loads them."""
     from mnapps.engine.distributed import resolve_device
     from mnapps.tasks.detection.pseudo_labels import select_photos, write_pseudo_labels
 
-
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    _import_heavy()
     try:
         device = resolve_device(args.device)
         if not args.images.is_dir():

@@ -13,7 +13,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from mnapps.config import CONFIG_DIR, ConfigError, load_config
+from mnapps.config import CONFIG_DIR, ConfigError, config_arg, load_config
 
 DEFAULT_CONFIG = CONFIG_DIR / "cls_mnv1_a050_r64_shapes.yaml"
 
@@ -30,7 +30,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             "  python tools/train_cls.py --set train.lr=0.02 --set model.backbone.width_mult=0.25"
         ),
     )
-    parser.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help=f"YAML config (default {DEFAULT_CONFIG.name})")
+    parser.add_argument("--config", type=config_arg, default=DEFAULT_CONFIG,
+                        help=f"YAML config: a file, or a shipped config's name (default {DEFAULT_CONFIG.stem})")
     parser.add_argument("--train-dir", help="training ImageFolder (class folders); default: the config's, else the embedded shapes set")
     parser.add_argument("--val-dir", help="validation ImageFolder with the same class folders")
     parser.add_argument("--epochs", type=int, help="override train.epochs")
@@ -44,19 +45,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def _import_heavy() -> None:
-    """Import torch and the tasks, after the arguments are parsed: --help answers at once."""
-    global claim_run_folder, report_interrupt
-    global resolve_device, NonFiniteLossError, ClsConfig, train_classifier
+def main(argv: list[str] | None = None) -> int:
+    return run(parse_args(argv), argv)
+
+
+def run(args: argparse.Namespace, argv: list[str] | None = None) -> int:
+    """Do what the parsed arguments ask; torch and the tasks are imported here, so --help never loads them.
+
+    ``argv``, the command line as given, is repeated in the resume hint printed after Ctrl-C.
+    """
     from mnapps.engine.distributed import resolve_device
     from mnapps.engine.loop import NonFiniteLossError
     from mnapps.engine.run_lock import claim_run_folder, report_interrupt
     from mnapps.tasks.classification import ClsConfig, train_classifier
 
-
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    _import_heavy()
     overrides = list(args.set)
     for flag, key in ((args.train_dir, "data.train_dir"), (args.val_dir, "data.val_dir"),
                       (args.epochs, "train.epochs"), (args.batch_size, "train.batch_size")):

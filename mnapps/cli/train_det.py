@@ -19,10 +19,14 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from mnapps.choices import DEFAULT_HEAD, HEAD_NAMES
-from mnapps.config import CONFIG_DIR, ConfigError, load_config
+from mnapps.config import CONFIG_DIR, ConfigError, config_arg, load_config
 from mnapps.weights import weights_arg
+
+if TYPE_CHECKING:  # annotations only: run() imports torch and the tasks after the arguments are parsed
+    from mnapps.tasks.detection import DetConfig
 
 EXAMPLES = """examples:
   python tools/train_det.py --head ssd                 # embedded shapes dataset, a few minutes on a CPU
@@ -45,7 +49,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--head", help=f"detector head, one of {list(HEAD_NAMES)} (default: the config's, else {DEFAULT_HEAD.name})"
     )
-    parser.add_argument("--config", type=Path, help="YAML config (default: the head's config for the embedded dataset)")
+    parser.add_argument("--config", type=config_arg,
+                        help="YAML config: a file, or a shipped config's name such as ssd_mnv1_a100_r300_coco "
+                        "(default: the head's config for the embedded dataset)")
     parser.add_argument("--train-ann", metavar="F", help="COCO-format training annotation JSON")
     parser.add_argument("--train-images", metavar="D", help="folder of the training images")
     parser.add_argument("--val-ann", metavar="F", help="COCO-format validation annotation JSON")
@@ -75,6 +81,9 @@ def resolve_config(args: argparse.Namespace, weights: Checkpoint | None = None) 
 
     ``weights`` is the ``--weights`` checkpoint, already read (its model section is the config's).
     """
+    from mnapps.heads import head_spec
+    from mnapps.tasks.detection import DetConfig, fine_tune_config
+
     spec = head_spec(args.head or DEFAULT_HEAD.name)
     config_path = args.config if args.config is not None else CONFIG_DIR / spec.default_config
     overrides = []
@@ -96,21 +105,21 @@ def resolve_config(args: argparse.Namespace, weights: Checkpoint | None = None) 
     return load_config(config_path, DetConfig, overrides), config_path
 
 
-def _import_heavy() -> None:
-    """Import torch and the tasks, after the arguments are parsed: --help answers at once."""
-    global claim_run_folder, report_interrupt, Checkpoint, read_checkpoint
-    global resolve_device, NonFiniteLossError, HEADS, head_spec, DetConfig, fine_tune_config, train_detector
-    from mnapps.checkpoint import Checkpoint, read_checkpoint
+def main(argv: list[str] | None = None) -> int:
+    return run(parse_args(argv), argv)
+
+
+def run(args: argparse.Namespace, argv: list[str] | None = None) -> int:
+    """Do what the parsed arguments ask; torch and the tasks are imported here, so --help never loads them.
+
+    ``argv``, the command line as given, is repeated in the resume hint printed after Ctrl-C.
+    """
     from mnapps.engine.distributed import resolve_device
     from mnapps.engine.loop import NonFiniteLossError
     from mnapps.engine.run_lock import claim_run_folder, report_interrupt
-    from mnapps.heads import HEADS, head_spec
-    from mnapps.tasks.detection import DetConfig, fine_tune_config, train_detector
+    from mnapps.checkpoint import read_checkpoint
+    from mnapps.tasks.detection import train_detector
 
-
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    _import_heavy()
     output_dir = args.output_dir
     try:
         resolve_device(args.device)

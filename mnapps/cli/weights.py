@@ -57,7 +57,11 @@ def list_weights() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+    return run(parse_args(argv))
+
+
+def run(args: argparse.Namespace) -> int:
+    """Do what the parsed arguments ask; only `get` of an uncached name loads torch and the tasks."""
     if args.verb == "list":
         print(list_weights())
         return 0

@@ -145,7 +145,7 @@ def main(argv: list[str] | None = None) -> None:
         _fail(f"--workdir {args.workdir} is a file; pass a folder")
     pool = args.pool if args.pool is not None else (_SHARED_POOL if _SHARED_POOL.is_dir() else None)
 
-    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="mnapps-bench-data-"))
+    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="mnapps_bench_data_"))
     workdir.mkdir(parents=True, exist_ok=True)
     try:
         result = run_scale_benchmark(settings, workdir, pool, log=lambda line: print(line, file=sys.stderr, flush=True))

@@ -54,17 +54,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def _import_heavy() -> None:
-    """Import torch and the tasks, after the arguments are parsed: --help answers at once."""
-    global torch, resolve_device, SECTIONS, BenchSettings, check_targets, format_table, run_benchmark
+def main(argv: list[str] | None = None) -> int:
+    return run(parse_args(argv))
+
+
+def run(args: argparse.Namespace) -> int:
+    """Do what the parsed arguments ask; torch and the tasks are imported here, so --help never loads them."""
     import torch
     from mnapps.engine.distributed import resolve_device
-    from lab.models import SECTIONS, BenchSettings, check_targets, format_table, run_benchmark
+    from lab.models import BenchSettings, check_targets, format_table, run_benchmark
 
-
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    _import_heavy()
     if args.device == "all":
         devices = ("cpu", "cuda") if torch.cuda.is_available() else ("cpu",)
     else:

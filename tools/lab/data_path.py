@@ -374,11 +374,10 @@ def run_isolated(kind: str, timeout_s: float = 1800.0, **task: Any) -> dict[str,
     Raises:
         RuntimeError: the measurement failed (the message ends with its stderr).
     """
-    # The child imports this module as ``lab.data_path`` (tools/ on the path) and the mnapps
-    # beside it (the checkout's root), not whichever copy the interpreter has installed.
-    tools_dir, checkout = (str(p) for p in Path(__file__).resolve().parents[1:3])
+    # The child imports the lab (its package sits in tools/) and this checkout's mnapps (the root).
+    lab_root, package_root = (str(p) for p in Path(__file__).resolve().parents[1:3])
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [tools_dir, checkout, env.get("PYTHONPATH")]))
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [lab_root, package_root, env.get("PYTHONPATH")]))
     payload = json.dumps({"kind": kind, **{k: str(v) if isinstance(v, Path) else v for k, v in task.items()}})
     proc = subprocess.run([sys.executable, "-c", "from lab.data_path import _child_main; _child_main()"],
                           input=payload, capture_output=True, text=True, timeout=timeout_s, env=env)

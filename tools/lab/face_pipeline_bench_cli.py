@@ -37,6 +37,8 @@ from mnapps.weights import weights_arg
 if TYPE_CHECKING:  # annotations only: torch itself is imported after the arguments are parsed
     from torch import nn
 
+    from mnapps.data.box_crops import BoxFaceAligner
+
 EXAMPLES = """example (figures in docs/tf_od_api.md):
   mnapps weights get faceapi_ssd_mobilenetv1
   python tools/face_pipeline_bench.py --detector-weights faceapi_ssd_mobilenetv1 --out runs/face_pipeline
@@ -102,6 +104,9 @@ VERIFIED = (("mtcnn", "teacher"), ("ssd_mtcnn", "teacher"), ("ssd_square", "teac
 
 
 def _verify(args: argparse.Namespace, crops_root: Path, device, embedders: dict[str, nn.Module]) -> dict[str, dict]:
+    from mnapps.tasks.face import evaluate_face_verification
+    from mnapps.tasks.face.evaluation import read_pairs
+
     pairs = read_pairs(args.pairs)
     scores = {}
     for pipeline in ("mtcnn", "ssd_mtcnn", "ssd_square"):
@@ -164,6 +169,11 @@ def _print_verification(report: dict) -> None:
 
 def _small_pipeline(args: argparse.Namespace, device) -> tuple[BoxFaceAligner, dict[str, nn.Module], dict[str, str]]:
     """The SSD (PyTorch or ONNX Runtime), the student embedder if any, and how each runs."""
+    from lab.face_pipeline import OrtEmbedder, ort_box_detector
+    from mnapps.data.box_crops import BoxFaceAligner
+    from mnapps.tasks.detection import box_detector, load_detector
+    from mnapps.tasks.face import load_face_embedder
+
     model, _ = load_detector(args.detector_weights, device=device or "cpu")
     if args.detector_onnx is not None:
         detect, ssd_name = ort_box_detector(args.detector_onnx, threads=args.threads), f"ONNX Runtime {args.detector_onnx.name}"
@@ -182,7 +192,15 @@ def _small_pipeline(args: argparse.Namespace, device) -> tuple[BoxFaceAligner, d
     return ssd, {"student": student}, names
 
 
-def _run(args: argparse.Namespace, device) -> dict:
+def _measure(args: argparse.Namespace, device) -> dict:
+    """Detect with both detectors, time the pipelines, cut the pair crops and score them."""
+    import torch
+
+    from lab.face_pipeline import compare_boxes, detect_all, write_pair_crops
+    from mnapps.tasks.face.data.align import FaceAligner
+    from mnapps.tasks.face.distill.teacher import build_teacher
+    from mnapps.tasks.face.evaluation import read_pairs, resolve_pairs
+
     torch.set_num_threads(args.threads)
     # Every input file is read before the long detection pass, so a bad one fails in seconds.
     teacher = build_teacher(weights=args.teacher_weights, device=device or "cpu")
@@ -211,25 +229,15 @@ def _run(args: argparse.Namespace, device) -> dict:
     return report
 
 
-def _import_heavy() -> None:
-    """Import torch and the tasks, after the arguments are parsed: --help answers at once."""
-    global torch, FaceAligner, BoxFaceAligner, TeacherWeightsError, build_teacher, resolve_device, read_pairs, resolve_pairs, box_detector, load_detector, evaluate_face_verification
-    global OrtEmbedder, ort_box_detector, load_face_embedder, detect_all, compare_boxes, write_pair_crops
-    import torch
-    from mnapps.tasks.face.data.align import FaceAligner
-    from mnapps.data.box_crops import BoxFaceAligner
-    from mnapps.tasks.face.distill.teacher import TeacherWeightsError, build_teacher
-    from mnapps.engine.distributed import resolve_device
-    from mnapps.tasks.face.evaluation import read_pairs, resolve_pairs
-    from mnapps.tasks.detection import box_detector, load_detector
-    from mnapps.tasks.face import evaluate_face_verification
-    from lab.face_pipeline import OrtEmbedder, compare_boxes, detect_all, ort_box_detector, write_pair_crops
-    from mnapps.tasks.face import load_face_embedder
-
-
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    _import_heavy()
+    return run(parse_args(argv))
+
+
+def run(args: argparse.Namespace) -> int:
+    """Do what the parsed arguments ask; torch and the tasks are imported here, so --help never loads them."""
+    from mnapps.engine.distributed import resolve_device
+    from mnapps.tasks.face.distill.teacher import TeacherWeightsError
+
     try:
         device = resolve_device(args.device)
         if args.out.exists() and not args.out.is_dir():
@@ -240,7 +248,7 @@ def main(argv: list[str] | None = None) -> int:
                              (args.detector_onnx, "--detector-onnx"), (args.embedder_onnx, "--embedder-onnx")):
             if path is not None and not path.is_file():
                 raise FileNotFoundError(f"{option} {path} does not exist")
-        report = _run(args, device)
+        report = _measure(args, device)
     except (ValueError, FileNotFoundError, TeacherWeightsError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

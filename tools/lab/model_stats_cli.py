@@ -12,10 +12,12 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from typing import TYPE_CHECKING
 
 from tqdm import tqdm
 
-ROWS = None  # lab.paper_tables.ROWS once _import_heavy() ran; kept when set before (tests choose their rows)
+if TYPE_CHECKING:  # the table builds models, so it is imported (with torch) only when a run needs it
+    from lab.paper_tables import StatsRow
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -54,18 +56,14 @@ def _millions(value: float | None) -> str:
     return "" if value is None else f"{value / 1e6:.2f}"
 
 
-def _import_heavy() -> None:
-    """Import torch and the tasks, after the arguments are parsed: --help answers at once."""
-    global ROWS, StatsRow, measure
-    from lab.paper_tables import ROWS as TABLE
-    from lab.paper_tables import StatsRow, measure
-
-    ROWS = TABLE if ROWS is None else ROWS
-
-
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    _import_heavy()
+    return run(parse_args(argv))
+
+
+def run(args: argparse.Namespace) -> int:
+    """Do what the parsed arguments ask; torch and the tasks are imported here, so --help never loads them."""
+    from lab.paper_tables import ROWS, measure
+
     rows = ROWS
     if args.only:
         known = {row.name for row in ROWS}
