@@ -562,9 +562,6 @@ def test_distill_face_tool_errors_are_one_line_and_benchmark_prints(tmp_path, ca
 
 def test_the_distillation_step_benchmark_times_both_ways(tmp_path, capsys):
     from bench_distill_step import main as bench_main
-    from mnapps.config import save_config
-
-    from mnapps.config import save_config
 
     _flat_images(tmp_path / "train", 8, seed=0, size=64)
     _flat_images(tmp_path / "val", 4, seed=1, size=64)
